@@ -1,0 +1,1 @@
+"""Multivariate forecasting with neural memory (Simba-style)."""

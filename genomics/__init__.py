@@ -1,0 +1,1 @@
+"""DNA sequence classification on neural memory (see issue: genomics)."""

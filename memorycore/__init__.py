@@ -1,0 +1,12 @@
+"""memorycore: test-time-learning memory layers with explicit recurrent state.
+
+Every sequence layer maps ``x [batch, time, dim] -> y [batch, time, dim]`` and takes and returns its state:
+``y, state = layer(x, state=None)``.
+"""
+
+from memorycore.errors import CheckpointError, InputError, MemorycoreError
+from memorycore.neural_memory import NeuralMemory, NeuralMemoryState
+
+__version__ = "0.1.0"
+
+__all__ = ["NeuralMemory", "NeuralMemoryState", "InputError", "CheckpointError", "MemorycoreError", "__version__"]

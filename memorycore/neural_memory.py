@@ -1,0 +1,214 @@
+"""Titans neural long-term memory (Behrouz et al., 2025) as a sequence layer with explicit recurrent state."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.neural_memory import neural_memory
+
+
+class NeuralMemoryState(NamedTuple):
+    """Recurrent state of :class:`NeuralMemory`; carry it between calls to stream a sequence.
+
+    Attributes
+    ----------
+    weights : tuple of Tensor [batch, heads, d_in, d_out]
+        The memory MLP's current weights, one tensor per layer (float32 or float64).
+    momentum : tuple of Tensor
+        The momentum ("past surprise") of each layer, same shapes as ``weights``.
+    conv : Tensor [batch, conv_kernel - 1, 3 * heads * head_dim] or None
+        The last q/k/v projections before the causal convolution (None when the layer has no convolution).
+    """
+
+    weights: tuple[Tensor, ...]
+    momentum: tuple[Tensor, ...]
+    conv: Tensor | None
+
+    def detach(self) -> "NeuralMemoryState":
+        """The same state cut from the autograd graph (truncated back-propagation through time)."""
+        return NeuralMemoryState(
+            tuple(w.detach() for w in self.weights),
+            tuple(s.detach() for s in self.momentum),
+            None if self.conv is None else self.conv.detach(),
+        )
+
+
+class NeuralMemory(nn.Module):
+    """Neural long-term memory: a deep MLP per head that learns at test time from surprise.
+
+    Each token writes ``(k_t, v_t)`` into the memory by one step of gradient descent with momentum and weight decay on
+    ``||M(k_t) - v_t||^2``, with data-dependent learning rate theta_t, momentum eta_t and decay alpha_t (per token and
+    head: ``theta = max_lr * sigmoid(.)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)`` of linear maps of x_t), and reads
+    ``y_t = M_t(q_t)`` (causal: a token sees itself and earlier tokens only). q, k and v are linear projections each
+    followed by a causal depthwise convolution and SiLU; q and k are L2-normalised. The read is RMS-normalised per head,
+    gated by ``silu(x W_g)`` and projected back to ``dim``. Training is chunk-wise parallel: inside a chunk of
+    ``chunk_size`` tokens every gradient is taken at the chunk's start weights (Titans section 3.2); with
+    ``chunk_size=1`` the layer is the exact token-by-token recurrence.
+
+    Parameters
+    ----------
+    dim : int
+        Model width; input and output are ``[batch, time, dim]``.
+    heads : int, default 8
+        Number of independent memories.
+    head_dim : int, optional
+        Width of each memory's keys and values; defaults to ``dim // heads`` (then ``dim`` must be divisible by heads).
+    depth : int, default 2
+        Layers of the memory MLP (1 = linear memory).
+    expansion : int, default 4
+        Hidden width of the memory MLP as a multiple of ``head_dim`` (unused when ``depth == 1``).
+    chunk_size : int, default 64
+        Tokens whose gradients share one set of base weights.
+    momentum : bool, default True
+        Use the momentum term (eta); False gives plain gradient descent with decay.
+    weight_decay : bool, default True
+        Use the forgetting gate (alpha); False never forgets.
+    conv_kernel : int, default 4
+        Width of the causal depthwise convolution after the q/k/v projections; 0 disables it.
+    max_lr : float, default 0.1
+        Upper bound of the inner learning rate theta.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from memorycore import NeuralMemory
+    >>> mem = NeuralMemory(64, heads=4, chunk_size=16)
+    >>> x = torch.randn(2, 48, 64)
+    >>> y, state = mem(x)
+    >>> y.shape
+    torch.Size([2, 48, 64])
+    >>> y_next, state = mem(torch.randn(2, 16, 64), state=state)  # stream on with the carried state
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 8,
+        head_dim: int | None = None,
+        depth: int = 2,
+        expansion: int = 4,
+        chunk_size: int = 64,
+        momentum: bool = True,
+        weight_decay: bool = True,
+        conv_kernel: int = 4,
+        max_lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        _check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim or set head_dim")
+            head_dim = dim // heads
+        _check_positive(head_dim=head_dim)
+        if conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
+        if not max_lr > 0:
+            raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
+        self.chunk_size, self.conv_kernel, self.max_lr = chunk_size, conv_kernel, max_lr
+        self.use_momentum, self.use_weight_decay = momentum, weight_decay
+        inner = heads * head_dim
+
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.qkv_conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner) if conv_kernel else None
+        self.to_gates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha per head
+        widths = [head_dim] + [head_dim * expansion] * (depth - 1) + [head_dim]
+        self.initial_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(heads, d_in, d_out) / math.sqrt(d_in)) for d_in, d_out in zip(widths, widths[1:])
+        )
+        self.out_norm = nn.RMSNorm(head_dim)
+        self.to_out_gate = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self._init_gates()
+
+    def _init_gates(self) -> None:
+        # Start from a memory that learns at half its maximum rate, keeps 90% of its momentum and forgets 1% a token;
+        # zero weights make the gates start input-independent, the outer loop then learns what to make of x.
+        nn.init.zeros_(self.to_gates.weight)
+        bias = self.to_gates.bias.detach().view(3, self.heads)
+        bias[0].fill_(0.0)
+        bias[1].fill_(math.log(0.9 / 0.1))
+        bias[2].fill_(math.log(0.01 / 0.99))
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> NeuralMemoryState:
+        """The state before any token: the learned initial weights, zero momentum, zero convolution history."""
+        device = device or self.to_qkv.weight.device
+        dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)
+        weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, -1, -1, -1) for w in self.initial_weights)
+        momentum = tuple(torch.zeros_like(w) for w in weights)
+        conv = None
+        if self.qkv_conv is not None:
+            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
+                               dtype=self.to_qkv.weight.dtype)
+        return NeuralMemoryState(weights, momentum, conv)
+
+    def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
+        """Write the sequence into the memory and read it back causally.
+
+        Parameters
+        ----------
+        x : Tensor [batch, time, dim]
+        state : NeuralMemoryState, optional
+            The state returned by the previous call; None starts from the learned initial memory.
+            Feeding a sequence in pieces gives the same output as one call when every piece but the last
+            has a length that is a multiple of ``chunk_size``.
+
+        Returns
+        -------
+        y : Tensor [batch, time, dim]
+        state : NeuralMemoryState
+        """
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"expected input of shape [batch, time, {self.dim}], got {list(x.shape)}")
+        if x.shape[1] == 0:
+            raise ValueError("the input sequence is empty (time = 0); pass at least one token")
+        batch, time, _ = x.shape
+        if state is None:
+            state = self.initial_state(batch, x.device)
+
+        qkv, conv_tail = self._causal_conv(self.to_qkv(x), state.conv)
+        q, k, v = F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        lr, log_eta, log_keep = self._gates(x)
+
+        y, weights, momentum = neural_memory(
+            q, k, v, lr, log_eta, log_keep, state.weights, state.momentum, self.chunk_size
+        )
+        y = self.out_norm(y).transpose(1, 2).reshape(batch, time, -1)
+        y = y * F.silu(self.to_out_gate(x))
+        return self.to_out(y), NeuralMemoryState(weights, momentum, conv_tail)
+
+    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per token and head: learning rate theta, log momentum log(eta), log retention log(1 - alpha)."""
+        raw = self.to_gates(x).float() if x.dtype in (torch.float16, torch.bfloat16) else self.to_gates(x)
+        theta, eta, alpha = raw.view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # each [batch, heads, time]
+        lr = self.max_lr * torch.sigmoid(theta)
+        log_eta = F.logsigmoid(eta) if self.use_momentum else torch.full_like(eta, float("-inf"))
+        log_keep = F.logsigmoid(-alpha) if self.use_weight_decay else torch.zeros_like(alpha)
+        return lr, log_eta, log_keep
+
+    def _causal_conv(self, qkv: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Depthwise convolution over time that sees only the past; returns the output and the new history."""
+        if self.qkv_conv is None:
+            return qkv, None
+        if history is None:
+            history = qkv.new_zeros(qkv.shape[0], self.conv_kernel - 1, qkv.shape[-1])
+        padded = torch.cat([history.to(qkv.dtype), qkv], dim=1)
+        out = self.qkv_conv(padded.transpose(1, 2)).transpose(1, 2)
+        return out, padded[:, padded.shape[1] - (self.conv_kernel - 1):]
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
+                f"chunk_size={self.chunk_size}, momentum={self.use_momentum}, weight_decay={self.use_weight_decay}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
