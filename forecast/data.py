@@ -54,7 +54,7 @@ def read_series(
     Parameters
     ----------
     data : path or DataFrame
-        Wide: a date column and numeric columns. Long: columns ``unique_id``, ``ds``, ``y``.
+        Wide: a date column (or a ``DatetimeIndex``) and numeric columns. Long: columns ``unique_id``, ``ds``, ``y``.
     date_column : str, optional
         The timestamp column of a wide table; by default the first of ``date, ds, timestamp, datetime, time``
         (any case), else the first column if all of it parses as dates.
@@ -109,6 +109,8 @@ def _read_table(path: str | Path) -> pd.DataFrame:
 
 
 def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame:
+    if date_column is None and isinstance(frame.index, pd.DatetimeIndex):
+        return frame  # already indexed by time (e.g. the output of read_series or predict)
     column = date_column if date_column is not None else _find_date_column(frame)
     if column not in frame.columns:
         raise InputError(f"date column {column!r} not found; the columns are: {', '.join(map(str, frame.columns))}")
