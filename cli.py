@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import typer
 
@@ -51,6 +52,194 @@ def friendly_errors(command: F) -> F:
 @forecast_app.callback()
 def forecast_main() -> None:
     """Forecast multivariate time series (ETT, ECL, Traffic, Weather or your CSV)."""
+
+
+BUNDLED_ETTH1 = Path(__file__).resolve().parent / "datasets" / "ETTh1" / "ETTh1.csv.gz"
+_DATA_HELP = "CSV or .csv.gz: a date column + numeric columns, or the long format unique_id, ds, y."
+
+
+def _read_options(date_column: str | None, target: list[str] | None, fill: str | None,
+                  allow_irregular: bool) -> dict:
+    return {"date_column": date_column, "target": target or None, "fill": fill, "allow_irregular": allow_irregular}
+
+
+def _refuse_overwriting_input(out: Path, *inputs: Path | None) -> None:
+    from memorycore.errors import InputError
+
+    for given in inputs:
+        if given is not None and Path(given).resolve() == Path(out).resolve():
+            raise InputError(f"--out {out} is an input file; write the result elsewhere")
+
+
+def _write_text_atomically(text: str, out: Path) -> None:
+    import os
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
+    lines = [title, f"{'model':<28}{'MSE':>10}{'MAE':>10}"]
+    lines += [f"{name:<28}{mse:>10.4f}{mae:>10.4f}" for name, mse, mae in rows]
+    return "\n".join(lines)
+
+
+def _ridge_row(model, data) -> tuple[str, float, float]:
+    from forecast.baseline import ridge_benchmark
+
+    prepared = model.prepare(data)
+    mse, mae, alpha = ridge_benchmark(prepared, model.lookback, model.horizon)
+    return (f"ridge baseline (alpha={alpha:g})", mse, mae)
+
+
+@forecast_app.command("fit")
+@friendly_errors
+def forecast_fit(
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
+    horizon: int = typer.Option(96, help="Steps to forecast."),
+    lookback: int = typer.Option(96, help="Past steps the model reads."),
+    epochs: int = typer.Option(3, help="Passes over the training windows (early stopping may end sooner)."),
+    max_steps: Optional[int] = typer.Option(
+        150, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
+    batch_size: int = typer.Option(32, help="Windows per optimiser step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    d_model: int = typer.Option(32, help="Model width."),
+    heads: int = typer.Option(2, help="Neural memory heads (must divide --d-model)."),
+    blocks: int = typer.Option(2, help="Memory + EinFFT blocks."),
+    chunk_size: int = typer.Option(8, help="Neural memory chunk (tokens sharing one gradient base)."),
+    channels: str = typer.Option("independent", help="independent (one sequence per channel) or mixing."),
+    protocol: str = typer.Option("auto", help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
+    target: Optional[list[str]] = typer.Option(None, help="Column(s) to forecast (repeat the option); default all."),
+    date_column: Optional[str] = typer.Option(None, help="Timestamp column; default 'date' or the like."),
+    fill: Optional[str] = typer.Option(None, help="'interpolate' fills NaN/inf linearly in time."),
+    allow_irregular: bool = typer.Option(False, help="Accept duplicate/uneven timestamps (rows as steps)."),
+    out: Path = typer.Option(Path("runs/forecast/model.safetensors"), help="Where to write the model."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Random seed."),
+    threads: int = typer.Option(2, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train the memory forecaster, save it, and print its test MSE/MAE beside the ridge baseline.
+
+    Examples:
+
+        python cli.py forecast fit                                  # bundled ETTh1, horizon 96
+
+        python cli.py forecast fit --data weather.csv --horizon 192 --allow-irregular --out weather.safetensors
+    """
+    import time
+
+    import torch
+
+    from forecast.estimator import MemoryForecaster
+
+    torch.set_num_threads(threads)
+    data = data if data is not None else BUNDLED_ETTH1
+    _refuse_overwriting_input(out, data)
+    model = MemoryForecaster(
+        lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
+        channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, max_steps_per_epoch=max_steps or None,
+        protocol=protocol, random_state=seed, device=device, verbose=not quiet)
+    start = time.perf_counter()
+    model.fit(data, **_read_options(date_column, target, fill, allow_irregular))
+    seconds = time.perf_counter() - start
+    model.save(out)
+    scores = model.evaluate(data)
+    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
+    typer.echo(_metrics_table(rows, f"{Path(data).name}: test split ({model.protocol_} protocol, {scores['windows']} "
+                                    f"windows, lookback {lookback}, horizon {horizon}, scaled values), "
+                                    f"trained in {seconds:.0f} s"))
+    typer.echo(f"model written to {out}")
+
+
+@forecast_app.command("predict")
+@friendly_errors
+def forecast_predict(
+    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the training data."),
+    horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
+    out: Optional[Path] = typer.Option(None, help="CSV to write; default stdout."),
+) -> None:
+    """Forecast the steps after the end of the data, as CSV (timestamps, then one column per channel).
+
+    Examples:
+
+        python cli.py forecast predict --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.csv
+    """
+    from forecast.estimator import MemoryForecaster
+
+    model = MemoryForecaster.load(model_path)
+    if out is not None:
+        _refuse_overwriting_input(out, data, model_path)
+    forecast = model.predict(data, h=horizon)
+    text = forecast.to_csv(index=not _is_long(forecast))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        _write_text_atomically(text, out)
+        typer.echo(f"{len(forecast)} rows written to {out}", err=True)
+
+
+def _is_long(frame) -> bool:
+    return {"unique_id", "ds", "y"} <= set(frame.columns)
+
+
+@forecast_app.command("evaluate")
+@friendly_errors
+def forecast_evaluate(
+    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    data: Path = typer.Option(..., help=_DATA_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Split to score; default the one the model was trained with."),
+) -> None:
+    """Print the test MSE/MAE of a model (every window of the protocol's test split) beside the ridge baseline.
+
+    Examples:
+
+        python cli.py forecast evaluate --model runs/forecast/model.safetensors --data ETTh1.csv
+    """
+    from forecast.estimator import MemoryForecaster
+
+    model = MemoryForecaster.load(model_path)
+    scores = model.evaluate(data, protocol=protocol)
+    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
+    typer.echo(_metrics_table(rows, f"test split of {data.name} ({scores['windows']} windows, horizon "
+                                    f"{model.horizon}, scaled values)"))
+
+
+@forecast_app.command("plot")
+@friendly_errors
+def forecast_plot(
+    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the training data's end."),
+    out: Path = typer.Option(Path("forecast.png"), help="Image to write (.png, .pdf, .svg)."),
+    horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
+    history: Optional[int] = typer.Option(None, help="Past steps to draw; default 2 x lookback."),
+) -> None:
+    """Draw the recent history and the forecast after it, one panel per channel.
+
+    Examples:
+
+        python cli.py forecast plot --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.png
+    """
+    from forecast.estimator import MemoryForecaster
+    from forecast.plots import plot_forecast
+
+    model = MemoryForecaster.load(model_path)
+    _refuse_overwriting_input(out, data, model_path)
+    past = model.last_window_ if data is None else model.read_like_fit(data)
+    forecast = model.predict(past, h=horizon)
+    shown = past.iloc[-(history or 2 * model.lookback):]
+    plot_forecast(shown, forecast, out, title=f"{model.horizon}-step forecast from {shown.index[-1]}")
+    typer.echo(f"plot written to {out}", err=True)
+
 
 
 @genomics_app.callback()

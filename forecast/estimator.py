@@ -204,7 +204,7 @@ class MemoryForecaster(BaseEstimator):
         steps = self.horizon if h is None else h
         if not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"h must be a positive integer, got {h!r}")
-        history = self.last_window_ if data is None else self._read_like_fit(data)
+        history = self.last_window_ if data is None else self.read_like_fit(data)
         if len(history) < self.lookback:
             raise InputError(f"the series has {len(history)} rows but the model needs lookback = {self.lookback}")
         window = self.scaler_.transform(history.to_numpy()[-self.lookback:])
@@ -215,7 +215,8 @@ class MemoryForecaster(BaseEstimator):
             isinstance(data, pd.DataFrame) and is_long_format(data))
         return wide_to_long(forecast) if long_input else forecast
 
-    def _read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
+    def read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
+        """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order."""
         wide = read_series(data, **self.read_options_)
         missing = [c for c in self.columns_ if c not in wide.columns]
         if missing:
@@ -283,7 +284,7 @@ class MemoryForecaster(BaseEstimator):
     def prepare(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None) -> ProtocolData:
         """Read ``data`` like ``fit`` did and cut it by the protocol, scaled with the fitted scaler."""
         check_is_fitted(self, "network_")
-        wide = self._read_like_fit(data)
+        wide = self.read_like_fit(data)
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
         prepared = prepare_protocol(wide, self.lookback, self.horizon, chosen)
         scaled = self.scaler_.transform(wide.to_numpy())
