@@ -56,6 +56,7 @@ def forecast_main() -> None:
 
 BUNDLED_ETTH1 = Path(__file__).resolve().parent / "datasets" / "ETTh1" / "ETTh1.csv.gz"
 _DATA_HELP = "CSV or .csv.gz: a date column + numeric columns, or the long format unique_id, ds, y."
+_MODEL_OPTION = typer.Option(..., "--model", help="A model written by `forecast fit`.")
 
 
 def _read_options(date_column: str | None, target: list[str] | None, fill: str | None,
@@ -163,7 +164,7 @@ def forecast_fit(
 @forecast_app.command("predict")
 @friendly_errors
 def forecast_predict(
-    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    model_path: Path = _MODEL_OPTION,
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the training data."),
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
     out: Optional[Path] = typer.Option(None, help="CSV to write; default stdout."),
@@ -174,13 +175,14 @@ def forecast_predict(
 
         python cli.py forecast predict --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.csv
     """
+    from forecast.data import is_long_format
     from forecast.estimator import MemoryForecaster
 
     model = MemoryForecaster.load(model_path)
     if out is not None:
         _refuse_overwriting_input(out, data, model_path)
     forecast = model.predict(data, h=horizon)
-    text = forecast.to_csv(index=not _is_long(forecast))
+    text = forecast.to_csv(index=not is_long_format(forecast))
     if out is None:
         typer.echo(text, nl=False)
     else:
@@ -188,14 +190,10 @@ def forecast_predict(
         typer.echo(f"{len(forecast)} rows written to {out}", err=True)
 
 
-def _is_long(frame) -> bool:
-    return {"unique_id", "ds", "y"} <= set(frame.columns)
-
-
 @forecast_app.command("evaluate")
 @friendly_errors
 def forecast_evaluate(
-    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    model_path: Path = _MODEL_OPTION,
     data: Path = typer.Option(..., help=_DATA_HELP),
     protocol: Optional[str] = typer.Option(None, help="Split to score; default the one the model was trained with."),
 ) -> None:
@@ -217,7 +215,7 @@ def forecast_evaluate(
 @forecast_app.command("plot")
 @friendly_errors
 def forecast_plot(
-    model_path: Path = typer.Option(..., "--model", help="A model written by `forecast fit`."),
+    model_path: Path = _MODEL_OPTION,
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the training data's end."),
     out: Path = typer.Option(Path("forecast.png"), help="Image to write (.png, .pdf, .svg)."),
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
