@@ -111,10 +111,11 @@ def forecast_fit(
     max_steps: Optional[int] = typer.Option(
         150, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
     batch_size: int = typer.Option(32, help="Windows per optimiser step."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     d_model: int = typer.Option(32, help="Model width."),
     heads: int = typer.Option(2, help="Neural memory heads (must divide --d-model)."),
-    blocks: int = typer.Option(2, help="Memory + EinFFT blocks."),
+    blocks: int = typer.Option(1, help="Memory + EinFFT blocks."),
+    dropout: float = typer.Option(0.3, help="Dropout in the blocks and the head."),
     chunk_size: int = typer.Option(8, help="Neural memory chunk (tokens sharing one gradient base)."),
     channels: str = typer.Option("independent", help="independent (one sequence per channel) or mixing."),
     protocol: str = typer.Option("auto", help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
@@ -147,7 +148,8 @@ def forecast_fit(
     _refuse_overwriting_input(out, data)
     model = MemoryForecaster(
         lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
-        channels=channels, epochs=epochs, batch_size=batch_size, lr=lr, max_steps_per_epoch=max_steps or None,
+        channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+        max_steps_per_epoch=max_steps or None,
         protocol=protocol, random_state=seed, device=device, verbose=not quiet)
     start = time.perf_counter()
     model.fit(data, **_read_options(date_column, target, fill, allow_irregular))

@@ -9,7 +9,8 @@ The protocol (thuml/Time-Series-Library) is kept exactly, because published numb
 * ETTh1/ETTh2: rows [0, 8640) train, [8640, 11520) validation, [11520, 14400) test (12/4/4 months of hours);
   ETTm1/ETTm2: the same borders times 4 (15-minute data). Rows after the test border are unused.
 * Any other series (ECL, Traffic, Weather, your CSV): 70/10/20 chronological split.
-* Validation and test windows start ``lookback`` rows before their border, so their first target is the split's first row.
+* Validation and test windows start ``lookback`` rows before their border, so their first target is the
+  split's first row.
 * The scaler is fit on the training rows only; metrics are computed on the scaled values.
 * Windows have stride 1 and every test window is evaluated (no ``drop_last``).
 """
@@ -105,7 +106,8 @@ def _read_table(path: str | Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as error:
-        raise InputError(f"cannot read {path} as CSV ({error}); pass a comma-separated file, optionally .csv.gz") from None
+        raise InputError(f"cannot read {path} as CSV ({error}); "
+                         "pass a comma-separated file, optionally .csv.gz") from None
 
 
 def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame:

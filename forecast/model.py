@@ -199,7 +199,7 @@ class MemoryForecastNet(nn.Module):
         return self.head(self.final_norm(tokens))
 
     def _tokenize(self, series: Tensor) -> Tensor:
-        """[b', l, k] -> [b', n, features]: patches (the end padded by repeating the last step, as PatchTST) or steps."""
+        """[b', l, k] -> [b', n, features]: patches (end padded with the last step, as PatchTST) or single steps."""
         if self.config.embedding == "token":
             return series
         c = self.config

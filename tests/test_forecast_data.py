@@ -131,7 +131,8 @@ def test_standard_scaler_round_trip():
 
 def test_ridge_baseline_learns_and_uses_validation_alpha():
     t = np.arange(3000)
-    series = np.stack([np.sin(t / 7.0), np.cos(t / 11.0)], axis=1) + 0.05 * np.random.default_rng(0).standard_normal((3000, 2))
+    noise = 0.05 * np.random.default_rng(0).standard_normal((3000, 2))
+    series = np.stack([np.sin(t / 7.0), np.cos(t / 11.0)], axis=1) + noise
     wide = pd.DataFrame(series, index=pd.date_range("2024", periods=3000, freq="h"))
     data = prepare_protocol(wide, 48, 12, "ratio")
     mse, mae, alpha = ridge_benchmark(data, 48, 12)
