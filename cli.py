@@ -109,7 +109,7 @@ def forecast_fit(
     lookback: int = typer.Option(96, help="Past steps the model reads."),
     epochs: int = typer.Option(3, help="Passes over the training windows (early stopping may end sooner)."),
     max_steps: Optional[int] = typer.Option(
-        150, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
+        0, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
     batch_size: int = typer.Option(32, help="Windows per optimiser step."),
     lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
     d_model: int = typer.Option(32, help="Model width."),

@@ -39,7 +39,7 @@ REFERENCE_RIDGE = {"ETTh1": (0.441, 0.429), "ETTm1": (0.413, 0.406), "Weather": 
 GPU_MODEL = dict(d_model=64, heads=4, n_blocks=2, chunk_size=8, batch_size=256, lr=1e-3, dropout=0.1, epochs=5,
                  patience=2, max_steps_per_epoch=40)
 CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=3e-3, dropout=0.3, epochs=3,
-                 patience=3, max_steps_per_epoch=150)
+                 patience=3, max_steps_per_epoch=None)
 
 
 def main(argv: list[str] | None = None) -> int:

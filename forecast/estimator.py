@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from forecast.data import (ProtocolData, StandardScaler, dataset_name, future_index, is_long_format,
                            prepare_protocol, read_series, resolve_protocol, wide_to_long)
-from forecast.model import ForecastNetConfig, MemoryForecastNet
+from forecast.model import CHANNEL_MODES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
@@ -64,9 +64,9 @@ class MemoryForecaster(BaseEstimator):
     lr : float, default 3e-3
     patience : int, default 3
         Epochs without a better validation loss before stopping.
-    max_steps_per_epoch : int or None, default 150
-        Cap on optimiser steps per epoch: each epoch then sees a random subset of the windows. The defaults are sized
-        for a few minutes on 2 CPU cores; on a GPU raise the cap (None: every window), the width and the blocks.
+    max_steps_per_epoch : int, optional
+        Cap on optimiser steps per epoch: each epoch then sees a random subset of the windows (None: every window).
+        The defaults are sized for a few minutes on 2 CPU cores; on a GPU raise the width and the blocks.
     protocol : {"auto", "etth", "ettm", "ratio"}, default "auto"
         The split; "auto" picks it from the file name (ETTh*/ETTm* borders, else 70/10/20).
     random_state : int, default 0
@@ -99,7 +99,7 @@ class MemoryForecaster(BaseEstimator):
                  chunk_size: int = 8, embedding: str = "patch",
                  patch_len: int = 16, stride: int = 8, channels: str = "independent", dropout: float = 0.3,
                  epochs: int = 3, batch_size: int = 32, lr: float = 3e-3, patience: int = 3,
-                 max_steps_per_epoch: int | None = 150, protocol: str = "auto", random_state: int = 0,
+                 max_steps_per_epoch: int | None = None, protocol: str = "auto", random_state: int = 0,
                  device: str = "auto", verbose: bool = True) -> None:
         self.lookback = lookback
         self.horizon = horizon
@@ -173,6 +173,11 @@ class MemoryForecaster(BaseEstimator):
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name, allowed in (("embedding", EMBEDDINGS), ("channels", CHANNEL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.d_model % self.heads:
             raise InputError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
 
