@@ -3,10 +3,10 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import app
+from tests.test_forecast_model import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 TINY = ["--lookback", "24", "--horizon", "8", "--epochs", "1", "--max-steps", "8", "--d-model", "16", "--heads",
         "2", "--blocks", "1", "--quiet", "--threads", "1"]
@@ -20,15 +20,6 @@ def write_series(path, n=300, **overrides):
         frame[column] = values
     frame.to_csv(path, index=False)
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine (60x faster here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
