@@ -37,6 +37,8 @@ property of this implementation, not of the layer.
 
 from __future__ import annotations
 
+import os
+
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +58,7 @@ _MATMUL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 
 @triton.jit
 def _mm(a, b, MM: tl.constexpr):
-    """a @ b with operands in the matmul dtype and fp32 accumulation (exact fp32 when MM is fp32)."""
-    if MM == tl.float32:
-        return tl.dot(a.to(MM), b.to(MM), input_precision="ieee")
+    """a @ b with operands in the matmul dtype and fp32 accumulation (TF32 tensor cores when MM is fp32)."""
     return tl.dot(a.to(MM), b.to(MM))
 
 
@@ -74,10 +74,10 @@ def _silu_parts(z):
 
 @triton.jit
 def _load_rows(ptr, chunk, T, rows, cols, D: tl.constexpr):
-    """Load the chunk's rows of a [T, D] matrix as fp32, zero past the end of the sequence."""
+    """Load the chunk's rows of a [T, D] matrix, zero past the end of the sequence."""
     tok = chunk * rows.shape[0] + rows
     mask = (tok < T)[:, None]
-    return tl.load(ptr + tok[:, None].to(tl.int64) * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + tok[:, None].to(tl.int64) * D + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -122,9 +122,9 @@ def _forward_depth1_kernel(
     rows_d = tl.arange(0, D)
     mat = rows_d[:, None] * D + cols[None, :]
     for chunk in range(n_chunks):
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D)
+        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, (pid * n_chunks + chunk) * CHUNK,
             rows, CHUNK)
@@ -161,10 +161,10 @@ def _backward_depth1_kernel(
     grad_state = pid * D * D
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D)
-        dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D)
+        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(MM)
         row_offset = (pid * n_chunks + chunk) * CHUNK
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK)
@@ -245,9 +245,9 @@ def _forward_depth2_kernel(
     tile_1 = cols[:, None] * HIDDEN + blk[None, :]  # a [D, BLOCK_HIDDEN] tile of a [D, HIDDEN] matrix
     tile_2 = blk[:, None] * D + cols[None, :]  # a [BLOCK_HIDDEN, D] tile of a [HIDDEN, D] matrix
     for chunk in range(n_chunks):
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D)
+        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, (pid * n_chunks + chunk) * CHUNK,
             rows, CHUNK)
@@ -264,7 +264,7 @@ def _forward_depth2_kernel(
         err = 2.0 * (pred - v)
 
         # pass 2: per hidden tile, backpropagate err, retrieve, update the state
-        scores_1 = _mm(q, tl.trans(k), MM) * coef
+        scores_1 = (_mm(q, tl.trans(k), MM) * coef).to(MM)
         y = tl.zeros((CHUNK, D), dtype=tl.float32)
         hq_a1 = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
         for j in range(0, HIDDEN, BLOCK_HIDDEN):
@@ -284,6 +284,7 @@ def _forward_depth2_kernel(
             tl.store(w2_ptr + dst + j * D + tile_2,
                      keep_end * w2 + carry_end * s2 - _mm(tl.trans(a1), coef_last[:, None] * err, MM))
             tl.store(s2_ptr + dst + j * D + tile_2, eta_end * s2 - _mm(tl.trans(a1), mcoef[:, None] * err, MM))
+        coef = tl.load(coef_ptr + (pid * n_chunks + chunk) * CHUNK * CHUNK + rows[:, None] * CHUNK + rows[None, :])
         y -= _mm(hq_a1 * coef, err, MM)
         _store_rows(y_ptr + seq, y, chunk, T, rows, cols, D)
         tl.debug_barrier()  # the next chunk reads the state this one wrote
@@ -310,10 +311,10 @@ def _backward_depth2_kernel(
     scratch = pid * CHUNK * HIDDEN
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D)
-        dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D)
+        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(MM)
         row_offset = (pid * n_chunks + chunk) * CHUNK
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK)
@@ -328,15 +329,12 @@ def _backward_depth2_kernel(
             pred += _mm(a1, w2, MM)
         err = 2.0 * (pred - v)
 
-        qk = _mm(q, tl.trans(k), MM)
-        scores_1 = qk * coef
-        d_scores_2 = -_mm(dy, tl.trans(err), MM)  # d loss / d (hq a1^T * coef), layer-2 retrieval scores
-        d_hq_a1 = d_scores_2 * coef
+        scores_1 = (_mm(q, tl.trans(k), MM) * coef).to(MM)
+        d_hq_a1 = (-_mm(dy, tl.trans(err), MM) * coef).to(MM)  # d loss / d (hq a1^T), layer-2 retrieval
         hq_a1 = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
         d_qk = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)  # holds d loss / d scores_1 until the end of the tiles
         d_err = tl.zeros((CHUNK, D), dtype=tl.float32)
-        a1_dw2 = tl.zeros((CHUNK, D), dtype=tl.float32)
-        a1_ds2 = tl.zeros((CHUNK, D), dtype=tl.float32)
+        d_err_update = tl.zeros((CHUNK, D), dtype=tl.float32)  # the layer-2 update's share of d_err
         dq = tl.zeros((CHUNK, D), dtype=tl.float32)
         dk = tl.zeros((CHUNK, D), dtype=tl.float32)
         d_keep = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -380,8 +378,11 @@ def _backward_depth2_kernel(
             ds2 = carry_end * dw2_next + eta_end * ds2_next + _mm(tl.trans(hq), carry[:, None] * dy, MM)
             d_a1 = (_mm(tl.trans(d_hq_a1), hq, MM) - _mm(coef_last[:, None] * err, tl.trans(dw2_next), MM)
                     - _mm(mcoef[:, None] * err, tl.trans(ds2_next), MM))
-            a1_dw2 += _mm(a1, dw2_next, MM)
-            a1_ds2 += _mm(a1, ds2_next, MM)
+            a1_dw2 = _mm(a1, dw2_next, MM)
+            a1_ds2 = _mm(a1, ds2_next, MM)
+            d_coef_last -= tl.sum(a1_dw2 * err, axis=1)
+            d_mcoef -= tl.sum(a1_ds2 * err, axis=1)
+            d_err_update += coef_last[:, None] * a1_dw2 + mcoef[:, None] * a1_ds2
 
             # layer-1 retrieval zq = keep q w1 + carry q s1 - (q k^T * coef) delta1
             d_keep += tl.sum(d_zq * qw1, axis=1)
@@ -414,10 +415,11 @@ def _backward_depth2_kernel(
             tl.store(ds2_ptr + grad_state + j * D + tile_2, ds2)
 
         # chunk-wide sums
-        d_err -= _mm(tl.trans(hq_a1 * coef), dy, MM) + coef_last[:, None] * a1_dw2 + mcoef[:, None] * a1_ds2
-        d_coef_last -= tl.sum(a1_dw2 * err, axis=1)
-        d_mcoef -= tl.sum(a1_ds2 * err, axis=1)
-        d_coef = d_scores_2 * hq_a1 + d_qk * qk
+        # reloaded and recomputed here rather than kept in registers through the tile loop
+        coef = tl.load(coef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+        qk = _mm(q, tl.trans(k), MM)
+        d_err -= _mm(tl.trans(hq_a1 * coef), dy, MM) + d_err_update
+        d_coef = -_mm(dy, tl.trans(err), MM) * hq_a1 + d_qk * qk
         d_qk = d_qk * coef
         dq += _mm(d_qk, k, MM)
         dk += _mm(tl.trans(d_qk), q, MM)
@@ -455,7 +457,9 @@ def _backward_depth2_kernel(
 # Host side: gates, launchers, autograd
 # ----------------------------------------------------------------------------------------------------------------------
 
-NUM_WARPS = 4
+NUM_WARPS = 8  # warps per program
+NUM_STAGES = 1  # software pipelining of the tile loops (deeper costs shared memory and registers)
+BLOCK_HIDDEN = 32  # hidden-layer columns per tile of the depth-2 kernels
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -471,8 +475,12 @@ def _is_tile_size(n: int) -> bool:
 def kernel_supports(q: Tensor, weights: Weights, chunk_size: int) -> bool:
     """Whether these inputs run on the Triton kernels (otherwise the reference computes them)."""
     depth, head_dim = len(weights), q.shape[-1]
+    # float32 tiles need more shared memory than an H100 has (the backward kernels ask for 240-350 KB), so on a GPU
+    # float32 inputs take the reference; the interpreter has no such limit and runs the kernels' math in float32
+    fits_on_chip = q.dtype != torch.float32 or not q.is_cuda
     return (
         q.dtype in _MATMUL_DTYPES
+        and fits_on_chip
         and depth in (1, 2)
         and _is_tile_size(head_dim)
         and _is_tile_size(chunk_size)
@@ -507,10 +515,13 @@ def chunk_gates(lr: Tensor, log_eta: Tensor, log_keep: Tensor, chunk_size: int) 
 
 def _launch_options(q: Tensor, state: tuple[Tensor, ...], chunk_size: int) -> dict:
     depth = len(state) // 2
-    options = dict(D=q.shape[-1], CHUNK=chunk_size, MM=_MATMUL_DTYPES[q.dtype], num_warps=NUM_WARPS)
+    matmul_dtype = _MATMUL_DTYPES[q.dtype]
+    if matmul_dtype == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        matmul_dtype = tl.float32  # the Triton interpreter (3.9) returns garbage for bf16 tl.dot; fp32 is exact there
+    options = dict(D=q.shape[-1], CHUNK=chunk_size, MM=matmul_dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if depth == 2:
         hidden = state[0].shape[-1]
-        options.update(HIDDEN=hidden, BLOCK_HIDDEN=min(hidden, 64))
+        options.update(HIDDEN=hidden, BLOCK_HIDDEN=min(hidden, BLOCK_HIDDEN))
     return options
 
 
