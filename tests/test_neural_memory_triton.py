@@ -106,13 +106,24 @@ def test_chunk_of_32_and_head_dim_32():
     assert_close(actual_grads, expected_grads, 1e-5, "gradient")
 
 
-def test_bfloat16_inputs_keep_an_fp32_state():
-    inputs = memory_inputs(time=32, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_inputs_keep_an_fp32_state(dtype):
+    inputs = memory_inputs(time=32, dtype=dtype)
     expected_y, expected_w, expected_s = neural_memory_reference(*inputs, 16)
     y, weights, momentum = neural_memory_triton(*inputs, 16)
-    assert y.dtype == torch.bfloat16 and all(w.dtype == torch.float32 for w in weights + momentum)
+    assert y.dtype == dtype and all(w.dtype == torch.float32 for w in weights + momentum)
     assert relative_error(y, expected_y) < 2e-2
     assert_close(list(weights + momentum), list(expected_w + expected_s), 2e-2, "state")
+
+
+def test_autocast_runs_the_kernels_in_its_dtype():
+    """Under bf16 autocast, float32 q/k/v (the layer's normalised q and k) take the bf16 kernel path."""
+    inputs = memory_inputs(time=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, weights, _ = neural_memory_triton(*inputs, 16)
+    expected_y, expected_w, _ = neural_memory_reference(*inputs, 16)
+    assert y.dtype == torch.bfloat16 and weights[0].dtype == torch.float32
+    assert relative_error(y, expected_y) < 2e-2
 
 
 def test_inference_without_gradients_equals_training_path():

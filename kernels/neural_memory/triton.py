@@ -30,9 +30,11 @@ Design
   chunk-wide sums (``dE``, the score gradients); the second one, once ``dE`` is complete, finishes the key path
   (``d k``, ``d W_1``, ``d W_2``) from a per-program scratch tile.
 
-Supported here: depth 1 or 2, head dim and hidden width powers of two >= 16, chunk a power of two >= 16, float32 /
-bfloat16 / float16 inputs. Anything else (deeper memory, float64, tiny chunks) runs the reference instead; that is a
-property of this implementation, not of the layer.
+Supported: depth 1 or 2, head dim and hidden width powers of two >= 16, chunk a power of two >= 16, float32 /
+bfloat16 / float16 inputs (the interpreter runs all of these). On a GPU only what was checked on an H100 runs the
+kernels: bf16/fp16 inputs, head dim 64, chunk 64, hidden width a multiple of 64 (see ``_verified_on_gpu``). Anything
+else (deeper memory, float64, tiny chunks, float32 on a GPU) runs the reference instead; that is a property of this
+implementation, not of the layer.
 """
 
 from __future__ import annotations
@@ -459,7 +461,7 @@ def _backward_depth2_kernel(
 
 NUM_WARPS = 8  # warps per program
 NUM_STAGES = 1  # software pipelining of the tile loops (deeper costs shared memory and registers)
-BLOCK_HIDDEN = 32  # hidden-layer columns per tile of the depth-2 kernels
+BLOCK_HIDDEN = 64  # hidden-layer columns per tile of the depth-2 kernels (32 was miscompiled by Triton 3.6 on H100)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -475,18 +477,27 @@ def _is_tile_size(n: int) -> bool:
 def kernel_supports(q: Tensor, weights: Weights, chunk_size: int) -> bool:
     """Whether these inputs run on the Triton kernels (otherwise the reference computes them)."""
     depth, head_dim = len(weights), q.shape[-1]
-    # float32 tiles need more shared memory than an H100 has (the backward kernels ask for 240-350 KB), so on a GPU
-    # float32 inputs take the reference; the interpreter has no such limit and runs the kernels' math in float32
-    fits_on_chip = q.dtype != torch.float32 or not q.is_cuda
+    if q.is_cuda and not _verified_on_gpu(q, weights, chunk_size):
+        return False
     return (
         q.dtype in _MATMUL_DTYPES
-        and fits_on_chip
         and depth in (1, 2)
         and _is_tile_size(head_dim)
         and _is_tile_size(chunk_size)
         and (depth == 1 or _is_tile_size(weights[0].shape[-1]))
         and q.shape[2] > 0
     )
+
+
+def _verified_on_gpu(q: Tensor, weights: Weights, chunk_size: int) -> bool:
+    """The configurations checked against the reference on an H100 (Triton 3.6).
+
+    float32 tiles need more shared memory than the chip has (the backward kernels ask for 240-350 KB), and tiles
+    32 wide were miscompiled (out-of-bounds shared-memory reads), so the GPU path is limited to 16-bit inputs, head dim
+    64, chunk 64 and a hidden width that is a multiple of 64. Other inputs on a GPU take the reference.
+    """
+    hidden_ok = len(weights) == 1 or weights[0].shape[-1] % BLOCK_HIDDEN == 0
+    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 64 and chunk_size == 64 and hidden_ok
 
 
 def chunk_gates(lr: Tensor, log_eta: Tensor, log_keep: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
@@ -596,6 +607,20 @@ class NeuralMemoryFunction(torch.autograd.Function):
         return (None, *grads)
 
 
+def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast, run the kernels in its 16-bit dtype, as autocast does for any matmul.
+
+    In the layer, q and k come out of an L2 normalisation that autocast keeps in float32, which would otherwise send
+    a bf16 training step to the float32 path (the reference, on a GPU).
+    """
+    device_type = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in (torch.bfloat16, torch.float16):
+            return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def neural_memory_triton(
     q: Tensor,
     k: Tensor,
@@ -613,6 +638,7 @@ def neural_memory_triton(
     y in the dtype of q, the state in float32) and is differentiable in every input, the initial state included.
     Inputs outside :func:`kernel_supports` go to the reference.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     if not kernel_supports(q, weights, chunk_size):
         return neural_memory_reference(q, k, v, lr, log_eta, log_keep, weights, momentum, chunk_size)
     depth = len(weights)
