@@ -90,6 +90,37 @@ def _store_rows(ptr, value, chunk, T, rows, cols, D: tl.constexpr):
 
 
 @triton.jit
+def _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D: tl.constexpr, MM: tl.constexpr):
+    """The chunk's q and k in the matmul dtype (they only feed dots) and v in fp32."""
+    q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
+    k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+    v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+    return q, k, v
+
+
+@triton.jit
+def _store_chunk_grads(
+    dq_ptr, dk_ptr, dv_ptr, dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr,
+    seq, chunk, T, row_offset, rows, cols,
+    dq, dk, dv, d_keep, d_carry, d_coef, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end,
+    D: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Write one chunk's gradients of q, k, v and of its gate coefficients (the layout of _load_gates)."""
+    _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
+    _store_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
+    _store_rows(dv_ptr + seq, dv, chunk, T, rows, cols, D)
+    tl.store(dkeep_ptr + row_offset + rows, d_keep)
+    tl.store(dcarry_ptr + row_offset + rows, d_carry)
+    tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
+    tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
+    tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
+    end = row_offset // CHUNK * 3
+    tl.store(dends_ptr + end, d_keep_end)
+    tl.store(dends_ptr + end + 1, d_carry_end)
+    tl.store(dends_ptr + end + 2, d_eta_end)
+
+
+@triton.jit
 def _load_gates(keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK: tl.constexpr):
     """The gate coefficients of one chunk (row_offset = (program * n_chunks + chunk) * CHUNK)."""
     keep = tl.load(keep_ptr + row_offset + rows)
@@ -124,9 +155,7 @@ def _forward_depth1_kernel(
     rows_d = tl.arange(0, D)
     mat = rows_d[:, None] * D + cols[None, :]
     for chunk in range(n_chunks):
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, (pid * n_chunks + chunk) * CHUNK,
             rows, CHUNK)
@@ -163,9 +192,7 @@ def _backward_depth1_kernel(
     grad_state = pid * D * D
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
         dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(MM)
         row_offset = (pid * n_chunks + chunk) * CHUNK
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
@@ -208,18 +235,10 @@ def _backward_depth1_kernel(
         dk += _mm(d_pred, tl.trans(w), MM)
         dw += _mm(tl.trans(k), d_pred, MM)
 
-        _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
-        _store_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
-        _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
-        tl.store(dkeep_ptr + row_offset + rows, d_keep)
-        tl.store(dcarry_ptr + row_offset + rows, d_carry)
-        tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
-        tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
-        tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
-        end = row_offset // CHUNK * 3
-        tl.store(dends_ptr + end, tl.sum(dw_next * w))
-        tl.store(dends_ptr + end + 1, tl.sum(dw_next * s))
-        tl.store(dends_ptr + end + 2, tl.sum(ds_next * s))
+        _store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr,
+                           dmcoef_ptr, seq, chunk, T, row_offset, rows, cols,
+                           dq, dk, -d_pred, d_keep, d_carry, d_coef, d_coef_last, d_mcoef,
+                           tl.sum(dw_next * w), tl.sum(dw_next * s), tl.sum(ds_next * s), D, CHUNK)
         tl.debug_barrier()  # every thread has read the incoming state gradient before it is overwritten
         tl.store(dw_ptr + grad_state + mat, dw)
         tl.store(ds_ptr + grad_state + mat, ds)
@@ -229,6 +248,20 @@ def _backward_depth1_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Depth 2 (MLP memory d -> hidden -> d)
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _output_error(k, v, w1_ptr, w2_ptr, tile_1, tile_2,
+                  D: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, CHUNK: tl.constexpr,
+                  MM: tl.constexpr):
+    """2 (M(k) - v) for the depth-2 memory whose weights start at w1_ptr / w2_ptr, streamed by hidden tiles."""
+    pred = tl.zeros((CHUNK, D), dtype=tl.float32)
+    for j in range(0, HIDDEN, BLOCK_HIDDEN):
+        w1 = tl.load(w1_ptr + j + tile_1)
+        w2 = tl.load(w2_ptr + j * D + tile_2)
+        a1, _, _ = _silu_parts(_mm(k, w1, MM))
+        pred += _mm(a1, w2, MM)
+    return 2.0 * (pred - v)
 
 
 @triton.jit
@@ -247,9 +280,7 @@ def _forward_depth2_kernel(
     tile_1 = cols[:, None] * HIDDEN + blk[None, :]  # a [D, BLOCK_HIDDEN] tile of a [D, HIDDEN] matrix
     tile_2 = blk[:, None] * D + cols[None, :]  # a [BLOCK_HIDDEN, D] tile of a [HIDDEN, D] matrix
     for chunk in range(n_chunks):
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
             keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, (pid * n_chunks + chunk) * CHUNK,
             rows, CHUNK)
@@ -257,13 +288,7 @@ def _forward_depth2_kernel(
         dst = (pid * n_slots + (chunk + 1) % n_slots) * D * HIDDEN
 
         # pass 1: the memory's prediction of v from k, and the output error 2 (M(k) - v)
-        pred = tl.zeros((CHUNK, D), dtype=tl.float32)
-        for j in range(0, HIDDEN, BLOCK_HIDDEN):
-            w1 = tl.load(w1_ptr + src + j + tile_1)
-            w2 = tl.load(w2_ptr + src + j * D + tile_2)
-            a1, _, _ = _silu_parts(_mm(k, w1, MM))
-            pred += _mm(a1, w2, MM)
-        err = 2.0 * (pred - v)
+        err = _output_error(k, v, w1_ptr + src, w2_ptr + src, tile_1, tile_2, D, HIDDEN, BLOCK_HIDDEN, CHUNK, MM)
 
         # pass 2: per hidden tile, backpropagate err, retrieve, update the state
         scores_1 = (_mm(q, tl.trans(k), MM) * coef).to(MM)
@@ -313,9 +338,7 @@ def _backward_depth2_kernel(
     scratch = pid * CHUNK * HIDDEN
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
-        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
         dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(MM)
         row_offset = (pid * n_chunks + chunk) * CHUNK
         keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
@@ -323,13 +346,7 @@ def _backward_depth2_kernel(
         src = (pid * (n_chunks + 1) + chunk) * D * HIDDEN
 
         # recompute the key path: err = 2 (M(k) - v)
-        pred = tl.zeros((CHUNK, D), dtype=tl.float32)
-        for j in range(0, HIDDEN, BLOCK_HIDDEN):
-            w1 = tl.load(w1_ptr + src + j + tile_1)
-            w2 = tl.load(w2_ptr + src + j * D + tile_2)
-            a1, _, _ = _silu_parts(_mm(k, w1, MM))
-            pred += _mm(a1, w2, MM)
-        err = 2.0 * (pred - v)
+        err = _output_error(k, v, w1_ptr + src, w2_ptr + src, tile_1, tile_2, D, HIDDEN, BLOCK_HIDDEN, CHUNK, MM)
 
         scores_1 = (_mm(q, tl.trans(k), MM) * coef).to(MM)
         d_hq_a1 = (-_mm(dy, tl.trans(err), MM) * coef).to(MM)  # d loss / d (hq a1^T), layer-2 retrieval
@@ -440,18 +457,10 @@ def _backward_depth2_kernel(
             tl.store(dw1_ptr + grad_state + j + tile_1, dw1)
             tl.store(dw2_ptr + grad_state + j * D + tile_2, dw2)
 
-        _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
-        _store_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
-        _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
-        tl.store(dkeep_ptr + row_offset + rows, d_keep)
-        tl.store(dcarry_ptr + row_offset + rows, d_carry)
-        tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
-        tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
-        tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
-        end = row_offset // CHUNK * 3
-        tl.store(dends_ptr + end, d_keep_end)
-        tl.store(dends_ptr + end + 1, d_carry_end)
-        tl.store(dends_ptr + end + 2, d_eta_end)
+        _store_chunk_grads(dq_ptr, dk_ptr, dv_ptr, dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr,
+                           dmcoef_ptr, seq, chunk, T, row_offset, rows, cols,
+                           dq, dk, -d_pred, d_keep, d_carry, d_coef, d_coef_last, d_mcoef,
+                           d_keep_end, d_carry_end, d_eta_end, D, CHUNK)
         tl.debug_barrier()
 
 
