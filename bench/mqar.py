@@ -1,0 +1,219 @@
+"""MQAR (Zoology) benchmark: 2-layer models built from RAMNet, NeuralMemory and softmax attention.
+
+Each model is trained on the Zoology mixture (sequence length, key-value pairs) = (64,4), (128,8), (256,16),
+(256,32), (256,64) with fresh sequences every step (one setting per batch), AdamW (weight decay 0.1), warmup +
+cosine schedule, then scored on the 7 test settings (64,4) (64,8) (64,16) (128,32) (256,64) (512,128) (1024,256).
+It prints the accuracy of every setting, their mean, and the state each model keeps per sequence:
+
+- state total: floats of recurrent state per sequence, summed over layers (attention: its KV cache at 1024 tokens);
+- state/token: floats of that state one token reads or writes (RAM-Net: K read + K written rows per head; the other
+  layers touch all of it).
+
+    python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
+    python bench/mqar.py --quick         # CPU: V = 256, shorter sequences, a few hundred steps
+    python bench/mqar.py --models ramnet --dims 128 --steps 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memorycore import NeuralMemory, RAMNet  # noqa: E402
+from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
+
+QUICK_TRAIN_MIXTURE = ((32, 2), (64, 4), (64, 8), (64, 16))
+QUICK_TEST_SETTINGS = ((32, 2), (64, 4), (64, 8), (64, 16), (128, 16))
+
+
+class CausalAttention(nn.Module):
+    """Softmax attention, the reference mixer (its state is the KV cache: 2 x time x dim floats)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, time, dim = x.shape
+        q, k, v = self.to_qkv(x).view(batch, time, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.to_out(out.transpose(1, 2).reshape(batch, time, dim))
+
+
+class StatefulMixer(nn.Module):
+    """Adapts a memorycore layer (``y, state = layer(x)``) to ``y = mixer(x)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)[0]
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, mixer: nn.Module) -> None:
+        super().__init__()
+        self.mixer_norm, self.mixer = nn.LayerNorm(dim), mixer
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mixer(self.mixer_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class RecallModel(nn.Module):
+    """Embedding, two blocks (mixer + MLP), linear output head."""
+
+    def __init__(self, vocab_size: int, dim: int, mixers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(Block(dim, mixer) for mixer in mixers)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def ramnet_layers(dim: int, slots_exponent: int) -> list[nn.Module]:
+    """RAM-Net as the paper uses it: CAPE (relative addressing) in the first layer, content addressing in the second."""
+    heads = max(1, dim // 64)
+    return [
+        StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=8,
+                             cape=cape, gamma=1.0))
+        for cape in (True, False)
+    ]
+
+
+def build_model(kind: str, vocab_size: int, dim: int, slots_exponent: int) -> tuple[nn.Module, dict[str, int]]:
+    """The model and its state size: total floats per sequence, floats touched per token."""
+    heads = max(1, dim // 64)
+    if kind == "ramnet":
+        mixers = ramnet_layers(dim, slots_exponent)
+        sizes = [m.layer.state_size() for m in mixers]
+        state = {"total": sum(s["total"] for s in sizes), "per_token": sum(s["per_token"] for s in sizes)}
+    elif kind == "neural_memory":
+        mixers = [StatefulMixer(NeuralMemory(dim, heads=heads, depth=2, chunk_size=16)) for _ in range(2)]
+        floats = 2 * sum(w.numel() for m in mixers for w in m.layer.initial_weights)  # weights + momentum
+        state = {"total": floats, "per_token": floats}
+    elif kind == "attention":
+        mixers = [CausalAttention(dim, heads) for _ in range(2)]
+        state = {"total": 2 * 2 * 1024 * dim, "per_token": 2 * 2 * 1024 * dim}
+    else:
+        raise ValueError(f"unknown model {kind!r}; use ramnet, neural_memory or attention")
+    return RecallModel(vocab_size, dim, mixers), state
+
+
+def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.device) -> float:
+    """Fresh MQAR batches from the mixture; returns the seconds spent."""
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    warmup = max(1, args.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
+        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps)))))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model.train()
+    start = time.perf_counter()
+    for step in range(args.steps):
+        seq_len, pairs = mixture[int(torch.randint(len(mixture), (), generator=generator))]
+        # keep the tokens per batch about constant across settings
+        batch = max(1, args.batch_size * mixture[0][0] // seq_len)
+        inputs, labels = mqar_batch(batch, seq_len, pairs, vocab_size=args.vocab_size, random_state=generator)
+        inputs, labels = inputs.to(device), labels.to(device)
+        with autocast:
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if args.verbose and (step % max(1, args.steps // 10) == 0 or step == args.steps - 1):
+            print(f"    step {step:5d}  L={seq_len:4d}  loss {loss.item():.4f}", file=sys.stderr, flush=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, args: argparse.Namespace, settings, device: torch.device) -> list[float]:
+    model.eval()
+    accuracies = []
+    for index, (seq_len, pairs) in enumerate(settings):
+        inputs, labels = mqar_batch(args.test_examples, seq_len, pairs, vocab_size=args.vocab_size,
+                                    random_state=10_000 + index)
+        correct = total = 0
+        for start in range(0, args.test_examples, args.eval_batch_size):
+            part = slice(start, start + args.eval_batch_size)
+            logits = model(inputs[part].to(device)).float().cpu()
+            mask = labels[part] != IGNORE_INDEX
+            correct += mqar_accuracy(logits, labels[part]) * int(mask.sum())
+            total += int(mask.sum())
+        accuracies.append(correct / total)
+    return accuracies
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences)")
+    parser.add_argument("--models", default="ramnet,neural_memory,attention")
+    parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch at the shortest length")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--slots-exponent", type=int, default=12, help="RAM-Net slots per head = 2**this (even)")
+    parser.add_argument("--vocab-size", type=int, default=None)
+    parser.add_argument("--test-examples", type=int, default=None)
+    parser.add_argument("--eval-batch-size", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.dims = args.dims or ("64" if quick else "64,128,256")
+    args.steps = args.steps or (300 if quick else 4000)
+    args.batch_size = args.batch_size or (16 if quick else 128)
+    args.vocab_size = args.vocab_size or (256 if quick else 8192)
+    args.test_examples = args.test_examples or (100 if quick else 1000)
+    mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
+    settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    print(f"MQAR on {device}: V={args.vocab_size}, {args.steps} steps, lr {args.lr}, "
+          f"{args.test_examples} test sequences per setting")
+    header = "model          d_model  state total  state/token  " + "  ".join(
+        f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  train s"
+    print(header)
+    for dim in (int(d) for d in args.dims.split(",")):
+        for kind in args.models.split(","):
+            torch.manual_seed(args.seed)
+            model, state = build_model(kind, args.vocab_size, dim, args.slots_exponent)
+            model.to(device)
+            seconds = train(model, args, mixture, device)
+            accuracies = evaluate(model, args, settings, device)
+            cells = "  ".join(f"{a:8.3f}" for a in accuracies)
+            print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
+                  f"{sum(accuracies) / len(accuracies):7.3f}  {seconds:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
