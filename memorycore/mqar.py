@@ -41,9 +41,6 @@ def _check_setting(seq_len: int, num_pairs: int, vocab_size: int, num_examples: 
                          f"use seq_len >= {4 * num_pairs} or fewer pairs")
     if vocab_size <= seq_len:
         raise InputError(f"vocab_size={vocab_size} must be larger than seq_len={seq_len}")
-    if num_pairs > vocab_size // 2 - 1:
-        raise InputError(f"{num_pairs} distinct keys do not fit in the {vocab_size // 2 - 1} key tokens of "
-                         f"vocab_size={vocab_size}; raise vocab_size")
 
 
 def _distinct_tokens(num_examples: int, low: int, high: int, count: int, generator: torch.Generator) -> Tensor:
