@@ -10,7 +10,7 @@ It prints the accuracy of every setting, their mean, and the state each model ke
   layers touch all of it).
 
     python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
-    python bench/mqar.py --quick         # CPU: V = 256, shorter sequences, a few hundred steps
+    python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots and K = 4, 300 steps, d_model 64
     python bench/mqar.py --models ramnet --dims 128 --steps 3000
 """
 
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memorycore import NeuralMemory, RAMNet  # noqa: E402
 from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
 
-QUICK_TRAIN_MIXTURE = ((32, 2), (64, 4), (64, 8), (64, 16))
-QUICK_TEST_SETTINGS = ((32, 2), (64, 4), (64, 8), (64, 16), (128, 16))
+QUICK_TRAIN_MIXTURE = ((32, 2), (32, 4), (64, 4), (64, 8))
+QUICK_TEST_SETTINGS = ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
 
 
 class CausalAttention(nn.Module):
@@ -91,21 +91,25 @@ class RecallModel(nn.Module):
         return self.head(self.norm(x))
 
 
-def ramnet_layers(dim: int, slots_exponent: int) -> list[nn.Module]:
-    """RAM-Net as the paper uses it: CAPE (relative addressing) in the first layer, content addressing in the second."""
+def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool) -> list[nn.Module]:
+    """Two RAM-Net layers of 2^slots_exponent slots per head (U = 2 factors), value_dim 64.
+
+    ``cape_first`` gives the first layer relative (CAPE) addressing as the paper does in shallow layers; the second
+    layer always addresses by content, which recall needs.
+    """
     heads = max(1, dim // 64)
     return [
-        StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=8,
+        StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=top_k,
                              cape=cape, gamma=1.0))
-        for cape in (True, False)
+        for cape in (cape_first, False)
     ]
 
 
-def build_model(kind: str, vocab_size: int, dim: int, slots_exponent: int) -> tuple[nn.Module, dict[str, int]]:
+def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, int]]:
     """The model and its state size: total floats per sequence, floats touched per token."""
     heads = max(1, dim // 64)
     if kind == "ramnet":
-        mixers = ramnet_layers(dim, slots_exponent)
+        mixers = ramnet_layers(dim, args.slots_exponent, args.top_k, args.ramnet_cape == "first")
         sizes = [m.layer.state_size() for m in mixers]
         state = {"total": sum(s["total"] for s in sizes), "per_token": sum(s["per_token"] for s in sizes)}
     elif kind == "neural_memory":
@@ -120,17 +124,32 @@ def build_model(kind: str, vocab_size: int, dim: int, slots_exponent: int) -> tu
     return RecallModel(vocab_size, dim, mixers), state
 
 
-def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.device) -> float:
-    """Fresh MQAR batches from the mixture; returns the seconds spent."""
+def learning_rate(base: float, progress: float) -> float:
+    """5% linear warmup, then cosine decay to 0, as a function of the fraction of training done."""
+    if progress < 0.05:
+        return base * (progress + 1e-3) / 0.05
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - 0.05) / 0.95)))
+
+
+def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.device) -> tuple[int, float]:
+    """Fresh MQAR batches from the mixture until ``steps`` or ``max_train_seconds``; returns steps and seconds.
+
+    The schedule follows whichever budget is used up first, so a time-capped run still ends its cosine decay.
+    """
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(
-        (step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, step / args.steps)))))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
     start = time.perf_counter()
-    for step in range(args.steps):
+    step = 0
+    while True:
+        progress = step / args.steps
+        if args.max_train_seconds:
+            progress = max(progress, (time.perf_counter() - start) / args.max_train_seconds)
+        if progress >= 1:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(args.lr, progress)
         seq_len, pairs = mixture[int(torch.randint(len(mixture), (), generator=generator))]
         # keep the tokens per batch about constant across settings
         batch = max(1, args.batch_size * mixture[0][0] // seq_len)
@@ -143,10 +162,11 @@ def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.dev
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
-        if args.verbose and (step % max(1, args.steps // 10) == 0 or step == args.steps - 1):
-            print(f"    step {step:5d}  L={seq_len:4d}  loss {loss.item():.4f}", file=sys.stderr, flush=True)
-    return time.perf_counter() - start
+        if args.verbose and step % 100 == 0:
+            print(f"    step {step:5d}  progress {progress:.2f}  L={seq_len:4d}  loss {loss.item():.4f}",
+                  file=sys.stderr, flush=True)
+        step += 1
+    return step, time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -169,13 +189,18 @@ def evaluate(model: nn.Module, args: argparse.Namespace, settings, device: torch
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences)")
+    parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences, small RAM-Net)")
     parser.add_argument("--models", default="ramnet,neural_memory,attention")
     parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch at the shortest length")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--slots-exponent", type=int, default=12, help="RAM-Net slots per head = 2**this (even)")
+    parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
+    parser.add_argument("--slots-exponent", type=int, default=None,
+                        help="RAM-Net slots per head = 2**this, even (default 12; 6 with --quick)")
+    parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
+    parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
+                        help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)
@@ -186,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
     args.steps = args.steps or (300 if quick else 4000)
-    args.batch_size = args.batch_size or (16 if quick else 128)
+    args.batch_size = args.batch_size or (32 if quick else 128)
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
+    args.slots_exponent = args.slots_exponent or (6 if quick else 12)
+    args.top_k = args.top_k or (4 if quick else 8)
     args.test_examples = args.test_examples or (100 if quick else 1000)
     mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
     settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
@@ -198,21 +225,22 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    print(f"MQAR on {device}: V={args.vocab_size}, {args.steps} steps, lr {args.lr}, "
-          f"{args.test_examples} test sequences per setting")
+    print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
+          f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
+          f"RAM-Net 2^{args.slots_exponent} slots per head, CAPE in layer 1: {args.ramnet_cape == 'first'}")
     header = "model          d_model  state total  state/token  " + "  ".join(
-        f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  train s"
+        f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"
     print(header)
     for dim in (int(d) for d in args.dims.split(",")):
         for kind in args.models.split(","):
             torch.manual_seed(args.seed)
-            model, state = build_model(kind, args.vocab_size, dim, args.slots_exponent)
+            model, state = build_model(kind, args.vocab_size, dim, args)
             model.to(device)
-            seconds = train(model, args, mixture, device)
+            steps, seconds = train(model, args, mixture, device)
             accuracies = evaluate(model, args, settings, device)
             cells = "  ".join(f"{a:8.3f}" for a in accuracies)
             print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
-                  f"{sum(accuracies) / len(accuracies):7.3f}  {seconds:7.1f}", flush=True)
+                  f"{sum(accuracies) / len(accuracies):7.3f} {steps:6d}  {seconds:7.1f}", flush=True)
 
 
 if __name__ == "__main__":

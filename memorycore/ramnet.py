@@ -74,7 +74,7 @@ class RAMNet(nn.Module):
         Cyclic positional shift of the addresses (relative addressing); False addresses by content alone.
     conv_kernel : int, default 4
         Width of the causal depthwise convolution after the projections; 0 disables it.
-    chunk_size : int, default 16
+    chunk_size : int, default 8
         Tokens per chunk of the PyTorch (CPU) path; results do not depend on it.
     eps : float, default 1e-6
         Added to the normaliser before the division in the read.
@@ -102,7 +102,7 @@ class RAMNet(nn.Module):
         value_dim: int | None = None,
         cape: bool = True,
         conv_kernel: int = 4,
-        chunk_size: int = 16,
+        chunk_size: int = 8,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()

@@ -163,3 +163,14 @@ def test_triton_step_updates_in_place_like_reference(triton_backend):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(slots, expected_slots)
     torch.testing.assert_close(normaliser, expected_norm)
+
+
+def test_triton_backward_refuses_a_state_stepped_in_place(triton_backend):
+    leaves, indices = random_problem(1, 1, 4, 2, 6, 4, dtype=torch.float32)
+    out, slots, normaliser = run(pdma, leaves, indices, gamma=1.0, eps=1e-6)
+    with torch.no_grad():
+        pdma_step(leaves["v"][:, :, 0].detach(), indices["write_index"][:, :, 0],
+                  leaves["write_weight"][:, :, 0].detach(), indices["read_index"][:, :, 0],
+                  leaves["read_weight"][:, :, 0].detach(), slots, normaliser, gamma=1.0, eps=1e-6)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -166,9 +166,10 @@ class PDMAFunction(torch.autograd.Function):
         out, saved_rows, saved_norms = _launch_forward(
             v, write_index, write_weight, read_index, read_weight, slots, normaliser, gamma, eps, save=True
         )
-        # The returned state may later be stepped in place (inference); backward keeps its own copy of it.
+        # If the returned state is later stepped in place, pdma_step_triton bumps its version, so backward fails
+        # loudly instead of reading a changed state.
         ctx.save_for_backward(v, write_index, write_weight, read_index, read_weight,
-                              slots.clone(), normaliser.clone(), saved_rows, saved_norms)
+                              slots, normaliser, saved_rows, saved_norms)
         ctx.gamma, ctx.eps = gamma, eps
         return out, slots, normaliser
 
@@ -242,4 +243,5 @@ def pdma_step_triton(
         _flat(read_index[:, :, None], torch.int64), _flat(read_weight[:, :, None]),
         flat_slots, flat_norm, gamma, eps, save=False,
     )
+    torch.autograd.graph.increment_version((slots, normaliser))  # tell autograd the state changed in place
     return out.view(batch, heads, dim).to(v.dtype)
