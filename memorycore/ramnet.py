@@ -139,11 +139,17 @@ class RAMNet(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(heads))  # alpha: q/k weights scaled by exp(alpha)
         self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None) -> RAMNetState:
-        """The empty memory: zero slots, normaliser 1 / slots, zero convolution history, position 0."""
+    def initial_state(self, batch_size: int, device: torch.device | None = None, *,
+                      with_memory: bool = True) -> RAMNetState:
+        """The empty memory: zero slots, normaliser 1 / slots, zero convolution history, position 0.
+
+        ``with_memory=False`` leaves ``slots`` and ``normaliser`` as None (the forward pass makes them itself).
+        """
         device = device or self.to_qkv.weight.device
-        slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
-        normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
+        slots = normaliser = None
+        if with_memory:
+            slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
+            normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
         conv = None
         if self.qkv_conv is not None:
             conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
@@ -166,12 +172,12 @@ class RAMNet(nn.Module):
         state : RAMNetState
         """
         self._check_input(x, state, time_axis=True)
-        if state is None:
-            state = self.initial_state(x.shape[0], x.device)
+        if state is None:  # the empty memory is made by pdma directly (no O(slots) copy of a zero state)
+            state = self.initial_state(x.shape[0], x.device, with_memory=False)
         read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
         out, slots, normaliser = pdma(
             v, write_index, write_weight, read_index, read_weight, state.slots, state.normaliser,
-            gamma=self.gamma, eps=self.eps, chunk_size=self.chunk_size,
+            gamma=self.gamma, eps=self.eps, num_slots=self.slots, chunk_size=self.chunk_size,
         )
         y = self.to_out(out.transpose(1, 2).flatten(2).to(x.dtype))
         return y, RAMNetState(slots, normaliser, conv, state.position + x.shape[1])
