@@ -75,20 +75,25 @@ class Block(nn.Module):
 
 
 class RecallModel(nn.Module):
-    """Embedding, two blocks (mixer + MLP), linear output head."""
+    """Embedding, two blocks (mixer + MLP), output head tied to the embedding.
+
+    Tying matters for MQAR: the memory returns (a projection of) the value's embedding, and a tied head scores
+    it against the same vectors; untied, the model must also learn the inverse map (CPU check: 0.88 vs 0.22
+    accuracy after 400 steps at V = 256). Embeddings start at std 1/sqrt(dim) so the first logits are O(1).
+    """
 
     def __init__(self, vocab_size: int, dim: int, mixers: list[nn.Module]) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.embed.weight, std=dim**-0.5)
         self.blocks = nn.ModuleList(Block(dim, mixer) for mixer in mixers)
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.norm(x) @ self.embed.weight.T
 
 
 def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool) -> list[nn.Module]:
