@@ -25,7 +25,8 @@ def compact_slots(write_index: Tensor, read_index: Tensor) -> tuple[Tensor, Tens
     Returns ``slot_ids [b, h, n]`` (the original slot of each compact row; rows past a head's own count repeat
     its compact row 0), ``write_local`` and ``read_local`` ([b, h, t, k], indices into the compact rows) and
     ``is_padding [b, h, n]``. Every untouched slot keeps its value through the sequence, so the memory can run on
-    the n <= 2 t k touched rows alone: the work and the working set no longer depend on the number of slots.
+    the n <= min(M, 2 t k) touched rows alone: the work per token does not depend on the number of slots M, and
+    the working set stops growing with M once M exceeds 2 t k.
     """
     top_k = write_index.shape[-1]
     index = torch.cat([write_index, read_index], dim=-1).flatten(2)  # [b, h, 2 t k]
