@@ -1,0 +1,303 @@
+"""The shared fit loop of every memorycore estimator.
+
+One loop for all applications: AdamW with weight-decay groups, linear warm-up then cosine decay, gradient clipping,
+early stopping on a validation set (the best weights are restored), bf16 autocast on CUDA, a rich progress bar on
+stderr, and data-parallel training over several devices with torch.distributed (launch with ``torchrun``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from memorycore.devices import resolve_device
+from memorycore.errors import InputError
+
+LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
+
+
+@dataclass
+class TrainingHistory:
+    """What happened during :func:`fit_model`.
+
+    Attributes
+    ----------
+    train_loss : list of float
+        Mean training loss of each epoch.
+    val_loss : list of float
+        Mean validation loss after each epoch (empty without validation data).
+    best_epoch : int
+        Index of the epoch whose weights were kept (the last one without validation data).
+    seconds : float
+        Wall-clock training time.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    seconds: float = 0.0
+
+
+def fit_model(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_data: Dataset,
+    val_data: Dataset | None = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    grad_clip: float | None = 1.0,
+    patience: int | None = 3,
+    warmup_fraction: float = 0.05,
+    device: str | torch.device = "auto",
+    devices: int = 1,
+    random_state: int | None = 0,
+    verbose: bool = True,
+    description: str = "training",
+    max_steps_per_epoch: int | None = None,
+) -> TrainingHistory:
+    """Train ``model`` in place to minimise ``loss_fn`` and return the history.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Moved to ``device``; on return it holds the best weights seen (by validation loss, if given).
+    loss_fn : callable
+        ``loss_fn(model, batch) -> scalar Tensor``; ``batch`` is the collated tuple of tensors of the dataset's items,
+        already on the device.
+    train_data, val_data : Dataset
+        Items are tuples of tensors. Without ``val_data`` there is no early stopping.
+    epochs, batch_size, lr, weight_decay : training hyperparameters (AdamW; no decay on biases and norms).
+    grad_clip : float or None
+        Maximum global gradient norm.
+    patience : int or None
+        Stop after this many epochs without a better validation loss (None: never stop early).
+    warmup_fraction : float
+        Share of all steps spent warming the learning rate up linearly before the cosine decay.
+    device : str or torch.device
+        ``"auto"`` picks CUDA when available.
+    devices : int
+        Number of data-parallel processes. Values above 1 need the script to be started by
+        ``torchrun --nproc-per-node N``; each process then trains on its shard of every epoch.
+    random_state : int or None
+        Seeds the order of the batches.
+    verbose : bool
+        Show a progress bar on stderr.
+    description : str
+        Label of the progress bar.
+    max_steps_per_epoch : int, optional
+        Cap on optimiser steps per epoch (an "epoch" then sees a random subset of the training data).
+
+    Returns
+    -------
+    TrainingHistory
+    """
+    _check_training_args(epochs=epochs, batch_size=batch_size, devices=devices)
+    if len(train_data) == 0:
+        raise InputError("no training examples: the training data is empty")
+    distributed = _init_distributed(devices)
+    device = _local_device(device, distributed)
+    model.to(device)
+    trained = nn.parallel.DistributedDataParallel(model) if distributed else model
+    generator = torch.Generator().manual_seed(random_state if random_state is not None else torch.seed())
+    sampler = DistributedSampler(train_data, seed=random_state or 0) if distributed else None
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                        generator=generator, drop_last=len(train_data) > batch_size)
+    steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
+    optimizer = _adamw(model, lr, weight_decay)
+    schedule = _warmup_cosine(optimizer, steps_per_epoch * epochs, warmup_fraction)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    is_main = not distributed or dist.get_rank() == 0
+
+    history, best_loss, best_state, stale = TrainingHistory(), math.inf, None, 0
+    start = time.perf_counter()
+    with _progress(verbose and is_main, description) as progress:
+        task = progress.add_task(description, total=steps_per_epoch * epochs, status="")
+        for epoch in range(epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            model.train()
+            running, seen = 0.0, 0
+            for step, batch in enumerate(loader):
+                if step >= steps_per_epoch:
+                    break
+                batch = tuple(t.to(device, non_blocking=True) for t in batch)
+                with autocast:
+                    loss = loss_fn(trained, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
+                                             f"{step + 1}; lower lr or check the data for extreme values")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                schedule.step()
+                running, seen = running + loss.item(), seen + 1
+                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
+            history.train_loss.append(_all_mean(running / max(seen, 1), distributed))
+
+            if val_data is None:
+                history.best_epoch = epoch
+                continue
+            val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
+                                 distributed)
+            history.val_loss.append(val_loss)
+            progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {min(best_loss, val_loss):.4f})")
+            if val_loss < best_loss:
+                best_loss, best_state, stale, history.best_epoch = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
+            else:
+                stale += 1
+                if patience is not None and stale >= patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Dataset, *, batch_size: int = 256,
+                  device: str | torch.device = "auto") -> float:
+    """Mean of ``loss_fn`` over ``data``, weighted by batch size, in eval mode."""
+    device = resolve_device(device)
+    model.eval()
+    total, count = 0.0, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    for batch in DataLoader(data, batch_size=batch_size):
+        batch = tuple(t.to(device) for t in batch)
+        with autocast:
+            total += loss_fn(model, batch).item() * len(batch[0])
+        count += len(batch[0])
+    return total / max(count, 1)
+
+
+def predict_batches(
+    fn: Callable[[Sequence[Tensor]], Tensor],
+    data: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    verbose: bool = False,
+    description: str = "predicting",
+) -> Tensor:
+    """Apply ``fn`` to ``data`` batch by batch under inference mode and concatenate the outputs on CPU.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(batch) -> Tensor`` with ``batch`` the collated tuple of tensors, already on the device.
+    data : Dataset
+    batch_size : int
+    device : str or torch.device
+    verbose : bool
+        Show a progress bar on stderr.
+    description : str
+        Label of the progress bar.
+    """
+    device = resolve_device(device)
+    loader = DataLoader(data, batch_size=batch_size)
+    outputs = []
+    with torch.inference_mode(), _progress(verbose, description) as progress:
+        task = progress.add_task(description, total=len(loader), status="")
+        for batch in loader:
+            outputs.append(fn(tuple(t.to(device) for t in batch)).float().cpu())
+            progress.update(task, advance=1)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # Decay matrices only: biases, norm scales and other vectors keep their values.
+    decayed = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    kept = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _progress(enabled: bool, description: str):
+    if not enabled:
+        return _SilentProgress()
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=False,
+    )
+
+
+class _SilentProgress:
+    """Stands in for a rich Progress when verbose=False."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, *args, **kwargs) -> int:
+        return 0
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+
+def _check_training_args(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _init_distributed(devices: int) -> bool:
+    if devices == 1:
+        return False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != devices:
+        raise InputError(f"devices={devices} trains one process per device: start the script with "
+                         f"`torchrun --nproc-per-node {devices} script.py` (found WORLD_SIZE={world})")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _local_device(device: str | torch.device, distributed: bool) -> torch.device:
+    device = resolve_device(device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _all_mean(value: float, distributed: bool) -> float:
+    if not distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
