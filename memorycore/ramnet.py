@@ -139,22 +139,20 @@ class RAMNet(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(heads))  # alpha: q/k weights scaled by exp(alpha)
         self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None, *,
-                      with_memory: bool = True) -> RAMNetState:
-        """The empty memory: zero slots, normaliser 1 / slots, zero convolution history, position 0.
-
-        ``with_memory=False`` leaves ``slots`` and ``normaliser`` as None (the forward pass makes them itself).
-        """
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> RAMNetState:
+        """The empty memory: zero slots, normaliser 1 / slots, zero convolution history, position 0."""
         device = device or self.to_qkv.weight.device
-        slots = normaliser = None
-        if with_memory:
-            slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
-            normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
+        slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
+        normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
+        return self._without_memory(batch_size, device)._replace(slots=slots, normaliser=normaliser)
+
+    def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
+        """The initial state with ``slots`` and ``normaliser`` left None: ``pdma`` makes the empty memory itself."""
         conv = None
         if self.qkv_conv is not None:
             conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
                                dtype=self.to_qkv.weight.dtype)
-        return RAMNetState(slots, normaliser, conv, 0)
+        return RAMNetState(None, None, conv, 0)
 
     def forward(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
         """Write the sequence into the slots and read it back causally.
@@ -173,7 +171,7 @@ class RAMNet(nn.Module):
         """
         self._check_input(x, state, time_axis=True)
         if state is None:  # the empty memory is made by pdma directly (no O(slots) copy of a zero state)
-            state = self.initial_state(x.shape[0], x.device, with_memory=False)
+            state = self._without_memory(x.shape[0], x.device)
         read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
         out, slots, normaliser = pdma(
             v, write_index, write_weight, read_index, read_weight, state.slots, state.normaliser,

@@ -170,3 +170,12 @@ def test_layer_on_the_triton_backend_matches_the_reference(monkeypatch):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
     y_step, _ = layer.step(x[:, 0])
     torch.testing.assert_close(y_step, expected[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_initial_state_equals_none():
+    layer = small_layer()
+    x = torch.randn(2, 9, 32)
+    expected, expected_state = layer(x)
+    actual, state = layer(x, layer.initial_state(2))
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(state.normaliser, expected_state.normaliser)
