@@ -17,8 +17,11 @@ It prints the accuracy of every setting, their mean, and the state each model ke
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memorycore import NeuralMemory, RAMNet  # noqa: E402
+from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
 
 QUICK_TRAIN_MIXTURE = ((32, 2), (32, 4), (64, 4), (64, 8))
@@ -213,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps (stderr)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mqar.json",
+                        help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
@@ -226,10 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args.test_examples = args.test_examples or (100 if quick else 1000)
     mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
     settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     header = "model          d_model  state total  state/token  " + "  ".join(
         f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"
     print(header)
+    rows = []
     for dim in (int(d) for d in args.dims.split(",")):
         for kind in args.models.split(","):
             torch.manual_seed(args.seed)
@@ -247,8 +251,24 @@ def main(argv: list[str] | None = None) -> None:
             steps, seconds = train(model, args, mixture, device)
             accuracies = evaluate(model, args, settings, device)
             cells = "  ".join(f"{a:8.3f}" for a in accuracies)
+            mean = sum(accuracies) / len(accuracies)
             print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
-                  f"{sum(accuracies) / len(accuracies):7.3f} {steps:6d}  {seconds:7.1f}", flush=True)
+                  f"{mean:7.3f} {steps:6d}  {seconds:7.1f}", flush=True)
+            rows.append({"model": kind, "d_model": dim, "state_total": state["total"],
+                         "state_per_token": state["per_token"], "mean_accuracy": mean, "steps": steps,
+                         "train_seconds": seconds,
+                         "accuracy": {f"{n}/{p}": a for (n, p), a in zip(settings, accuracies)}})
+            write_json(args.out, {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+                                  "rows": rows})
+    print(f"wrote {args.out}")
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write through a temporary file and a rename, so a killed run never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(handle.name, path)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memorycore import RAMNet  # noqa: E402
+from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 
 def check_against_reference(device: torch.device) -> float:
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time", type=int, default=None)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
+                        help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type == "cpu":
@@ -85,17 +89,25 @@ def main(argv: list[str] | None = None) -> None:
     backend = os.environ.get("MEMORYCORE_BACKEND", "auto")
     print(f"RAM-Net throughput on {device} (backend {backend}): batch {batch} x {time_steps} tokens, "
           f"{args.heads} heads x value_dim 64, top_k 8, forward + backward")
-    print(f"check against the PyTorch reference: max relative difference {check_against_reference(device):.2e}")
+    difference = check_against_reference(device)
+    print(f"check against the PyTorch reference: max relative difference {difference:.2e}")
     print(f"{'slots M':>10} {'factors':>8} {'state MB/seq':>13} {'tokens/s':>12}")
+    rows = []
     for factors in factor_range:
         torch.manual_seed(0)
         layer = RAMNet(64 * args.heads, heads=args.heads, factors=factors, factor_size=4, top_k=8).to(device)
         speed = tokens_per_second(layer, batch, time_steps, device, repeats)
         state_mb = layer.state_size()["total"] * 4 / 2**20
         print(f"{layer.slots:>10,d} {factors:>8d} {state_mb:>13.1f} {speed:>12,.0f}", flush=True)
+        rows.append({"slots": layer.slots, "factors": factors, "state_mb_per_sequence": state_mb,
+                     "tokens_per_s": speed})
+        write_json(args.out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                              "backend": backend, "batch": batch, "time": time_steps, "heads": args.heads,
+                              "reference_difference": difference, "rows": rows})
         del layer
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
