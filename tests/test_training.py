@@ -106,3 +106,26 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_two_processes_train_one_model_data_parallel(tmp_path):
+    """devices=2 under torchrun: both ranks end with identical weights and a falling validation loss."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_fit.py"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(tmp_path)], check=True, capture_output=True, timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weight"] == ranks[1]["weight"]
+    assert ranks[0]["val_loss"][-1] < 0.2 * ranks[0]["val_loss"][0]
+
+
+def test_a_diverging_loss_is_a_clear_training_error():
+    from memorycore import TrainingError
+
+    train, _ = regression_data()
+    with pytest.raises(TrainingError, match="lower lr"):
+        fit_model(nn.Linear(4, 1), lambda m, b: m(b[0]).sum() * float("inf"), train, epochs=1, verbose=False)
