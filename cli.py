@@ -16,6 +16,7 @@ from typing import Callable, Optional, TypeVar
 import typer
 
 from memorycore.errors import InputError, MemorycoreError
+from memorycore.files import write_text_atomic
 
 app = typer.Typer(
     help="Test-time-learning memory: forecasting, DNA classification, language models and benchmarks.",
@@ -70,21 +71,6 @@ def _refuse_overwriting_input(out: Path, *inputs: Path | None) -> None:
     for given in inputs:
         if given is not None and Path(given).resolve() == Path(out).resolve():
             raise InputError(f"--out {out} is an input file; write the result elsewhere")
-
-
-def _write_text_atomically(text: str, out: Path) -> None:
-    import os
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
@@ -188,7 +174,7 @@ def forecast_predict(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        _write_text_atomically(text, out)
+        write_text_atomic(out, text)
         typer.echo(f"{len(forecast)} rows written to {out}", err=True)
 
 

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memorycore import NeuralMemory, RAMNet  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.files import write_text_atomic  # noqa: E402
 from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
 
 QUICK_TRAIN_MIXTURE = ((32, 2), (32, 4), (64, 4), (64, 8))
@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write through a temporary file and a rename, so a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from memorycore.files import atomic_path
 
 
 def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, *,
@@ -44,14 +44,9 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=path.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
