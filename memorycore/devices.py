@@ -27,7 +27,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     except RuntimeError:
         raise InputError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu' or 'auto'")
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use the device 'cpu' or 'auto'")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"device {device!r} asked for, but MPS is not available here; use device='cpu' or 'auto'")
+        raise InputError(f"device {device!r} asked for, but MPS is not available here; use the device 'cpu' or 'auto'")
     return resolved
