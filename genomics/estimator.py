@@ -172,16 +172,20 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         train_data = self._windowed_dataset([tokens[i] for i in train_index], y[train_index])
         val_data = self._windowed_dataset([tokens[i] for i in val_index], y[val_index]) if len(val_index) else None
 
-        with torch.random.fork_rng(devices=[]):
+        device = resolve_device(self.device)
+        # The global generators drive weight init and dropout: seed them, and restore the caller's state afterwards.
+        cuda_devices = [torch.cuda.current_device() if device.index is None else device.index] \
+            if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
             torch.manual_seed(seed)
             self.network_ = DNANetwork(len(self.classes_), **self._network_kwargs())
-        augment = torch.Generator().manual_seed(seed + 1)
-        self.history_: TrainingHistory | None = fit_model(
-            self.network_, self._loss_function(augment), train_data, val_data,
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-            patience=self.patience, device=self.device, random_state=seed, verbose=self.verbose,
-            description="fitting DNAClassifier",
-        )
+            augment = torch.Generator().manual_seed(seed + 1)
+            self.history_: TrainingHistory | None = fit_model(
+                self.network_, self._loss_function(augment), train_data, val_data,
+                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                patience=self.patience, device=device, random_state=seed, verbose=self.verbose,
+                description="fitting DNAClassifier",
+            )
         self.network_.to("cpu").eval()  # a fitted estimator lives on CPU; predict moves it where it runs
         return self
 
