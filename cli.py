@@ -6,14 +6,16 @@ bars go to stderr. Bad input ends with one line on stderr and exit code 2, never
 
 from __future__ import annotations
 
+import ast
 import functools
+import runpy
 import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import typer
 
-from memorycore.errors import MemorycoreError
+from memorycore.errors import InputError, MemorycoreError
 
 app = typer.Typer(
     help="Test-time-learning memory: forecasting, DNA classification, language models and benchmarks.",
@@ -251,6 +253,43 @@ def lm_main() -> None:
 @bench_app.callback()
 def bench_main() -> None:
     """Run the benchmark scripts of bench/ (add --quick for a short CPU run)."""
+
+
+BENCH_DIR = Path(__file__).resolve().parent / "bench"
+
+
+def _bench_scripts() -> dict[str, Path]:
+    return {path.stem: path for path in sorted(BENCH_DIR.glob("*.py")) if not path.name.startswith("_")}
+
+
+@bench_app.command("list")
+def bench_list() -> None:
+    """List the benchmark scripts.
+
+    Example: python cli.py bench list
+    """
+    for name, path in _bench_scripts().items():
+        doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
+        typer.echo(f"{name:<20} {doc[0] if doc else ''}")
+
+
+@bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@friendly_errors
+def bench_run(ctx: typer.Context, name: str = typer.Argument(..., help="script name from `bench list`")) -> None:
+    """Run one benchmark script; further arguments go to the script.
+
+    Examples: python cli.py bench run neural_memory --quick
+              python cli.py bench run neural_memory --help
+    """
+    scripts = _bench_scripts()
+    if name not in scripts:
+        raise InputError(f"no benchmark named {name!r}; choose one of: {', '.join(scripts) or '(none found)'}")
+    saved = sys.argv
+    sys.argv = [str(scripts[name]), *ctx.args]
+    try:
+        runpy.run_path(str(scripts[name]), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""The command line's skeleton: --help works at every level."""
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args", [[], ["forecast"], ["genomics"], ["lm"], ["bench"]])
+def test_help_at_every_level(args):
+    result = runner.invoke(app, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_bench_list_names_the_scripts():
+    result = runner.invoke(app, ["bench", "list"])
+    assert result.exit_code == 0 and "neural_memory" in result.output
+
+
+def test_unknown_bench_is_one_clear_line():
+    result = runner.invoke(app, ["bench", "run", "no_such_bench"])
+    assert result.exit_code == 2
+    assert "no benchmark named 'no_such_bench'" in result.output
+    assert "Traceback" not in result.output

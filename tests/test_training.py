@@ -1,0 +1,123 @@
+"""The shared fit loop, checkpoints and device resolution."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from memorycore import CheckpointError, InputError
+from memorycore.checkpoint import load_checkpoint, read_config, save_checkpoint
+from memorycore.devices import resolve_device
+from memorycore.training import fit_model, predict_batches
+
+
+def regression_data(n=256):
+    x = torch.randn(n, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.05 * torch.randn(n)
+    return TensorDataset(x[: n * 3 // 4], y[: n * 3 // 4]), TensorDataset(x[n * 3 // 4:], y[n * 3 // 4:])
+
+
+def mse(model, batch):
+    x, y = batch
+    return (model(x).squeeze(-1) - y).square().mean()
+
+
+def test_fit_lowers_the_validation_loss_and_keeps_the_best_weights():
+    train, val = regression_data()
+    model = nn.Linear(4, 1)
+    history = fit_model(model, mse, train, val, epochs=10, batch_size=16, lr=0.2, verbose=False)
+    assert history.val_loss[-1] < 0.2 * history.val_loss[0]
+    assert history.best_epoch == min(range(len(history.val_loss)), key=history.val_loss.__getitem__)
+    assert history.seconds > 0
+
+
+def test_early_stopping_stops_when_validation_stalls():
+    train, val = regression_data()
+    model = nn.Linear(4, 1)
+    history = fit_model(model, mse, train, val, epochs=50, lr=0.0, patience=2, verbose=False)
+    assert len(history.val_loss) == 3  # the first epoch sets the best, two stale epochs stop it
+
+
+def test_same_random_state_gives_the_same_model():
+    train, val = regression_data()
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = nn.Linear(4, 1)
+        fit_model(model, mse, train, val, epochs=2, lr=0.01, random_state=3, verbose=False)
+        models.append(model.weight.detach().clone())
+    torch.testing.assert_close(models[0], models[1])
+
+
+def test_predict_batches_concatenates_in_order():
+    model = nn.Linear(4, 2)
+    x = torch.randn(70, 4)
+    out = predict_batches(lambda batch: model(batch[0]), TensorDataset(x), batch_size=16)
+    torch.testing.assert_close(out, model(x).detach())
+
+
+def test_bad_training_arguments_are_clear():
+    train, _ = regression_data()
+    with pytest.raises(InputError, match="epochs must be a positive integer"):
+        fit_model(nn.Linear(4, 1), mse, train, epochs=0)
+    with pytest.raises(InputError, match="torchrun --nproc-per-node 2"):
+        fit_model(nn.Linear(4, 1), mse, train, devices=2)
+    with pytest.raises(InputError, match="training data is empty"):
+        fit_model(nn.Linear(4, 1), mse, TensorDataset(torch.empty(0, 4), torch.empty(0)))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "sub" / "m.safetensors", model.state_dict(), {"class": "Demo", "width": 3})
+    tensors, config = load_checkpoint(path, "Demo")
+    assert config["width"] == 3 and config["class"] == "Demo" and "version" in config
+    torch.testing.assert_close(tensors["weight"], model.weight.detach())
+    assert read_config(path)["width"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors", "Demo")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(garbage, "Demo")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a memorycore model"):
+        load_checkpoint(foreign, "Demo")
+    ours = save_checkpoint(tmp_path / "ours.safetensors", {"w": torch.zeros(2)}, {"class": "Other"})
+    with pytest.raises(CheckpointError, match="holds a Other, not a Demo"):
+        load_checkpoint(ours, "Demo")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(ours.read_bytes()[:-4])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(truncated, "Other")
+
+
+def test_resolve_device():
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("toaster")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_two_processes_train_one_model_data_parallel(tmp_path):
+    """devices=2 under torchrun: both ranks end with identical weights and a falling validation loss."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_fit.py"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(tmp_path)], check=True, capture_output=True, timeout=120)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weight"] == ranks[1]["weight"]
+    assert ranks[0]["val_loss"][-1] < 0.2 * ranks[0]["val_loss"][0]
