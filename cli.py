@@ -62,7 +62,8 @@ def genomics_main() -> None:
 
 
 # --------------------------------------------------------------------------------------------------- genomics commands
-_GENOMICS_INPUT_HELP = "A GenomicBenchmarks folder (<name>/{train,test}/<class>/*.txt), a CSV/TSV with seq and label columns, or FASTA."
+_GENOMICS_INPUT_HELP = ("A GenomicBenchmarks folder (<name>/{train,test}/<class>/*.txt), a CSV/TSV with seq and label "
+                        "columns, or FASTA.")
 
 
 @genomics_app.command("fit")
@@ -178,7 +179,7 @@ def _refuse_to_overwrite(out: Path, *inputs: Path | None) -> None:
     from memorycore.errors import InputError
 
     for path in inputs:
-        if path is not None and Path(path).exists() and Path(out).exists() and Path(out).resolve() == Path(path).resolve():
+        if path is not None and Path(out).resolve() == Path(path).resolve():
             raise InputError(f"--out {out} is one of the inputs; choose another output path")
 
 

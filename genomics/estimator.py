@@ -23,8 +23,8 @@ from memorycore.errors import CheckpointError, InputError
 from memorycore.training import TrainingHistory, fit_model
 
 CHECKPOINT_CLASS = "DNAClassifier"
-_NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "stem_kernel", "stem_stride",
-                   "bidirectional", "reverse_complement", "dropout")
+_NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "stem_kernel",
+                   "stem_stride", "bidirectional", "reverse_complement", "dropout")
 
 
 class DNAClassifier(ClassifierMixin, BaseEstimator):
@@ -50,6 +50,9 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         Depth of each head's memory MLP (1 = linear memory).
     chunk_size : int, default 16
         NeuralMemory chunk: tokens (stem positions) whose gradients share one set of base weights.
+    memory_lr : float, default 0.02
+        Upper bound of the memory's inner (test-time) learning rate. Larger values let a depth-2 memory diverge
+        within a sequence (seen from ~0.03 on NonTATA promoters: NaN gradients after a few steps).
     stem_kernel, stem_stride : int, default 8, 4
         Width (bases) and stride of the convolution stem.
     bidirectional : bool, default True
@@ -102,6 +105,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         heads: int = 4,
         memory_depth: int = 2,
         chunk_size: int = 16,
+        memory_lr: float = 0.02,
         stem_kernel: int = 8,
         stem_stride: int = 4,
         bidirectional: bool = True,
@@ -124,6 +128,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self.heads = heads
         self.memory_depth = memory_depth
         self.chunk_size = chunk_size
+        self.memory_lr = memory_lr
         self.stem_kernel = stem_kernel
         self.stem_stride = stem_stride
         self.bidirectional = bidirectional

@@ -42,10 +42,10 @@ def padding_mask(lengths: Tensor, time: int) -> Tensor:
 class MemoryBlock(nn.Module):
     """Pre-norm residual block: NeuralMemory (one or both directions), then a feed-forward layer."""
 
-    def __init__(self, dim: int, *, heads: int, memory_depth: int, chunk_size: int, bidirectional: bool,
-                 dropout: float) -> None:
+    def __init__(self, dim: int, *, heads: int, memory_depth: int, chunk_size: int, memory_lr: float,
+                 bidirectional: bool, dropout: float) -> None:
         super().__init__()
-        memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size)
+        memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size, max_lr=memory_lr)
         self.memory_norm = nn.LayerNorm(dim)
         self.forward_memory = NeuralMemory(dim, **memory)
         self.backward_memory = NeuralMemory(dim, **memory) if bidirectional else None
@@ -76,6 +76,10 @@ class DNANetwork(nn.Module):
         Number of memory blocks.
     heads, memory_depth, chunk_size : int
         NeuralMemory settings (``memory_depth`` is the depth of each head's memory MLP).
+    memory_lr : float
+        Upper bound of the memory's inner learning rate theta (NeuralMemory's ``max_lr``). A depth-2 memory whose
+        inner step reaches ~0.03-0.06 can diverge within one sequence (weights beyond 1e18, then NaN gradients), so
+        the default keeps theta at or below 0.02.
     stem_kernel, stem_stride : int
         A convolution over the base embeddings, ``stem_kernel`` bases wide, every ``stem_stride`` bases: it sees
         k-mers and shortens the sequence the memory must read by ``stem_stride``.
@@ -88,16 +92,17 @@ class DNANetwork(nn.Module):
     """
 
     def __init__(self, num_classes: int, *, dim: int = 64, blocks: int = 2, heads: int = 4, memory_depth: int = 2,
-                 chunk_size: int = 16, stem_kernel: int = 8, stem_stride: int = 4, bidirectional: bool = True,
-                 reverse_complement: bool = False, dropout: float = 0.1) -> None:
+                 chunk_size: int = 16, memory_lr: float = 0.02, stem_kernel: int = 8, stem_stride: int = 4,
+                 bidirectional: bool = True, reverse_complement: bool = False, dropout: float = 0.1) -> None:
         super().__init__()
         if stem_kernel < stem_stride:
-            raise ValueError(f"stem_kernel ({stem_kernel}) must be >= stem_stride ({stem_stride}) so no base is skipped")
+            raise ValueError(f"stem_kernel ({stem_kernel}) must be >= stem_stride ({stem_stride}) "
+                             f"so that no base is skipped")
         self.stem_kernel, self.stem_stride, self.reverse_complement = stem_kernel, stem_stride, reverse_complement
         self.embedding = nn.Embedding(VOCAB_SIZE, dim, padding_idx=PAD)
         self.stem = nn.Conv1d(dim, dim, stem_kernel, stride=stem_stride)
         self.blocks = nn.ModuleList(
-            MemoryBlock(dim, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size,
+            MemoryBlock(dim, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size, memory_lr=memory_lr,
                         bidirectional=bidirectional, dropout=dropout)
             for _ in range(blocks)
         )
