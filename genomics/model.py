@@ -1,4 +1,4 @@
-"""The DNA classification network: base embedding, a strided convolution stem, NeuralMemory blocks, pooling, a head.
+"""The DNA classification network: base embedding, a convolution + max-pool stem, NeuralMemory blocks, pooling, a head.
 
 Shapes (einops legend): b batch, t time (bases, or stem positions after the stem), d model width, k classes.
 
@@ -81,8 +81,8 @@ class DNANetwork(nn.Module):
         inner step reaches ~0.03-0.06 can diverge within one sequence (weights beyond 1e18, then NaN gradients), so
         the default keeps theta at or below 0.02.
     stem_kernel, stem_stride : int
-        A convolution over the base embeddings, ``stem_kernel`` bases wide, every ``stem_stride`` bases: it sees
-        k-mers and shortens the sequence the memory must read by ``stem_stride``.
+        The stem is a convolution ``stem_kernel`` bases wide at every base (a motif detector that does not care
+        where the motif sits), then a max-pool over ``stem_stride`` bases that shortens what the memory must read.
     bidirectional : bool
         Each block also reads the sequence backwards with a second memory.
     reverse_complement : bool
@@ -92,15 +92,14 @@ class DNANetwork(nn.Module):
     """
 
     def __init__(self, num_classes: int, *, dim: int = 64, blocks: int = 2, heads: int = 4, memory_depth: int = 2,
-                 chunk_size: int = 16, memory_lr: float = 0.02, stem_kernel: int = 8, stem_stride: int = 4,
+                 chunk_size: int = 16, memory_lr: float = 0.02, stem_kernel: int = 12, stem_stride: int = 4,
                  bidirectional: bool = True, reverse_complement: bool = False, dropout: float = 0.1) -> None:
         super().__init__()
-        if stem_kernel < stem_stride:
-            raise ValueError(f"stem_kernel ({stem_kernel}) must be >= stem_stride ({stem_stride}) "
-                             f"so that no base is skipped")
+        if stem_kernel < 1 or stem_stride < 1:
+            raise ValueError(f"stem_kernel and stem_stride must be >= 1, got {stem_kernel} and {stem_stride}")
         self.stem_kernel, self.stem_stride, self.reverse_complement = stem_kernel, stem_stride, reverse_complement
         self.embedding = nn.Embedding(VOCAB_SIZE, dim, padding_idx=PAD)
-        self.stem = nn.Conv1d(dim, dim, stem_kernel, stride=stem_stride)
+        self.stem = nn.Conv1d(dim, dim, stem_kernel)
         self.blocks = nn.ModuleList(
             MemoryBlock(dim, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size, memory_lr=memory_lr,
                         bidirectional=bidirectional, dropout=dropout)
@@ -116,13 +115,20 @@ class DNANetwork(nn.Module):
             features = 0.5 * (features + self.features(reverse_complement_batch(tokens, lengths), lengths))
         return self.head(features)
 
+    def stem_features(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Convolution at every base, then max over windows of ``stem_stride`` real bases: ``[b, ceil(t / s), d]``."""
+        left = (self.stem_kernel - 1) // 2
+        x = self.stem(F.pad(x.transpose(1, 2), (left, self.stem_kernel - 1 - left))).transpose(1, 2)
+        x = F.gelu(x).masked_fill(~padding_mask(lengths, x.shape[1])[..., None], float("-inf"))
+        pooled = F.max_pool1d(x.transpose(1, 2), self.stem_stride, ceil_mode=True).transpose(1, 2)
+        stem_lengths = torch.div(lengths + self.stem_stride - 1, self.stem_stride, rounding_mode="floor")
+        # Windows made only of padding pooled to -inf; zero them so they stay finite (they are masked later anyway).
+        return pooled.masked_fill(~padding_mask(stem_lengths, pooled.shape[1])[..., None], 0.0), stem_lengths
+
     def features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Pooled sequence representation ``[b, 2 d]``: mean and max over the real positions."""
         x = self.embedding(tokens)  # [b, t, d]; padding embeds to zero
-        # Pad on the right so the last stem window starts at the last base: positions = ceil(length / stride).
-        x = F.pad(x.transpose(1, 2), (0, self.stem_kernel - 1))
-        x = self.stem(x).transpose(1, 2)
-        stem_lengths = torch.div(lengths + self.stem_stride - 1, self.stem_stride, rounding_mode="floor")
+        x, stem_lengths = self.stem_features(x, lengths)
         backward_index = reverse_index(stem_lengths, x.shape[1])
         for block in self.blocks:
             x = block(x, backward_index)

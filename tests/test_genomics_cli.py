@@ -33,8 +33,8 @@ def workspace(tmp_path_factory):
     (folder / "seqs.fa").write_text("".join(f">{i} some description\n{s[:25]}\n{s[25:]}\n" for i, s, _ in records))
     (folder / "labels.tsv").write_text("".join(f"{i}\t{y}\n" for i, _, y in records))
     (folder / "table.csv").write_text("seq,label\n" + "".join(f"{s},{y}\n" for _, s, y in records))
-    classifier = DNAClassifier(dim=16, blocks=1, heads=2, chunk_size=8, epochs=6, batch_size=16, lr=1e-2,
-                               validation_fraction=0.0, verbose=False, device="cpu")
+    classifier = DNAClassifier(dim=16, blocks=1, heads=2, chunk_size=8, stem_kernel=8, epochs=8, batch_size=32,
+                               lr=2e-2, validation_fraction=0.0, verbose=False, device="cpu")
     classifier.fit([s for _, s, _ in records], [y for _, _, y in records])
     classifier.save(folder / "model.safetensors")
     return folder
@@ -123,7 +123,7 @@ def test_evaluate_prints_metrics_and_confusion_matrix(workspace):
     accuracy = float(text.split("accuracy")[1].split()[0])
     matrix = [line.split()[1:] for line in text.splitlines()[-2:]]
     assert sum(int(v) for row in matrix for v in row) == 160
-    assert accuracy == pytest.approx((int(matrix[0][0]) + int(matrix[1][1])) / 160)
+    assert accuracy == pytest.approx((int(matrix[0][0]) + int(matrix[1][1])) / 160, abs=1e-4)
 
 
 def test_commands_have_help_with_examples():

@@ -12,7 +12,8 @@ from genomics.data import encode, pad_tokens
 from genomics.model import DNANetwork, reverse_complement_batch
 from memorycore import CheckpointError, InputError
 
-TINY = dict(dim=16, blocks=1, heads=2, chunk_size=8, batch_size=16, lr=1e-2, verbose=False, device="cpu")
+TINY = dict(dim=16, blocks=1, heads=2, chunk_size=8, stem_kernel=8, batch_size=32, lr=2e-2, verbose=False,
+            device="cpu")
 
 
 def motif_task(n, length=48, seed=0):
@@ -154,3 +155,9 @@ def test_bad_input_errors(fitted):
         DNAClassifier(**TINY).fit(["ACGT", "ACGA"], [1, 0, 1])
     with pytest.raises(InputError, match="validation_fraction"):
         DNAClassifier(**dict(TINY, validation_fraction=1.5)).fit(["ACGT", "ACGA"], [1, 0])
+
+
+def test_memory_lr_bounds_every_memory_of_the_network():
+    network = DNANetwork(2, dim=16, blocks=2, heads=2, memory_lr=0.015)
+    memories = [m for block in network.blocks for m in (block.forward_memory, block.backward_memory)]
+    assert len(memories) == 4 and all(m.max_lr == 0.015 for m in memories)
