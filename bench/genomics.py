@@ -6,7 +6,7 @@ the protocol of REFERENCES.md section 6. Any GenomicBenchmarks-style folder (wit
 otherwise the same 80/20 split) or CSV/TSV with seq/label columns can be given with --data.
 
     python bench/genomics.py                      # full run (uses the GPU when there is one)
-    python bench/genomics.py --quick              # a few minutes on CPU: fewer epochs, smaller model
+    python bench/genomics.py --quick              # smaller and shorter: 1 memory block, pool 8, 4 epochs
     python bench/genomics.py --data path/to/human_enhancers_cohn --device cuda
 
 Prints a Markdown table and writes bench/results/genomics.json.
