@@ -11,11 +11,12 @@ import functools
 import runpy
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import typer
 
 from memorycore.errors import InputError, MemorycoreError
+from memorycore.files import write_text_atomic
 
 app = typer.Typer(
     help="Test-time-learning memory: forecasting, DNA classification, language models and benchmarks.",
@@ -54,6 +55,177 @@ def friendly_errors(command: F) -> F:
 @forecast_app.callback()
 def forecast_main() -> None:
     """Forecast multivariate time series (ETT, ECL, Traffic, Weather or your CSV)."""
+
+
+BUNDLED_ETTH1 = Path(__file__).resolve().parent / "datasets" / "ETTh1" / "ETTh1.csv.gz"
+_DATA_HELP = "CSV or .csv.gz: a date column + numeric columns, or the long format unique_id, ds, y."
+_MODEL_OPTION = typer.Option(..., "--model", help="A model written by `forecast fit`.")
+
+
+def _read_options(date_column: str | None, target: list[str] | None, fill: str | None,
+                  allow_irregular: bool) -> dict:
+    return {"date_column": date_column, "target": target or None, "fill": fill, "allow_irregular": allow_irregular}
+
+
+def _refuse_overwriting_input(out: Path, *inputs: Path | None) -> None:
+    for given in inputs:
+        if given is not None and Path(given).resolve() == Path(out).resolve():
+            raise InputError(f"--out {out} is an input file; write the result elsewhere")
+
+
+def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
+    lines = [title, f"{'model':<28}{'MSE':>10}{'MAE':>10}"]
+    lines += [f"{name:<28}{mse:>10.4f}{mae:>10.4f}" for name, mse, mae in rows]
+    return "\n".join(lines)
+
+
+def _ridge_row(model, data) -> tuple[str, float, float]:
+    from forecast.baseline import ridge_benchmark
+
+    prepared = model.prepare(data)
+    mse, mae, alpha = ridge_benchmark(prepared, model.lookback, model.horizon)
+    return (f"ridge baseline (alpha={alpha:g})", mse, mae)
+
+
+@forecast_app.command("fit")
+@friendly_errors
+def forecast_fit(
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
+    horizon: int = typer.Option(96, help="Steps to forecast."),
+    lookback: int = typer.Option(96, help="Past steps the model reads."),
+    epochs: int = typer.Option(3, help="Passes over the training windows (early stopping may end sooner)."),
+    max_steps: Optional[int] = typer.Option(
+        0, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
+    batch_size: int = typer.Option(32, help="Windows per optimiser step."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    d_model: int = typer.Option(32, help="Model width."),
+    heads: int = typer.Option(2, help="Neural memory heads (must divide --d-model)."),
+    blocks: int = typer.Option(1, help="Memory + EinFFT blocks."),
+    dropout: float = typer.Option(0.3, help="Dropout in the blocks and the head."),
+    chunk_size: int = typer.Option(8, help="Neural memory chunk (tokens sharing one gradient base)."),
+    channels: str = typer.Option("independent", help="independent (one sequence per channel) or mixing."),
+    protocol: str = typer.Option("auto", help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
+    target: Optional[list[str]] = typer.Option(None, help="Column(s) to forecast (repeat the option); default all."),
+    date_column: Optional[str] = typer.Option(None, help="Timestamp column; default 'date' or the like."),
+    fill: Optional[str] = typer.Option(None, help="'interpolate' fills NaN/inf linearly in time."),
+    allow_irregular: bool = typer.Option(False, help="Accept duplicate/uneven timestamps (rows as steps)."),
+    out: Path = typer.Option(Path("runs/forecast/model.safetensors"), help="Where to write the model."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Random seed."),
+    threads: int = typer.Option(2, help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train the memory forecaster, save it, and print its test MSE/MAE beside the ridge baseline.
+
+    Examples:
+
+        python cli.py forecast fit                                  # bundled ETTh1, horizon 96
+
+        python cli.py forecast fit --data weather.csv --horizon 192 --allow-irregular --out weather.safetensors
+    """
+    import time
+
+    import torch
+
+    from forecast.estimator import MemoryForecaster
+
+    torch.set_num_threads(threads)
+    data = data if data is not None else BUNDLED_ETTH1
+    _refuse_overwriting_input(out, data)
+    model = MemoryForecaster(
+        lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
+        channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+        max_steps_per_epoch=max_steps or None,
+        protocol=protocol, random_state=seed, device=device, verbose=not quiet)
+    start = time.perf_counter()
+    model.fit(data, **_read_options(date_column, target, fill, allow_irregular))
+    seconds = time.perf_counter() - start
+    model.save(out)
+    scores = model.evaluate(data)
+    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
+    typer.echo(_metrics_table(rows, f"{Path(data).name}: test split ({model.protocol_} protocol, {scores['windows']} "
+                                    f"windows, lookback {lookback}, horizon {horizon}, scaled values), "
+                                    f"trained in {seconds:.0f} s"))
+    typer.echo(f"model written to {out}")
+
+
+@forecast_app.command("predict")
+@friendly_errors
+def forecast_predict(
+    model_path: Path = _MODEL_OPTION,
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the training data."),
+    horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
+    out: Optional[Path] = typer.Option(None, help="CSV to write; default stdout."),
+) -> None:
+    """Forecast the steps after the end of the data, as CSV (timestamps, then one column per channel).
+
+    Examples:
+
+        python cli.py forecast predict --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.csv
+    """
+    from forecast.data import is_long_format
+    from forecast.estimator import MemoryForecaster
+
+    model = MemoryForecaster.load(model_path)
+    if out is not None:
+        _refuse_overwriting_input(out, data, model_path)
+    forecast = model.predict(data, h=horizon)
+    text = forecast.to_csv(index=not is_long_format(forecast))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+        typer.echo(f"{len(forecast)} rows written to {out}", err=True)
+
+
+@forecast_app.command("evaluate")
+@friendly_errors
+def forecast_evaluate(
+    model_path: Path = _MODEL_OPTION,
+    data: Path = typer.Option(..., help=_DATA_HELP),
+    protocol: Optional[str] = typer.Option(None, help="Split to score; default the one the model was trained with."),
+) -> None:
+    """Print the test MSE/MAE of a model (every window of the protocol's test split) beside the ridge baseline.
+
+    Examples:
+
+        python cli.py forecast evaluate --model runs/forecast/model.safetensors --data ETTh1.csv
+    """
+    from forecast.estimator import MemoryForecaster
+
+    model = MemoryForecaster.load(model_path)
+    scores = model.evaluate(data, protocol=protocol)
+    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
+    typer.echo(_metrics_table(rows, f"test split of {data.name} ({scores['windows']} windows, horizon "
+                                    f"{model.horizon}, scaled values)"))
+
+
+@forecast_app.command("plot")
+@friendly_errors
+def forecast_plot(
+    model_path: Path = _MODEL_OPTION,
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the training data's end."),
+    out: Path = typer.Option(Path("forecast.png"), help="Image to write (.png, .pdf, .svg)."),
+    horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
+    history: Optional[int] = typer.Option(None, help="Past steps to draw; default 2 x lookback."),
+) -> None:
+    """Draw the recent history and the forecast after it, one panel per channel.
+
+    Examples:
+
+        python cli.py forecast plot --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.png
+    """
+    from forecast.estimator import MemoryForecaster
+    from forecast.plots import plot_forecast
+
+    model = MemoryForecaster.load(model_path)
+    _refuse_overwriting_input(out, data, model_path)
+    past = model.last_window_ if data is None else model.read_like_fit(data)
+    forecast = model.predict(past, h=horizon)
+    shown = past.iloc[-(history or 2 * model.lookback):]
+    plot_forecast(shown, forecast, out, title=f"{model.horizon}-step forecast from {shown.index[-1]}")
+    typer.echo(f"plot written to {out}", err=True)
+
 
 
 @genomics_app.callback()
@@ -128,22 +300,18 @@ def genomics_classify(
         python cli.py genomics classify genome.fa --bed regions.bed --model m.safetensors
     """
     from genomics import DNAClassifier
-    from genomics.inference import classify_records
 
     if out is not None:
         _refuse_to_overwrite(out, input, bed, model)
     classifier = DNAClassifier.load(model, device=device)
     records, total = _genomics_records(input, bed, split)
-    with _AtomicTextOutput(out) as stream, _genomics_progress(quiet, total) as progress:
-        task = progress.add_task("classifying", total=total)
-        stream.write("\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n")
-        windowed = 0
-        for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
-                                                       source=str(input)):
-            windowed += n_windowed
-            predicted = classifier.classes_[proba.argmax(axis=1)]
-            for record_id, label, row in zip(ids, predicted, proba):
-                stream.write("\t".join([record_id, str(label)] + [f"{p:.6f}" for p in row]) + "\n")
+    if out is None:
+        windowed = _write_predictions(sys.stdout, classifier, records, total, quiet, batch_size, str(input))
+    else:
+        from memorycore.files import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
+            windowed = _write_predictions(stream, classifier, records, total, quiet, batch_size, str(input))
     if windowed:
         typer.echo(f"warning: {windowed} sequence(s) longer than the model's max_length {classifier.max_length_} were "
                    f"classified by averaging overlapping windows", err=True)
@@ -176,11 +344,26 @@ def genomics_evaluate(
 
 
 def _refuse_to_overwrite(out: Path, *inputs: Path | None) -> None:
-    from memorycore.errors import InputError
-
     for path in inputs:
         if path is not None and Path(out).resolve() == Path(path).resolve():
             raise InputError(f"--out {out} is one of the inputs; choose another output path")
+
+
+def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str) -> int:
+    """Write the TSV rows while advancing a progress bar; return how many records were classified by windows."""
+    from genomics.inference import classify_records
+
+    windowed = 0
+    with _genomics_progress(quiet) as progress:
+        task = progress.add_task("classifying", total=total)
+        stream.write("\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n")
+        for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
+                                                       source=source):
+            windowed += n_windowed
+            predicted = classifier.classes_[proba.argmax(axis=1)]
+            for record_id, label, row in zip(ids, predicted, proba):
+                stream.write("\t".join([record_id, str(label)] + [f"{p:.6f}" for p in row]) + "\n")
+    return windowed
 
 
 def _genomics_records(input: Path, bed: Path | None, split: str):
@@ -208,42 +391,12 @@ def _genomics_records(input: Path, bed: Path | None, split: str):
     return table, len(data)
 
 
-def _genomics_progress(quiet: bool, total: int):
+def _genomics_progress(quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                     console=Console(file=sys.stderr), disable=quiet, transient=True)
-
-
-class _AtomicTextOutput:
-    """stdout, or a temporary file beside ``out`` that replaces ``out`` only once everything was written."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.out, self.tmp = out, None
-
-    def __enter__(self):
-        import os
-        import tempfile
-
-        if self.out is None:
-            return sys.stdout
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        self.stream = os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-        return self.stream
-
-    def __exit__(self, error_type, *exc) -> bool:
-        import os
-
-        if self.tmp is None:
-            return False
-        self.stream.close()
-        if error_type is None:
-            os.replace(self.tmp, self.out)
-        elif os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-        return False
 
 
 @lm_app.callback()

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from genomics import DNAClassifier, kmer_logistic_regression, load_sequences  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.files import write_text_atomic  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared/datasets/genomic_benchmarks/sequences/human_nontata_promoters/test.csv.gz"
 # FULL is DNAClassifier's defaults (chosen among the measured configurations by validation loss, see README).
@@ -142,9 +143,8 @@ def main(argv=None) -> int:
     print(f"\nDNAClassifier: {neural['params']}, {neural['weights']:,} weights, {neural['epochs_run']} epochs run "
           f"(best {neural['best_epoch']}, validation loss {neural['best_val_loss']}), "
           f"prediction {neural['predict_seconds']:.1f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"data": str(args.data), "protocol": protocol, "quick": args.quick, "rows": rows},
-                                   indent=2, default=str))
+    write_text_atomic(args.out, json.dumps({"data": str(args.data), "protocol": protocol, "quick": args.quick,
+                                            "rows": rows}, indent=2, default=str))
     return 0
 
 

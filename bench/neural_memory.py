@@ -2,9 +2,16 @@
 
     python bench/neural_memory.py            # the issue's shapes (GPU): (8, 2048), (2, 8192), (1, 32768)
     python bench/neural_memory.py --quick    # small shapes that finish in about a minute on a CPU
+    python bench/neural_memory.py --check --memory-op   # GPU: Triton == reference first, then time the memory op alone
 
 Each implementation runs the whole layer (projections, convolution, gates, memory, output) with heads 8 x 64, depth 2,
 expansion 4, chunk 64. Prints a table and writes JSON (default bench/results/neural_memory.json).
+
+Backends: ``torch`` (the chunk-wise PyTorch reference), ``triton`` (the fused kernels), and two peers measured in the
+same run: ``sdpa`` (PyTorch scaled_dot_product_attention, causal, 8 heads of 64: flash attention on an H100) and
+``titans`` (titans-pytorch's NeuralMemory with the same sizes, when the optional ``bench`` extra is installed).
+MFU is model FLOPs per second over ``--peak-tflops`` (989: H100 SXM dense bf16); the model FLOPs count the layer's
+matmuls once (no recomputation) and take the backward as twice the forward.
 """
 
 from __future__ import annotations
@@ -19,13 +26,41 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
 from memorycore import NeuralMemory  # noqa: E402
 
 FULL_SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 QUICK_SHAPES = [(2, 256), (1, 1024)]
+DIM, HEADS, HEAD_DIM, EXPANSION, CHUNK = 512, 8, 64, 4, 64
+
+
+def memory_flops_per_token(backward: bool) -> float:
+    """Model FLOPs per token of the memory operation alone (all heads): see layer_flops_per_token."""
+    d, hidden, c = HEAD_DIM, HEAD_DIM * EXPANSION, CHUNK
+    forward = 2 * (11 * c * d * hidden + 2 * c * c * (hidden + d)) / c * HEADS
+    return 3 * forward if backward else forward
+
+
+def layer_flops_per_token(backward: bool) -> float:
+    """Model FLOPs per token of the NeuralMemory layer (heads 8 x 64, depth 2, expansion 4, chunk 64).
+
+    Memory, per chunk of C tokens and head (d head dim, H hidden): the key MLP and its error backprop (3 C d H),
+    retrieval through the per-token weights (4 C d H + 2 C^2 (H + d)) and the weight and momentum updates (4 C d H).
+    Projections: q/k/v, gates, output gate and output.
+    """
+    projection_macs = DIM * (3 * HEADS * HEAD_DIM + 3 * HEADS + 2 * HEADS * HEAD_DIM)
+    forward = memory_flops_per_token(False) + 2 * projection_macs
+    return 3 * forward if backward else forward
+
+
+def attention_flops_per_token(time_steps: int, backward: bool) -> float:
+    """Causal attention, 8 heads of 64: QK^T and PV over half the square; backward 2.5 times the forward."""
+    forward = 2 * 2 * HEADS * HEAD_DIM * time_steps / 2
+    return 3.5 * forward if backward else forward
 
 
 @contextmanager
@@ -64,16 +99,97 @@ def measure(step, device: torch.device, repeats: int, warmup: int) -> tuple[floa
     return sorted(times)[len(times) // 2], peak
 
 
+def titans_layer() -> torch.nn.Module:
+    """titans-pytorch's NeuralMemory with our sizes (raises ImportError when the bench extra is not installed)."""
+    from titans_pytorch import NeuralMemory as TitansNeuralMemory
+
+    return TitansNeuralMemory(dim=DIM, chunk_size=CHUNK, heads=HEADS, dim_head=HEAD_DIM,
+                              default_model_kwargs=dict(depth=2, expansion_factor=EXPANSION))
+
+
+def memory_inputs(batch: int, time_steps: int, device: torch.device, dtype: torch.dtype, requires_grad: bool,
+                  depth: int = 2) -> list:
+    """Random inputs of the memory operation: normalised q/k, random gates and initial state."""
+    shape = (batch, HEADS, time_steps, HEAD_DIM)
+    q, k = (F.normalize(torch.randn(shape, device=device), dim=-1).to(dtype) for _ in range(2))
+    v = torch.randn(shape, device=device).to(dtype)
+    gate_shape = (batch, HEADS, time_steps)
+    lr = 0.05 * torch.rand(gate_shape, device=device)  # small enough that the memory does not diverge over 32k tokens
+    log_eta = F.logsigmoid(torch.randn(gate_shape, device=device) + 2.0)
+    log_keep = F.logsigmoid(torch.randn(gate_shape, device=device) + 4.0)
+    widths = [HEAD_DIM] + [HEAD_DIM * EXPANSION] * (depth - 1) + [HEAD_DIM]
+    weights = tuple(torch.randn(batch, HEADS, i, o, device=device) / i**0.5 for i, o in zip(widths, widths[1:]))
+    momentum = tuple(0.01 * torch.randn_like(w) for w in weights)
+    tensors = [q, k, v, lr, log_eta, log_keep]
+    if requires_grad:
+        tensors = [t.requires_grad_() for t in tensors]
+        weights, momentum = (tuple(w.requires_grad_() for w in group) for group in (weights, momentum))
+    return tensors + [weights, momentum]
+
+
+def check_triton(device: torch.device) -> float:
+    """Largest relative error of the Triton path against the float64 reference: outputs, state and every gradient."""
+    worst = 0.0
+    for depth in (1, 2):
+        for dtype in (torch.bfloat16, torch.float16):
+            torch.manual_seed(depth)
+            inputs = memory_inputs(2, 200, device, dtype, True, depth=depth)
+            as_double = [tuple(w.detach().double().requires_grad_() for w in x) if isinstance(x, tuple)
+                         else x.detach().double().requires_grad_() for x in inputs]
+            results = []
+            for fn, args in ((neural_memory_reference, as_double), (neural_memory, inputs)):
+                with backend("triton" if fn is neural_memory else "torch"):
+                    y, weights, momentum = fn(*args, CHUNK)
+                leaves = [t for x in args for t in (x if isinstance(x, tuple) else (x,))]
+                generator = torch.Generator(device).manual_seed(0)
+                loss = sum((out.double() * torch.randn(out.shape, device=device, generator=generator,
+                                                       dtype=torch.float64)).sum()
+                           for out in (y, *weights, *momentum))
+                results.append([y, *weights, *momentum, *torch.autograd.grad(loss, leaves)])
+            errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results[1], results[0])]
+            print(f"check depth {depth} {dtype}: max relative error {max(errors):.2e} over y, state and "
+                  f"{len(errors) - 1 - 2 * depth} gradients")
+            worst = max(worst, max(errors))
+    return worst
+
+
+def sdpa_forward(batch: int, time_steps: int, device: torch.device, dtype: torch.dtype, backward: bool):
+    """Causal flash attention on 8 heads of 64 (q, k, v drawn once)."""
+    q, k, v = (torch.randn(batch, HEADS, time_steps, HEAD_DIM, device=device, dtype=dtype, requires_grad=backward)
+               for _ in range(3))
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def bench_layer(batch: int, time_steps: int, *, device: torch.device, dtype: torch.dtype, backward: bool,
-                repeats: int, warmup: int, chunk_size: int = 64) -> dict:
+                repeats: int, warmup: int, chunk_size: int = CHUNK, implementation: str = "layer") -> dict:
     torch.manual_seed(0)
-    layer = NeuralMemory(512, heads=8, head_dim=64, depth=2, expansion=4, chunk_size=chunk_size).to(device)
-    x = torch.randn(batch, time_steps, 512, device=device, requires_grad=backward)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    if implementation == "sdpa":
+        forward = sdpa_forward(batch, time_steps, device, dtype, backward)
+        flops = attention_flops_per_token(time_steps, backward)
+    elif implementation == "op":
+        inputs = memory_inputs(batch, time_steps, device, dtype, backward)
+
+        def forward():
+            return neural_memory(*inputs, chunk_size)[0]
+
+        flops = memory_flops_per_token(backward)
+    else:
+        if implementation == "titans":
+            layer = titans_layer().to(device)
+        else:
+            layer = NeuralMemory(DIM, heads=HEADS, head_dim=HEAD_DIM, depth=2, expansion=EXPANSION,
+                                 chunk_size=chunk_size).to(device)
+        x = torch.randn(batch, time_steps, DIM, device=device, requires_grad=backward)
+
+        def forward():
+            with autocast:
+                return layer(x)[0]
+
+        flops = layer_flops_per_token(backward)
 
     def step():
-        with autocast:
-            y, _ = layer(x)
+        y = forward()
         if backward:
             y.float().square().mean().backward()
         else:
@@ -81,8 +197,10 @@ def bench_layer(batch: int, time_steps: int, *, device: torch.device, dtype: tor
 
     with torch.set_grad_enabled(backward):
         seconds, peak = measure(step, device, repeats, warmup)
+    tokens_per_s = batch * time_steps / seconds
     return {"batch": batch, "time": time_steps, "pass": "fwd+bwd" if backward else "fwd",
-            "tokens_per_s": batch * time_steps / seconds, "seconds": seconds, "peak_mib": peak}
+            "tokens_per_s": tokens_per_s, "seconds": seconds, "peak_mib": peak,
+            "model_tflops_per_s": tokens_per_s * flops / 1e12}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -91,42 +209,64 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--backends", default=None, help="comma list of torch,triton (default: torch, +triton on CUDA)")
+    parser.add_argument("--backends", default=None,
+                        help="comma list of torch,triton,sdpa,titans (default: torch on CPU; all four on CUDA, "
+                             "titans only when titans-pytorch is installed)")
+    parser.add_argument("--memory-op", action="store_true",
+                        help="time the memory operation alone (q/k/v/gates in, y and state out) instead of the layer")
+    parser.add_argument("--check", action="store_true", help="first compare the Triton path with the reference")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "neural_memory.json")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    backends = (args.backends or ("torch,triton" if device.type == "cuda" else "torch")).split(",")
+    backends = (args.backends or ("torch,triton,sdpa" + (",titans" if _titans_installed() else "")
+                                  if device.type == "cuda" else "torch")).split(",")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 5)
 
+    if args.check:
+        worst = check_triton(device)
+        if not worst <= 2e-2:  # NaN fails too
+            raise SystemExit(f"the Triton path differs from the reference (relative error {worst:.2e})")
+
     rows = []
-    print(f"NeuralMemory layer: heads 8 x 64, depth 2, expansion 4, chunk 64, {dtype}, {device}")
-    print(f"{'backend':>8} {'batch x time':>13} {'pass':>8} {'tokens/s':>12} {'peak MiB':>9}")
+    print(f"NeuralMemory {'memory op' if args.memory_op else 'layer'}: heads 8 x 64, depth 2, expansion 4, chunk 64, {dtype}, {device}")
+    print(f"{'backend':>8} {'batch x time':>13} {'pass':>8} {'tokens/s':>12} {'peak MiB':>9} {'MFU':>6}")
     for name in backends:
         for batch, time_steps in shapes:
             for backward in (False, True):
-                with backend(name):
+                implementation = name if name in ("sdpa", "titans") else ("op" if args.memory_op else "layer")
+                with backend(name if name in ("torch", "triton") else "auto"):
                     try:
                         row = bench_layer(batch, time_steps, device=device, dtype=dtype, backward=backward,
-                                          repeats=repeats, warmup=1)
+                                          repeats=repeats, warmup=1, implementation=implementation)
                     except torch.OutOfMemoryError:
                         row = {"batch": batch, "time": time_steps, "pass": "fwd+bwd" if backward else "fwd",
-                               "tokens_per_s": float("nan"), "seconds": float("nan"), "peak_mib": float("inf")}
+                               "tokens_per_s": float("nan"), "seconds": float("nan"), "peak_mib": float("inf"),
+                               "model_tflops_per_s": float("nan")}
                         torch.cuda.empty_cache()
                 row["backend"] = name
+                row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops if device.type == "cuda" else float("nan")
                 rows.append(row)
                 print(f"{name:>8} {f'{batch} x {time_steps}':>13} {row['pass']:>8} "
-                      f"{row['tokens_per_s'] / 1e6:>11.3f}M {row['peak_mib']:>9.0f}", flush=True)
+                      f"{row['tokens_per_s'] / 1e6:>11.3f}M {row['peak_mib']:>9.0f} {row['mfu']:>6.1%}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "scope": "memory op" if args.memory_op else "layer",
             "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads()}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return rows
+
+
+def _titans_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("titans_pytorch") is not None
 
 
 if __name__ == "__main__":

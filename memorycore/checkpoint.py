@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memorycore.errors import CheckpointError
+from memorycore.files import atomic_path
 
 METADATA_KEY = "memorycore"
 FORMAT_VERSION = 1
@@ -44,17 +44,10 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], c
     if "class" not in config:
         raise ValueError("config must name the model's class under 'class'")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {METADATA_KEY: json.dumps({"format": FORMAT_VERSION, "version": __version__, **config})}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

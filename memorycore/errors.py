@@ -15,3 +15,7 @@ class InputError(MemorycoreError, ValueError):
 
 class CheckpointError(InputError):
     """A model file is missing, not a memorycore checkpoint, or corrupt."""
+
+
+class TrainingError(MemorycoreError, FloatingPointError):
+    """Training diverged (the loss became NaN or infinite); the message says which knob to turn."""

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from memorycore.devices import resolve_device
-from memorycore.errors import InputError
+from memorycore.errors import InputError, TrainingError
 
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 
@@ -141,7 +141,7 @@ def fit_model(
                 with autocast:
                     loss = loss_fn(trained, batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
+                    raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
                                              f"{step + 1}; lower lr or check the data for extreme values")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

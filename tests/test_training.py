@@ -121,3 +121,28 @@ def test_two_processes_train_one_model_data_parallel(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weight"] == ranks[1]["weight"]
     assert ranks[0]["val_loss"][-1] < 0.2 * ranks[0]["val_loss"][0]
+
+
+def test_a_diverging_loss_is_a_clear_training_error():
+    from memorycore import TrainingError
+
+    train, _ = regression_data()
+    with pytest.raises(TrainingError, match="lower lr"):
+        fit_model(nn.Linear(4, 1), lambda m, b: m(b[0]).sum() * float("inf"), train, epochs=1, verbose=False)
+
+
+def test_atomic_writes_keep_the_old_file_on_failure_and_use_normal_permissions(tmp_path):
+    import os
+
+    from memorycore.files import atomic_path, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "out.txt", "first")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]

@@ -1,0 +1,178 @@
+"""The forecasting table: the memory forecaster against the ridge baseline and the Titans paper, on the TSLib protocol.
+
+    python bench/forecast.py                    # GPU: ETTh1, ETTm1, Weather x horizons 96/192/336/720, lookback 96
+    python bench/forecast.py --quick            # CPU: ETTh1, horizon 96, the small `forecast fit` configuration
+    python bench/forecast.py --data my.csv --horizons 96 192
+
+Every test window is scored (no drop_last) on the scaled values. The ridge baseline (forecast/baseline.py) is fit in
+the same run on the same splits. Datasets are read from ../shared/datasets beside the checkout (or --data-dir), the
+bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from forecast.baseline import ridge_benchmark  # noqa: E402
+from forecast.data import dataset_name, prepare_protocol, read_series, resolve_protocol  # noqa: E402
+from forecast.estimator import MemoryForecaster  # noqa: E402
+
+DATASET_FILES = {"ETTh1": "ETTh1/ETTh1.csv.gz", "ETTm1": "ETTm1/ETTm1.csv.gz", "Weather": "weather/weather.csv.gz"}
+# Titans (arXiv 2501.00663) Table 3, average over the four horizons: (Neural Memory MSE, MAE), (Simba MSE, MAE)
+PAPER = {"ETTh1": ((0.420, 0.421), (0.441, 0.432)), "ETTm1": ((0.358, 0.387), (0.383, 0.396)),
+         "Weather": ((0.231, 0.265), (0.255, 0.280))}
+# the ridge baseline as measured when the project's references were written (same protocol, all test windows)
+REFERENCE_RIDGE = {"ETTh1": (0.441, 0.429), "ETTm1": (0.413, 0.406), "Weather": (0.274, 0.292)}
+
+GPU_MODEL = dict(d_model=64, heads=4, n_blocks=2, chunk_size=8, batch_size=256, lr=1e-3, dropout=0.1, epochs=5,
+                 patience=2, max_steps_per_epoch=40)
+CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=3e-3, dropout=0.3, epochs=3,
+                 patience=3, max_steps_per_epoch=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    files = resolve_files(args)
+    config = dict(CPU_MODEL if args.quick else GPU_MODEL)
+    for key in ("epochs", "max_steps_per_epoch", "batch_size", "d_model", "heads", "n_blocks", "chunk_size", "lr"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
+    horizons = args.horizons or ([96] if args.quick else [96, 192, 336, 720])
+    results, start = [], time.perf_counter()
+    for name, path in files.items():
+        wide = read_series(path, allow_irregular=True)  # the protocol uses the rows as they are (Weather has a gap)
+        protocol = resolve_protocol("auto", dataset_name(path))
+        for horizon in horizons:
+            if args.time_budget and time.perf_counter() - start > args.time_budget:
+                print(f"time budget of {args.time_budget} s spent: skipping {name} horizon {horizon}", flush=True)
+                continue
+            results.append(run_one(name, path, wide, protocol, horizon, config, args))
+            print(format_row(results[-1]), flush=True)
+            # written after every row, so a run cut short still leaves its results
+            write_json(args.out, {"config": config, "quick": args.quick, "machine": machine(), "results": results})
+            if "error" in results[-1]:
+                return 1  # the other rows would fail the same way: do not spend the machine on them
+    print()
+    print(summary(results))
+    print(f"results written to {args.out}")
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU: ETTh1 only, horizon 96, small model")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASET_FILES), help="default: all (ETTh1 with --quick)")
+    parser.add_argument("--data", nargs="+", type=Path, help="any CSV(s) instead of the benchmark datasets")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
+    parser.add_argument("--horizons", nargs="+", type=int)
+    parser.add_argument("--lookback", type=int, default=96)
+    for key, kind in (("epochs", int), ("max_steps_per_epoch", int), ("batch_size", int), ("d_model", int),
+                      ("heads", int), ("n_blocks", int), ("chunk_size", int), ("lr", float)):
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="progress bars")
+    parser.add_argument("--time-budget", type=float, help="seconds after which the remaining rows are skipped")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "forecast.json")
+    return parser.parse_args(argv)
+
+
+def resolve_files(args) -> dict[str, Path]:
+    if args.data:
+        return {Path(p).name.split(".")[0]: Path(p) for p in args.data}
+    names = args.datasets or (["ETTh1"] if args.quick else list(DATASET_FILES))
+    files = {}
+    for name in names:
+        candidates = [args.data_dir / DATASET_FILES[name], ROOT / "datasets" / DATASET_FILES[name]]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            sys.exit(f"error: {name} not found in {args.data_dir} nor in datasets/; pass --data-dir or --data")
+        files[name] = found
+    return files
+
+
+def run_one(name: str, path: Path, wide, protocol: str, horizon: int, config: dict, args) -> dict:
+    row = {"dataset": name, "horizon": horizon, "lookback": args.lookback, "protocol": protocol}
+    start = time.perf_counter()
+    prepared = prepare_protocol(wide, args.lookback, horizon, protocol)
+    row["ridge_mse"], row["ridge_mae"], row["ridge_alpha"] = ridge_benchmark(prepared, args.lookback, horizon)
+    row["ridge_seconds"] = time.perf_counter() - start
+    model = MemoryForecaster(lookback=args.lookback, horizon=horizon, protocol=protocol, device=args.device,
+                             random_state=args.seed, verbose=args.verbose, **config)
+    try:
+        start = time.perf_counter()
+        model.fit(wide, allow_irregular=True)
+        row["train_seconds"] = time.perf_counter() - start
+        scores = model.evaluate(wide)
+        row.update(mse=scores["mse"], mae=scores["mae"], test_windows=scores["windows"],
+                   epochs_run=len(model.history_.train_loss), best_epoch=model.history_.best_epoch,
+                   val_loss=model.history_.val_loss)
+    except Exception as error:  # keep the other rows of a long GPU run
+        row["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    return row
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['dataset']:<8} {row['horizon']:>4}  FAILED {row['error']}"
+    beats = "yes" if row["mse"] < row["ridge_mse"] else "no"
+    return (f"{row['dataset']:<8} {row['horizon']:>4}  memory {row['mse']:.3f}/{row['mae']:.3f}  ridge "
+            f"{row['ridge_mse']:.3f}/{row['ridge_mae']:.3f}  beats ridge: {beats:<3}  "
+            f"trained {row['train_seconds']:.0f} s "
+            f"({row['epochs_run']} epochs, {row['test_windows']} test windows)")
+
+
+def summary(results: list[dict]) -> str:
+    lines = [f"{'dataset':<8} {'memory MSE/MAE':>15} {'ridge MSE/MAE':>15} {'paper NM':>12} {'paper Simba':>12} "
+             f"{'ridge (refs)':>12} {'train s':>8}"]
+    for name in dict.fromkeys(r["dataset"] for r in results):
+        rows = [r for r in results if r["dataset"] == name and "error" not in r]
+        if not rows:
+            continue
+        ours = np.mean([r["mse"] for r in rows]), np.mean([r["mae"] for r in rows])
+        ridge = np.mean([r["ridge_mse"] for r in rows]), np.mean([r["ridge_mae"] for r in rows])
+        paper, simba = PAPER.get(name, (None, None))
+        reference = REFERENCE_RIDGE.get(name)
+        lines.append(f"{name:<8} {_pair(ours):>15} {_pair(ridge):>15} {_pair(paper):>12} {_pair(simba):>12} "
+                     f"{_pair(reference):>12} {sum(r['train_seconds'] for r in rows):>8.0f}")
+    horizons = sorted({r["horizon"] for r in results})
+    lines.append(f"averages over horizons {horizons}; "
+                 "the paper and reference-ridge columns are averages over 96/192/336/720")
+    return "\n".join(lines)
+
+
+def _pair(values) -> str:
+    return "-" if values is None else f"{values[0]:.3f}/{values[1]:.3f}"
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

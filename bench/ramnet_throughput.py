@@ -1,0 +1,114 @@
+"""RAM-Net training throughput as the number of slots grows: per-token work must not depend on it.
+
+One RAMNet layer (H heads of value_dim 64, K = 8, U factors of d_p = 4, so M = 4^U slots per head), forward +
+backward on [batch, time, dim] inputs, tokens per second for M = 2^10 ... 2^20. Before timing, the layer on the
+default backend (Triton on CUDA) is checked against the PyTorch reference on a small input.
+
+The time includes everything a training step of the layer does, also the O(M d_v) allocation and copies of the
+state per call (zeroing the empty memory, the copy that the backward rolls back), which grow with M; the per-token
+scan itself does O(K d_v + U K^2) work.
+
+    python bench/ramnet_throughput.py            # GPU: 8 x 2048 tokens, 4 heads, M = 2^10 .. 2^20
+    python bench/ramnet_throughput.py --quick    # CPU: small sizes, PyTorch reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memorycore import RAMNet  # noqa: E402
+from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
+
+
+def check_against_reference(device: torch.device) -> float:
+    """Largest relative difference of output and gradients between the default backend and the reference."""
+    torch.manual_seed(0)
+    layer = RAMNet(64, heads=2, factors=3, factor_size=4, top_k=8).to(device)
+    x = torch.randn(2, 100, 64, device=device)
+
+    def output_and_grads(backend: str):
+        os.environ["MEMORYCORE_BACKEND"] = backend
+        layer.zero_grad()
+        y, _ = layer(x)
+        y.square().mean().backward()
+        return [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+
+    previous = os.environ.get("MEMORYCORE_BACKEND", "auto")
+    try:
+        default, reference = output_and_grads("auto"), output_and_grads("torch")
+    finally:
+        os.environ["MEMORYCORE_BACKEND"] = previous
+    return max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(default, reference))
+
+
+def tokens_per_second(layer: RAMNet, batch: int, time_steps: int, device: torch.device, repeats: int) -> float:
+    x = torch.randn(batch, time_steps, layer.dim, device=device, requires_grad=True)
+
+    def step():
+        y, _ = layer(x)
+        y.sum().backward()
+
+    step()  # compile / warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * time_steps * repeats / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU run")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--time", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
+                        help="JSON file for the results (written atomically)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    batch = args.batch or (2 if args.quick else 8)
+    time_steps = args.time or (128 if args.quick else 2048)
+    repeats = args.repeats or (2 if args.quick else 5)
+    factor_range = range(5, 8) if args.quick else range(5, 11)  # M = 4^U: 2^10 .. 2^14 quick, .. 2^20 full
+
+    backend = os.environ.get("MEMORYCORE_BACKEND", "auto")
+    print(f"RAM-Net throughput on {device} (backend {backend}): batch {batch} x {time_steps} tokens, "
+          f"{args.heads} heads x value_dim 64, top_k 8, forward + backward")
+    difference = check_against_reference(device)
+    print(f"check against the PyTorch reference: max relative difference {difference:.2e}")
+    print(f"{'slots M':>10} {'factors':>8} {'state MB/seq':>13} {'tokens/s':>12}")
+    rows = []
+    for factors in factor_range:
+        torch.manual_seed(0)
+        layer = RAMNet(64 * args.heads, heads=args.heads, factors=factors, factor_size=4, top_k=8).to(device)
+        speed = tokens_per_second(layer, batch, time_steps, device, repeats)
+        state_mb = layer.state_size()["total"] * 4 / 2**20
+        print(f"{layer.slots:>10,d} {factors:>8d} {state_mb:>13.1f} {speed:>12,.0f}", flush=True)
+        rows.append({"slots": layer.slots, "factors": factors, "state_mb_per_sequence": state_mb,
+                     "tokens_per_s": speed})
+        write_json(args.out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                              "backend": backend, "batch": batch, "time": time_steps, "heads": args.heads,
+                              "reference_difference": difference, "rows": rows})
+        del layer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

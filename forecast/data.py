@@ -1,0 +1,415 @@
+"""Reading time series and the Time-Series-Library benchmark protocol.
+
+A series is held as a *wide* DataFrame: a ``DatetimeIndex`` (regular, unique, increasing) and one numeric column per
+channel, like ETT, ECL, Traffic and Weather CSVs. The *long* format of Nixtla and GluonTS users (columns
+``unique_id, ds, y``) converts to and from it with :func:`long_to_wide` / :func:`wide_to_long`.
+
+The protocol (thuml/Time-Series-Library) is kept exactly, because published numbers depend on it:
+
+* ETTh1/ETTh2: rows [0, 8640) train, [8640, 11520) validation, [11520, 14400) test (12/4/4 months of hours);
+  ETTm1/ETTm2: the same borders times 4 (15-minute data). Rows after the test border are unused.
+* Any other series (ECL, Traffic, Weather, your CSV): 70/10/20 chronological split.
+* Validation and test windows start ``lookback`` rows before their border, so their first target is the
+  split's first row.
+* The scaler is fit on the training rows only; metrics are computed on the scaled values.
+* Windows have stride 1 and every test window is evaluated (no ``drop_last``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from memorycore.errors import InputError
+
+#: Benchmark names (lower case, as found in file names) and the split protocol each uses.
+KNOWN_DATASETS = {
+    "etth1": "etth", "etth2": "etth", "ettm1": "ettm", "ettm2": "ettm",
+    "ecl": "ratio", "electricity": "ratio", "traffic": "ratio", "weather": "ratio",
+}
+PROTOCOLS = ("auto", "etth", "ettm", "ratio")
+DATE_COLUMN_NAMES = ("date", "ds", "timestamp", "datetime", "time")
+LONG_COLUMNS = ("unique_id", "ds", "y")
+FILL_METHODS = (None, "interpolate")
+
+_ETT_HOUR_BORDERS = (12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24)  # train / val / test rows of ETTh
+
+
+# ----------------------------------------------------------------------------------------------------------- reading
+def read_series(
+    data: str | Path | pd.DataFrame,
+    *,
+    date_column: str | None = None,
+    target: str | list[str] | None = None,
+    fill: str | None = None,
+    allow_irregular: bool = False,
+) -> pd.DataFrame:
+    """Read a CSV / ``.csv.gz`` file or a DataFrame (wide or long) into a validated wide DataFrame.
+
+    Parameters
+    ----------
+    data : path or DataFrame
+        Wide: a date column (or a ``DatetimeIndex``) and numeric columns. Long: columns ``unique_id``, ``ds``, ``y``.
+    date_column : str, optional
+        The timestamp column of a wide table; by default the first of ``date, ds, timestamp, datetime, time``
+        (any case), else the first column if all of it parses as dates.
+    target : str or list of str, optional
+        Keep only these columns (channels); default all numeric columns.
+    fill : {None, "interpolate"}
+        What to do with NaN / inf values: None raises :class:`InputError` saying where they are; ``"interpolate"``
+        fills them linearly in time (and with the nearest value at the ends).
+    allow_irregular : bool, default False
+        Accept duplicate or unevenly spaced timestamps and use the rows as equally spaced steps, as
+        Time-Series-Library does (its Weather file has one duplicate and one gap).
+
+    Returns
+    -------
+    DataFrame
+        Float64 values, a ``DatetimeIndex`` named after the date column, the input's column names.
+
+    Raises
+    ------
+    InputError
+        On a missing file, no date column, non-numeric columns, NaN/inf (without ``fill``), duplicate or irregular
+        timestamps (without ``allow_irregular``) or an unknown target column.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> raw = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=4, freq="h"), "load": [1.0, 2.0, 3.0, 4.0]})
+    >>> read_series(raw).shape
+    (4, 1)
+    """
+    if fill not in FILL_METHODS:
+        raise InputError(f"unknown fill method {fill!r}; use one of: interpolate")
+    frame = _read_table(data) if not isinstance(data, pd.DataFrame) else data.copy()
+    if frame.empty or frame.shape[1] == 0:
+        raise InputError("the data is empty; pass a CSV with a date column and at least one numeric column")
+    wide = long_to_wide(frame) if set(LONG_COLUMNS) <= set(frame.columns) else _index_by_date(frame, date_column)
+    wide = _select_target(wide, target)
+    _check_numeric(wide)
+    wide = wide.astype(np.float64)
+    _check_timestamps(wide.index, allow_irregular)
+    return _handle_missing(wide, fill)
+
+
+def _read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as error:
+        raise InputError(f"cannot read {path} as CSV ({error}); "
+                         "pass a comma-separated file, optionally .csv.gz") from None
+
+
+def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame:
+    if date_column is None and isinstance(frame.index, pd.DatetimeIndex):
+        return frame  # already indexed by time (e.g. the output of read_series or predict)
+    column = date_column if date_column is not None else _find_date_column(frame)
+    if column not in frame.columns:
+        raise InputError(f"date column {column!r} not found; the columns are: {', '.join(map(str, frame.columns))}")
+    dates = _parse_dates(frame[column])
+    if dates is None:
+        raise InputError(f"column {column!r} does not hold dates (e.g. {frame[column].iloc[0]!r}); "
+                         "name the timestamp column with --date-column")
+    return frame.drop(columns=[column]).set_index(pd.DatetimeIndex(dates, name=str(column)))
+
+
+def _find_date_column(frame: pd.DataFrame) -> str:
+    by_name = {str(c).lower(): c for c in frame.columns}
+    for name in DATE_COLUMN_NAMES:
+        if name in by_name:
+            return by_name[name]
+    first = frame.columns[0]
+    if frame[first].dtype == object and _parse_dates(frame[first]) is not None:
+        return first
+    raise InputError("no date column found: name one of the columns 'date' (or ds, timestamp, datetime, time) "
+                     "or pass --date-column")
+
+
+def _parse_dates(values: pd.Series) -> pd.Series | None:
+    if pd.api.types.is_datetime64_any_dtype(values):
+        return values
+    if pd.api.types.is_numeric_dtype(values):
+        return None  # numbers would parse as nanoseconds since 1970: not a date column
+    try:
+        return pd.to_datetime(values, format="mixed")
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _select_target(wide: pd.DataFrame, target: str | list[str] | None) -> pd.DataFrame:
+    if target is None:
+        return wide
+    names = [target] if isinstance(target, str) else list(target)
+    missing = [name for name in names if name not in wide.columns]
+    if missing:
+        raise InputError(f"unknown target column(s) {', '.join(map(repr, missing))}; "
+                         f"the columns are: {', '.join(map(str, wide.columns))}")
+    return wide[names]
+
+
+def _check_numeric(wide: pd.DataFrame) -> None:
+    if wide.shape[1] == 0:
+        raise InputError("no value columns: the data holds only the date column")
+    bad = [str(c) for c in wide.columns if not pd.api.types.is_numeric_dtype(wide[c])]
+    if bad:
+        raise InputError(f"non-numeric column(s): {', '.join(bad)}; drop them or choose columns with --target")
+
+
+def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
+    if allow_irregular or len(index) < 3:
+        return
+    hint = "; fix the file or pass --allow-irregular to use the rows as equally spaced steps"
+    duplicated = index.duplicated()
+    if duplicated.any():
+        row = int(np.argmax(duplicated))
+        raise InputError(f"duplicate timestamp {index[row]} (row {row}){hint}")
+    steps = np.diff(index.asi8)
+    if (steps <= 0).any():
+        row = int(np.argmax(steps <= 0)) + 1
+        raise InputError(f"timestamps are not increasing at row {row} ({index[row - 1]} then {index[row]}){hint}")
+    if pd.infer_freq(index) is None and not (steps == steps[0]).all():
+        usual = pd.Timedelta(int(pd.Series(steps).mode().iloc[0]))
+        row = int(np.argmax(steps != usual.value)) + 1
+        raise InputError(f"irregular timestamps: the step is {usual} but row {row} jumps from {index[row - 1]} "
+                         f"to {index[row]}{hint}")
+
+
+def _handle_missing(wide: pd.DataFrame, fill: str | None) -> pd.DataFrame:
+    bad = ~np.isfinite(wide.to_numpy())
+    if not bad.any():
+        return wide
+    if fill is None:
+        counts = bad.sum(axis=0)
+        where = [f"{column} ({count}, first at {wide.index[int(np.argmax(bad[:, j]))]})"
+                 for j, (column, count) in enumerate(zip(wide.columns, counts)) if count]
+        raise InputError(f"{int(bad.sum())} NaN/inf value(s) in {'; '.join(where)}; "
+                         "clean the data or pass --fill interpolate")
+    if bad.all(axis=0).any():
+        empty = [str(c) for c, all_bad in zip(wide.columns, bad.all(axis=0)) if all_bad]
+        raise InputError(f"column(s) {', '.join(empty)} hold no finite value; nothing to interpolate from")
+    cleaned = wide.mask(bad)
+    return cleaned.interpolate(method="linear", limit_direction="both")
+
+
+# ------------------------------------------------------------------------------------------------- long <-> wide
+def long_to_wide(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pivot the long format (``unique_id, ds, y``) into a wide DataFrame indexed by ``ds``, one column per id.
+
+    Examples
+    --------
+    >>> long = pd.DataFrame({"unique_id": ["a", "a", "b", "b"], "ds": ["2024-01-01", "2024-01-02"] * 2,
+    ...                      "y": [1.0, 2.0, 3.0, 4.0]})
+    >>> long_to_wide(long).columns.tolist()
+    ['a', 'b']
+    """
+    missing = [c for c in LONG_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(f"long format needs columns unique_id, ds, y; missing: {', '.join(missing)}")
+    dates = _parse_dates(frame["ds"])
+    if dates is None:
+        raise InputError(f"column 'ds' does not hold dates (e.g. {frame['ds'].iloc[0]!r})")
+    long = frame.assign(ds=dates)
+    if long.duplicated(["unique_id", "ds"]).any():
+        row = long[long.duplicated(["unique_id", "ds"])].iloc[0]
+        raise InputError(f"duplicate timestamp {row['ds']} for unique_id {row['unique_id']!r}")
+    wide = long.pivot(index="ds", columns="unique_id", values="y").sort_index()
+    wide.columns = [str(c) if not isinstance(c, str) else c for c in wide.columns]
+    wide.columns.name = None
+    return wide
+
+
+def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
+    """The inverse of :func:`long_to_wide`: columns ``unique_id, ds, y``, sorted by id then time."""
+    long = wide.rename_axis("ds").reset_index().melt(id_vars="ds", var_name="unique_id", value_name="y")
+    return long[list(LONG_COLUMNS)].sort_values(["unique_id", "ds"], kind="stable").reset_index(drop=True)
+
+
+def is_long_format(frame: pd.DataFrame) -> bool:
+    """Whether a DataFrame is in the long format (has the columns unique_id, ds and y)."""
+    return set(LONG_COLUMNS) <= set(frame.columns)
+
+
+# ------------------------------------------------------------------------------------------------------ protocol
+def dataset_name(data: str | Path | pd.DataFrame) -> str | None:
+    """The benchmark name a path refers to (``"ETTh1.csv.gz" -> "etth1"``), or None when not a known dataset."""
+    if isinstance(data, pd.DataFrame):
+        return None
+    stem = Path(data).name.lower()
+    stem = re.sub(r"(\.csv)?(\.gz)?$", "", stem)
+    for name in sorted(KNOWN_DATASETS, key=len, reverse=True):
+        if stem == name or stem.startswith(name + "_") or stem.startswith(name + "-"):
+            return name
+    return None
+
+
+def resolve_protocol(protocol: str = "auto", name: str | None = None) -> str:
+    """The split protocol to use: ``"etth"``, ``"ettm"`` or ``"ratio"`` (70/10/20).
+
+    ``"auto"`` picks it from the dataset name (see :data:`KNOWN_DATASETS`); unknown names use ``"ratio"``.
+    """
+    if protocol not in PROTOCOLS:
+        raise InputError(f"unknown protocol {protocol!r}; use one of: {', '.join(PROTOCOLS)}")
+    if protocol != "auto":
+        return protocol
+    return KNOWN_DATASETS.get((name or "").lower(), "ratio")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row ranges ``[start, end)`` of the train / validation / test segments, windows included.
+
+    ``val[0]`` and ``test[0]`` lie ``lookback`` rows before the split border so the first window's target starts at
+    the border.
+    """
+
+    train: tuple[int, int]
+    val: tuple[int, int]
+    test: tuple[int, int]
+
+
+def split_borders(n_rows: int, lookback: int, protocol: str) -> Split:
+    """Borders of the Time-Series-Library splits for a series of ``n_rows`` rows.
+
+    Examples
+    --------
+    >>> split_borders(17420, 96, "etth")
+    Split(train=(0, 8640), val=(8544, 11520), test=(11424, 14400))
+    """
+    if protocol in ("etth", "ettm"):
+        scale = 1 if protocol == "etth" else 4
+        train, val, test = (rows * scale for rows in _ETT_HOUR_BORDERS)
+        if n_rows < train + val + test:
+            raise InputError(f"the {protocol.upper()} protocol needs {train + val + test} rows, the series has "
+                             f"{n_rows}; pass protocol='ratio' (--protocol ratio) for a 70/10/20 split")
+        return Split((0, train), (train - lookback, train + val), (train + val - lookback, train + val + test))
+    if protocol != "ratio":
+        raise InputError(f"unknown protocol {protocol!r}; use etth, ettm or ratio")
+    n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
+    n_val = n_rows - n_train - n_test
+    return Split((0, n_train), (n_train - lookback, n_train + n_val), (n_rows - n_test - lookback, n_rows))
+
+
+def check_length(split: Split, lookback: int, horizon: int) -> None:
+    """Raise :class:`InputError` unless every split holds at least one window of ``lookback + horizon`` rows."""
+    for part in ("train", "val", "test"):
+        start, end = getattr(split, part)
+        if end - start < lookback + horizon:
+            raise InputError(
+                f"the series is too short: the {part} split has {end - start} rows but one window needs lookback "
+                f"+ horizon = {lookback + horizon}; use a longer series or a smaller --lookback / --horizon")
+
+
+# -------------------------------------------------------------------------------------------------- scaling
+@dataclass
+class StandardScaler:
+    """Per-channel standardisation; fit it on the training rows only.
+
+    Attributes
+    ----------
+    mean, scale : ndarray [channels]
+        Channel means and standard deviations (population, as scikit-learn); constant channels get scale 1.
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> "StandardScaler":
+        mean = values.mean(axis=0)
+        scale = values.std(axis=0)
+        return cls(mean, np.where(scale > 0, scale, 1.0))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return (values - self.mean) / self.scale
+
+    def inverse_transform(self, values: np.ndarray) -> np.ndarray:
+        return values * self.scale + self.mean
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "StandardScaler":
+        return cls(np.asarray(state["mean"], dtype=np.float64), np.asarray(state["scale"], dtype=np.float64))
+
+
+# -------------------------------------------------------------------------------------------------- windows
+class WindowDataset(Dataset):
+    """Stride-1 windows over a scaled ``[time, channels]`` array: item i is ``(x[i : i+L], x[i+L : i+L+H])``.
+
+    Every window is kept (``len = time - lookback - horizon + 1``): the test loader must see all of them.
+    """
+
+    def __init__(self, values: np.ndarray, lookback: int, horizon: int) -> None:
+        self.values = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.float32)
+        self.lookback, self.horizon = lookback, horizon
+
+    def __len__(self) -> int:
+        return max(0, self.values.shape[0] - self.lookback - self.horizon + 1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        middle = index + self.lookback
+        return self.values[index:middle], self.values[middle:middle + self.horizon]
+
+
+@dataclass
+class ProtocolData:
+    """A series cut by the protocol: scaled arrays per split, the scaler (fit on train) and the borders."""
+
+    split: Split
+    scaler: StandardScaler
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def windows(self, part: str, lookback: int, horizon: int) -> WindowDataset:
+        return WindowDataset(getattr(self, part), lookback, horizon)
+
+
+def prepare_protocol(wide: pd.DataFrame, lookback: int, horizon: int, protocol: str) -> ProtocolData:
+    """Split a wide series by ``protocol``, fit the scaler on the training rows and scale every split.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> wide = pd.DataFrame({"a": np.arange(1000.0)}, index=pd.date_range("2024", periods=1000, freq="h"))
+    >>> data = prepare_protocol(wide, lookback=24, horizon=12, protocol="ratio")
+    >>> len(data.windows("test", 24, 12))  # every test window: 200 rows of targets - 12 + 1
+    189
+    """
+    split = split_borders(len(wide), lookback, protocol)
+    check_length(split, lookback, horizon)
+    values = wide.to_numpy(dtype=np.float64)
+    scaler = StandardScaler.fit(values[split.train[0]:split.train[1]])
+    scaled = scaler.transform(values)
+    parts = {part: scaled[slice(*getattr(split, part))] for part in ("train", "val", "test")}
+    return ProtocolData(split, scaler, **parts)
+
+
+def infer_step(index: pd.DatetimeIndex) -> pd.Timedelta | pd.DateOffset:
+    """The time step of a regular index (its inferred frequency, else the most common difference)."""
+    freq = pd.infer_freq(index) if len(index) >= 3 else None
+    if freq is not None:
+        return pd.tseries.frequencies.to_offset(freq)
+    steps = pd.Series(np.diff(index.asi8))
+    if steps.empty:
+        raise InputError("cannot infer the time step from a single timestamp")
+    return pd.Timedelta(int(steps.mode().iloc[0]))
+
+
+def future_index(index: pd.DatetimeIndex, steps: int) -> pd.DatetimeIndex:
+    """The ``steps`` timestamps that follow ``index``."""
+    step = infer_step(index)
+    return pd.DatetimeIndex([index[-1] + step * (i + 1) for i in range(steps)], name=index.name)

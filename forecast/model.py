@@ -1,0 +1,223 @@
+"""The Simba-style forecasting network with Titans neural memory in place of Mamba.
+
+Shape legend: b batch, l lookback, h horizon, c channels, n tokens (patches or time steps), d model width.
+
+    x [b, l, c] -> RevIN -> tokens [b', n, d] -> blocks -> flatten -> linear head -> [b, h, c] -> RevIN^-1
+
+Each block is ``x + NeuralMemory(LN(x))`` then ``x + EinFFT(LN(x))`` (SiMBA, Patro & Agneeswaran 2024, with the
+Mamba sequence mixer swapped for neural memory as in Titans section 5.5). With ``channels="independent"`` every
+channel is its own sequence (b' = b * c, weights shared, PatchTST-style); with ``channels="mixing"`` one sequence
+carries all channels (b' = b, the embedding and the head see every channel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memorycore import NeuralMemory
+
+EMBEDDINGS = ("patch", "token")
+CHANNEL_MODES = ("independent", "mixing")
+
+
+@dataclass
+class ForecastNetConfig:
+    """Everything needed to rebuild a :class:`MemoryForecastNet` (stored as JSON in checkpoints).
+
+    ``chunk_size`` is the neural memory's chunk: with 12 patches (lookback 96, patch 16, stride 8) a chunk of 8 gives
+    two chunks (8 + 4); with 96 time-step tokens 16 gives six.
+    """
+
+    n_channels: int
+    lookback: int
+    horizon: int
+    d_model: int = 64
+    n_blocks: int = 2
+    heads: int = 4
+    memory_depth: int = 2
+    memory_expansion: int = 2
+    chunk_size: int = 8
+    embedding: str = "patch"
+    patch_len: int = 16
+    stride: int = 8
+    channels: str = "independent"
+    fft_blocks: int = 4
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RevIN(nn.Module):
+    """Reversible instance normalisation: each window is standardised by its own mean and std, and the forecast is
+    mapped back with the same statistics (Kim et al., 2022); a learned per-channel affine sits in between."""
+
+    def __init__(self, n_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_channels))
+        self.bias = nn.Parameter(torch.zeros(n_channels))
+
+    def normalize(self, x: Tensor, channel_index: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Standardise ``x [batch, time, channels]`` per window; ``channel_index [batch]`` picks the affine of each
+        row when ``x`` holds single channels (``[batch, time, 1]``) rather than all of them."""
+        mean = x.mean(dim=1, keepdim=True)
+        std = torch.sqrt(x.var(dim=1, keepdim=True, unbiased=False) + self.eps)
+        weight, bias = self._affine(channel_index)
+        return (x - mean) / std * weight + bias, (mean, std)
+
+    def denormalize(self, y: Tensor, stats: tuple[Tensor, Tensor], channel_index: Tensor | None = None) -> Tensor:
+        mean, std = stats
+        weight, bias = self._affine(channel_index)
+        return (y - bias) / (weight + self.eps * self.eps) * std + mean
+
+    def _affine(self, channel_index: Tensor | None) -> tuple[Tensor, Tensor]:
+        if channel_index is None:
+            return self.weight, self.bias
+        return self.weight[channel_index, None, None], self.bias[channel_index, None, None]
+
+
+class EinFFT(nn.Module):
+    """SiMBA's channel mixer: FFT over tokens and channel blocks, a block-diagonal complex two-layer MLP with ReLU on
+    the real and imaginary parts, soft-shrinkage (sparsity), inverse FFT, real part."""
+
+    def __init__(self, dim: int, blocks: int = 4, expansion: int = 1, sparsity: float = 0.01) -> None:
+        super().__init__()
+        if dim % blocks:
+            raise ValueError(f"EinFFT: dim={dim} is not divisible by blocks={blocks}")
+        self.blocks, self.block_size, self.sparsity = blocks, dim // blocks, sparsity
+        hidden = self.block_size * expansion
+        scale = 0.02
+        # index 0 holds the real part, 1 the imaginary part of each complex weight
+        self.w1 = nn.Parameter(scale * torch.randn(2, blocks, self.block_size, hidden))
+        self.b1 = nn.Parameter(scale * torch.randn(2, blocks, hidden))
+        self.w2 = nn.Parameter(scale * torch.randn(2, blocks, hidden, self.block_size))
+        self.b2 = nn.Parameter(scale * torch.randn(2, blocks, self.block_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        spectrum = torch.fft.fft2(x.float().view(batch, tokens, self.blocks, self.block_size), dim=(1, 2), norm="ortho")
+        real, imag = spectrum.real, spectrum.imag
+        real, imag = self._complex_linear(real, imag, self.w1, self.b1)
+        real, imag = F.relu(real), F.relu(imag)
+        real, imag = self._complex_linear(real, imag, self.w2, self.b2)
+        spectrum = torch.complex(F.softshrink(real, self.sparsity), F.softshrink(imag, self.sparsity))
+        out = torch.fft.ifft2(spectrum, dim=(1, 2), norm="ortho").real
+        return out.reshape(batch, tokens, dim).to(x.dtype)
+
+    @staticmethod
+    def _complex_linear(real: Tensor, imag: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        # (a + ib)(W + iV) = (aW - bV) + i(aV + bW), applied per channel block
+        new_real = torch.einsum("bnki,kio->bnko", real, weight[0]) - torch.einsum("bnki,kio->bnko", imag, weight[1])
+        new_imag = torch.einsum("bnki,kio->bnko", real, weight[1]) + torch.einsum("bnki,kio->bnko", imag, weight[0])
+        return new_real + bias[0], new_imag + bias[1]
+
+
+class MemoryBlock(nn.Module):
+    """``x + NeuralMemory(LN(x))`` then ``x + EinFFT(LN(x))``."""
+
+    def __init__(self, config: ForecastNetConfig) -> None:
+        super().__init__()
+        dim = config.d_model
+        self.memory_norm = nn.LayerNorm(dim)
+        self.memory = NeuralMemory(dim, heads=config.heads, depth=config.memory_depth,
+                                   expansion=config.memory_expansion, chunk_size=config.chunk_size)
+        self.mixer_norm = nn.LayerNorm(dim)
+        self.mixer = EinFFT(dim, blocks=config.fft_blocks)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        read, _ = self.memory(self.memory_norm(x))
+        x = x + self.dropout(read)
+        return x + self.dropout(self.mixer(self.mixer_norm(x)))
+
+
+class MemoryForecastNet(nn.Module):
+    """Map lookback windows ``[batch, lookback, channels]`` to forecasts ``[batch, horizon, channels]``.
+
+    Parameters
+    ----------
+    config : ForecastNetConfig
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = MemoryForecastNet(ForecastNetConfig(n_channels=3, lookback=96, horizon=24, d_model=32))
+    >>> net(torch.randn(2, 96, 3)).shape
+    torch.Size([2, 24, 3])
+    """
+
+    def __init__(self, config: ForecastNetConfig) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        c = config
+        self.independent = c.channels == "independent"
+        per_token = c.patch_len if c.embedding == "patch" else 1
+        in_features = per_token if self.independent else per_token * c.n_channels
+        self.n_tokens = _token_count(c)
+        self.revin = RevIN(c.n_channels)
+        self.embed = nn.Linear(in_features, c.d_model)
+        self.position = nn.Parameter(0.02 * torch.randn(self.n_tokens, c.d_model))
+        self.blocks = nn.ModuleList(MemoryBlock(c) for _ in range(c.n_blocks))
+        self.final_norm = nn.LayerNorm(c.d_model)
+        out_channels = 1 if self.independent else c.n_channels
+        self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(c.dropout),
+                                  nn.Linear(self.n_tokens * c.d_model, c.horizon * out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, lookback, channels = x.shape
+        if lookback != self.config.lookback or channels != self.config.n_channels:
+            raise ValueError(f"expected windows [batch, {self.config.lookback}, {self.config.n_channels}], "
+                             f"got {list(x.shape)}")
+        if self.independent:
+            series = x.transpose(1, 2).reshape(batch * channels, lookback)
+            channel_index = torch.arange(channels, device=x.device).repeat(batch)
+            return self.forecast_series(series, channel_index).view(batch, channels, -1).transpose(1, 2)
+        x, stats = self.revin.normalize(x)
+        out = self._encode_and_project(x).view(batch, -1, channels)
+        return self.revin.denormalize(out, stats)
+
+    def forecast_series(self, series: Tensor, channel_index: Tensor) -> Tensor:
+        """Channel-independent mode only: forecasts ``[n, horizon]`` of single series ``[n, lookback]``, row i being
+        a window of channel ``channel_index[i]`` (used for univariate data such as GluonTS items)."""
+        if not self.independent:
+            raise ValueError("forecast_series needs channels='independent': a mixing model needs every channel")
+        x, stats = self.revin.normalize(series.unsqueeze(-1), channel_index)
+        out = self._encode_and_project(x).unsqueeze(-1)
+        return self.revin.denormalize(out, stats, channel_index).squeeze(-1)
+
+    def _encode_and_project(self, x: Tensor) -> Tensor:
+        """[b', l, k] normalised windows -> [b', horizon * out_channels]."""
+        tokens = self.embed(self._tokenize(x)) + self.position
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.head(self.final_norm(tokens))
+
+    def _tokenize(self, series: Tensor) -> Tensor:
+        """[b', l, k] -> [b', n, features]: patches (end padded with the last step, as PatchTST) or single steps."""
+        if self.config.embedding == "token":
+            return series
+        c = self.config
+        padded = torch.cat([series, series[:, -1:].expand(-1, c.stride, -1)], dim=1)
+        patches = padded.unfold(1, c.patch_len, c.stride)  # [b', n, k, patch_len]
+        return patches.flatten(2)
+
+
+def _token_count(config: ForecastNetConfig) -> int:
+    if config.embedding == "token":
+        return config.lookback
+    return (config.lookback + config.stride - config.patch_len) // config.stride + 1
+
+
+def _check_config(config: ForecastNetConfig) -> None:
+    if config.embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {config.embedding!r}")
+    if config.channels not in CHANNEL_MODES:
+        raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {config.channels!r}")
+    if config.embedding == "patch" and config.lookback + config.stride < config.patch_len:
+        raise ValueError(f"lookback={config.lookback} is shorter than one patch ({config.patch_len})")

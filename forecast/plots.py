@@ -1,0 +1,52 @@
+"""Plots of history and forecast, one panel per channel (matplotlib, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from memorycore.files import atomic_path
+
+
+def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, *,
+                  title: str | None = None) -> Path:
+    """Draw the last rows of ``history`` and the ``forecast`` after them, one panel per column, into a PNG file.
+
+    Parameters
+    ----------
+    history, forecast : DataFrame
+        Wide frames indexed by time with the same columns.
+    path : path-like
+        Output image (the format follows the suffix, e.g. ``.png``, ``.pdf``); written atomically.
+    title : str, optional
+
+    Returns
+    -------
+    Path
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    columns = list(forecast.columns)
+    figure, axes = plt.subplots(len(columns), 1, figsize=(10, 1.8 * len(columns) + 0.8), sharex=True, squeeze=False)
+    for axis, column in zip(axes[:, 0], columns):
+        axis.plot(history.index, history[column], color="tab:blue", linewidth=1, label="history")
+        joined = pd.concat([history[column].iloc[-1:], forecast[column]])  # connect the forecast to the last value
+        axis.plot(joined.index, joined.values, color="tab:orange", linewidth=1.2, label="forecast")
+        axis.axvline(history.index[-1], color="grey", linewidth=0.6, linestyle="--")
+        axis.set_ylabel(str(column), rotation=0, ha="right", fontsize=8)
+        axis.tick_params(labelsize=7)
+    axes[0, 0].legend(loc="upper left", fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(figure)
+    return path

@@ -1,0 +1,134 @@
+"""RAM-Net sparse addressable memory: the address decoder and the PDMA write/read.
+
+``product_topk`` decodes addresses (plain PyTorch: O(U K^2) per token, no kernel needed). ``pdma`` runs the memory
+over a sequence with autograd (training) and ``pdma_step`` runs one token in place (inference); both dispatch to the
+Triton kernels or the PyTorch reference by the rule in :mod:`kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import use_triton
+from kernels.ramnet.reference import (
+    pdma_chunked_reference,
+    pdma_recurrent_reference,
+    pdma_step_reference,
+    product_topk,
+)
+
+
+def compact_slots(write_index: Tensor, read_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Renumber the slots a sequence touches as 0..n-1 per (batch, head).
+
+    Returns ``slot_ids [b, h, n]`` (the original slot of each compact row; rows past a head's own count repeat
+    its compact row 0), ``write_local`` and ``read_local`` ([b, h, t, k], indices into the compact rows) and
+    ``is_padding [b, h, n]``. Every untouched slot keeps its value through the sequence, so the memory can run on
+    the n <= min(M, 2 t k) touched rows alone: the work per token does not depend on the number of slots M, and
+    the working set stops growing with M once M exceeds 2 t k.
+    """
+    top_k = write_index.shape[-1]
+    index = torch.cat([write_index, read_index], dim=-1).flatten(2)  # [b, h, 2 t k]
+    sorted_index, order = index.sort(dim=-1)
+    starts = torch.ones_like(sorted_index, dtype=torch.bool)
+    starts[..., 1:] = sorted_index[..., 1:] != sorted_index[..., :-1]
+    local_sorted = starts.cumsum(-1) - 1
+    local = torch.empty_like(index).scatter_(-1, order, local_sorted)
+    counts = local_sorted[..., -1] + 1  # [b, h]
+    size = int(counts.max())
+    slot_ids = sorted_index[..., :1].expand(*index.shape[:-1], size).clone()
+    slot_ids.scatter_(-1, local_sorted, sorted_index)  # duplicates carry the same slot
+    is_padding = torch.arange(size, device=index.device) >= counts[..., None]
+    write_local, read_local = local.view(*write_index.shape[:-1], 2 * top_k).split(top_k, dim=-1)
+    return slot_ids, write_local, read_local, is_padding
+
+
+def pdma(
+    v: Tensor,
+    write_index: Tensor,
+    write_weight: Tensor,
+    read_index: Tensor,
+    read_weight: Tensor,
+    slots: Tensor | None,
+    normaliser: Tensor | None,
+    *,
+    gamma: float,
+    eps: float,
+    num_slots: int | None = None,
+    chunk_size: int = 8,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Write every token into the slot memory and read it back (causal), returning the output and the new state.
+
+    See :func:`kernels.ramnet.reference.pdma_chunked_reference` for the shapes and the math. The input state is not
+    modified; ``slots=None, normaliser=None`` with ``num_slots`` starts from the empty memory (S = 0, z = 1/M)
+    without materialising it first. The backends run on the touched slots only (:func:`compact_slots`), so the cost
+    depends on the number of slots only through allocating and filling the returned state. ``chunk_size`` only
+    shapes the PyTorch reference (the Triton kernel scans token by token); both give the same result.
+    """
+    batch, heads, _, dim = v.shape
+    if slots is None:
+        if num_slots is None:
+            raise ValueError("pass num_slots to start from the empty memory (slots=None)")
+        state_dtype = torch.promote_types(v.dtype, torch.float32)
+        slots = torch.zeros(batch, heads, num_slots, dim, device=v.device, dtype=state_dtype)
+        normaliser = torch.full((batch, heads, num_slots), 1.0 / num_slots, device=v.device, dtype=state_dtype)
+        fresh = True
+    else:
+        fresh = False
+    slot_ids, write_local, read_local, is_padding = compact_slots(write_index, read_index)
+    row_ids = slot_ids[..., None].expand(*slot_ids.shape, dim)
+    compact = (slots.gather(2, row_ids), normaliser.gather(2, slot_ids))
+    if use_triton(v, slots):
+        from kernels.ramnet.triton import pdma_triton
+
+        out, rows, norms = pdma_triton(v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps)
+    else:
+        out, rows, norms = pdma_chunked_reference(
+            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
+        )
+    # Padding rows repeat their head's compact row 0 (same slot), so each slot receives one value; detached, so
+    # the gradient of that slot reaches row 0 once.
+    rows = torch.where(is_padding[..., None], rows[..., :1, :].detach(), rows).to(slots.dtype)
+    norms = torch.where(is_padding, norms[..., :1].detach(), norms).to(slots.dtype)
+    if fresh:  # a buffer of our own: fill it in place instead of copying M rows
+        return out, slots.scatter_(2, row_ids, rows), normaliser.scatter_(2, slot_ids, norms)
+    return out, slots.scatter(2, row_ids, rows), normaliser.scatter(2, slot_ids, norms)
+
+
+def pdma_step(
+    v: Tensor,
+    write_index: Tensor,
+    write_weight: Tensor,
+    read_index: Tensor,
+    read_weight: Tensor,
+    slots: Tensor,
+    normaliser: Tensor,
+    *,
+    gamma: float,
+    eps: float,
+) -> Tensor:
+    """One token (v [b, h, d], indices and weights [b, h, k]): updates ``slots`` and ``normaliser`` in place.
+
+    O(K d) work per (batch, head) whatever the number of slots; no autograd. Returns the read [b, h, d].
+    """
+    if use_triton(v, slots):
+        from kernels.ramnet.triton import pdma_step_triton
+
+        return pdma_step_triton(v, write_index, write_weight, read_index, read_weight, slots, normaliser, gamma, eps)
+    out, _, _ = pdma_step_reference(
+        v.to(slots.dtype), write_index, write_weight.to(slots.dtype), read_index, read_weight.to(slots.dtype),
+        slots, normaliser, gamma, eps, inplace=True,
+    )
+    return out.to(v.dtype)
+
+
+__all__ = [
+    "pdma",
+    "compact_slots",
+    "pdma_step",
+    "product_topk",
+    "pdma_chunked_reference",
+    "pdma_recurrent_reference",
+    "pdma_step_reference",
+]

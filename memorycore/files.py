@@ -1,0 +1,44 @@
+"""Writing files atomically: a crash or a bad input never leaves half a file or destroys the old one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the destination's folder; when the block succeeds, rename it onto ``path``.
+
+    Parent folders are created. The file gets the permissions a plain ``open(path, "w")`` would give (the umask's),
+    not the private ones of a temporary file. If the block raises, the temporary file is removed and ``path`` is left
+    as it was.
+
+    Examples
+    --------
+    >>> with atomic_path("out/forecast.png") as tmp:      # doctest: +SKIP
+    ...     figure.savefig(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`) and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

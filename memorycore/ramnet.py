@@ -1,0 +1,270 @@
+"""RAM-Net (arXiv 2602.11958): a sparse addressable-memory layer with explicit recurrent state."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from kernels.ramnet import pdma, pdma_step, product_topk
+from memorycore.errors import InputError
+
+MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
+
+
+class RAMNetState(NamedTuple):
+    """Recurrent state of :class:`RAMNet`; carry it between calls to stream a sequence.
+
+    Attributes
+    ----------
+    slots : Tensor [batch, heads, slots, value_dim]
+        The slot values S (float32).
+    normaliser : Tensor [batch, heads, slots]
+        The write-weight normaliser z (starts at 1 / slots).
+    conv : Tensor [batch, conv_kernel - 1, channels] or None
+        The last q/k/v projections before the causal convolution (None without convolution).
+    position : int
+        Tokens seen so far: the offset of the CAPE cyclic shift.
+    """
+
+    slots: Tensor
+    normaliser: Tensor
+    conv: Tensor | None
+    position: int
+
+    def detach(self) -> "RAMNetState":
+        """The same state cut from the autograd graph (truncated back-propagation through time)."""
+        conv = None if self.conv is None else self.conv.detach()
+        return RAMNetState(self.slots.detach(), self.normaliser.detach(), conv, self.position)
+
+
+class RAMNet(nn.Module):
+    """RAM-Net: linear attention over a large, sparsely addressed slot memory.
+
+    Each head owns ``factor_size ** factors`` slots of ``value_dim`` values. A token's key is split into ``factors``
+    groups of ``factor_size`` logits; the Kronecker product of the groups' softmaxes is a distribution over the slots
+    of which only the ``top_k`` largest entries are kept (found exactly by a beam merge, never forming all slots).
+    The token writes its value into those K slots (PDMA: ``S <- Diag(1 - w)^gamma S + w^T v`` with a normaliser
+    ``z`` updated the same way) and reads ``o = r Diag(z + eps)^{-1} S`` through the K slots addressed by its query.
+    With ``cape=True`` the addresses are cyclically shifted by the token's position, so a read at t and a write at
+    t' overlap as a function of t - t' only (relative addressing; the paper uses it in shallow layers). The state is
+    O(slots x value_dim) per head whatever the length, and a token costs O(top_k value_dim + factors top_k^2).
+
+    q/k/v are linear projections followed by a causal depthwise convolution; the q/k logits of each head are scaled
+    by ``exp(alpha)``, a learned per-head temperature. The reads of all heads are projected back to ``dim``.
+
+    Parameters
+    ----------
+    dim : int
+        Model width; input and output are ``[batch, time, dim]``.
+    heads : int, default 4
+        Independent memories.
+    factors : int, default 5
+        U, the order of the product softmax.
+    factor_size : int, default 4
+        d_p, the logits per factor; each head has ``factor_size ** factors`` slots (default 4^5 = 1024).
+    top_k : int, default 8
+        K, slots written and read per token.
+    gamma : float, default 1.0
+        Forgetting exponent in [0, 4]: 0 keeps a cumulative mean, 1 an exponential moving average, > 1 forgets faster.
+    value_dim : int, optional
+        d_v, width of a slot; defaults to ``dim // heads``.
+    cape : bool, default True
+        Cyclic positional shift of the addresses (relative addressing); False addresses by content alone.
+    conv_kernel : int, default 4
+        Width of the causal depthwise convolution after the projections; 0 disables it.
+    chunk_size : int, default 8
+        Tokens per chunk of the PyTorch (CPU) path; results do not depend on it.
+    eps : float, default 1e-6
+        Added to the normaliser before the division in the read.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from memorycore import RAMNet
+    >>> layer = RAMNet(64, heads=4, factors=3, factor_size=8, top_k=4)  # 512 slots per head
+    >>> y, state = layer(torch.randn(2, 32, 64))
+    >>> y.shape, state.slots.shape
+    (torch.Size([2, 32, 64]), torch.Size([2, 4, 512, 16]))
+    >>> y_next, state = layer(torch.randn(2, 8, 64), state=state)  # stream on with the carried state
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int = 4,
+        factors: int = 5,
+        factor_size: int = 4,
+        top_k: int = 8,
+        gamma: float = 1.0,
+        value_dim: int | None = None,
+        cape: bool = True,
+        conv_kernel: int = 4,
+        chunk_size: int = 8,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        _check_positive(dim=dim, heads=heads, factors=factors, top_k=top_k, chunk_size=chunk_size)
+        if value_dim is None:
+            if dim % heads:
+                raise InputError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim "
+                                 "or set value_dim")
+            value_dim = dim // heads
+        _check_positive(value_dim=value_dim)
+        if not isinstance(factor_size, int) or factor_size < 2:
+            raise InputError(f"factor_size must be an integer >= 2 (a softmax over one logit addresses nothing), "
+                             f"got {factor_size!r}")
+        slots = factor_size**factors
+        if slots > MAX_SLOTS:
+            raise InputError(f"factor_size**factors = {factor_size}**{factors} slots is more than {MAX_SLOTS}; "
+                             "use fewer factors or a smaller factor_size")
+        if top_k > slots:
+            raise InputError(f"top_k={top_k} is more than the {slots} slots; lower top_k or add factors")
+        if not 0 <= gamma <= 4:
+            raise InputError(f"gamma must be in [0, 4] (0 cumulative mean, 1 moving average), got {gamma}")
+        if not isinstance(conv_kernel, int) or conv_kernel < 0:
+            raise InputError(f"conv_kernel must be an integer >= 0 (0 disables the convolution), got {conv_kernel!r}")
+        if not eps > 0:
+            raise InputError(f"eps must be > 0, got {eps}")
+        self.dim, self.heads, self.factors, self.factor_size = dim, heads, factors, factor_size
+        self.slots, self.top_k, self.gamma, self.value_dim = slots, top_k, float(gamma), value_dim
+        self.cape, self.conv_kernel, self.chunk_size, self.eps = cape, conv_kernel, chunk_size, eps
+        self.key_dim = factors * factor_size
+        channels = heads * (2 * self.key_dim + value_dim)
+
+        self.to_qkv = nn.Linear(dim, channels, bias=False)
+        self.qkv_conv = nn.Conv1d(channels, channels, conv_kernel, groups=channels) if conv_kernel else None
+        self.log_temperature = nn.Parameter(torch.zeros(heads))  # alpha: q/k weights scaled by exp(alpha)
+        self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> RAMNetState:
+        """The empty memory: zero slots, normaliser 1 / slots, zero convolution history, position 0."""
+        device = device or self.to_qkv.weight.device
+        slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
+        normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
+        return self._without_memory(batch_size, device)._replace(slots=slots, normaliser=normaliser)
+
+    def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
+        """The initial state with ``slots`` and ``normaliser`` left None: ``pdma`` makes the empty memory itself."""
+        conv = None
+        if self.qkv_conv is not None:
+            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
+                               dtype=self.to_qkv.weight.dtype)
+        return RAMNetState(None, None, conv, 0)
+
+    def forward(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
+        """Write the sequence into the slots and read it back causally.
+
+        Parameters
+        ----------
+        x : Tensor [batch, time, dim]
+        state : RAMNetState, optional
+            The state returned by the previous call (not modified); None starts from the empty memory.
+            Feeding a sequence in pieces gives the same output as one call.
+
+        Returns
+        -------
+        y : Tensor [batch, time, dim]
+        state : RAMNetState
+        """
+        self._check_input(x, state, time_axis=True)
+        if state is None:  # the empty memory is made by pdma directly (no O(slots) copy of a zero state)
+            state = self._without_memory(x.shape[0], x.device)
+        read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
+        out, slots, normaliser = pdma(
+            v, write_index, write_weight, read_index, read_weight, state.slots, state.normaliser,
+            gamma=self.gamma, eps=self.eps, num_slots=self.slots, chunk_size=self.chunk_size,
+        )
+        y = self.to_out(out.transpose(1, 2).flatten(2).to(x.dtype))
+        return y, RAMNetState(slots, normaliser, conv, state.position + x.shape[1])
+
+    @torch.no_grad()
+    def step(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
+        """One token of inference, O(top_k value_dim) per head whatever the number of slots.
+
+        Parameters
+        ----------
+        x : Tensor [batch, dim]
+        state : RAMNetState, optional
+            Its ``slots`` and ``normaliser`` are updated IN PLACE (copying them would cost O(slots)); clone them first
+            if you need the old state.
+
+        Returns
+        -------
+        y : Tensor [batch, dim]
+        state : RAMNetState
+        """
+        if x.ndim != 2:
+            raise InputError(f"step takes one token per sequence, [batch, {self.dim}]; got {list(x.shape)}")
+        x = x[:, None]
+        self._check_input(x, state, time_axis=False)
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device)
+        read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
+        out = pdma_step(
+            v[:, :, 0], write_index[:, :, 0], write_weight[:, :, 0], read_index[:, :, 0], read_weight[:, :, 0],
+            state.slots, state.normaliser, gamma=self.gamma, eps=self.eps,
+        )
+        y = self.to_out(out.flatten(1).to(x.dtype))
+        return y, RAMNetState(state.slots, state.normaliser, conv, state.position + 1)
+
+    def _addresses(self, x: Tensor, state: RAMNetState) -> tuple[Tensor, ...]:
+        """Read and write slots and weights [b, h, t, k], values [b, h, t, d] and the new convolution history."""
+        batch, time, _ = x.shape
+        qkv, conv = self._causal_conv(self.to_qkv(x), state.conv)
+        qkv = qkv.view(batch, time, self.heads, -1).transpose(1, 2)  # [b, h, t, 2 key_dim + value_dim]
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        temperature = self.log_temperature.exp()[:, None, None, None]
+        shape = (batch, self.heads, time, self.factors, self.factor_size)
+        read_index, read_weight = self._decode(q.reshape(shape) * temperature, state.position)
+        write_index, write_weight = self._decode(k.reshape(shape) * temperature, state.position)
+        return read_index, read_weight, write_index, write_weight, v, conv
+
+    def _decode(self, logits: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Top-K slots and weights of the product softmax, cyclically shifted by position under CAPE."""
+        log_weight, slot = product_topk(logits, self.top_k)
+        if self.cape:
+            # [P_t(a)]_i = a_{(i + t) mod M}: the address entry j lands on slot (j - t) mod M
+            positions = torch.arange(start, start + logits.shape[2], device=slot.device)
+            slot = torch.remainder(slot - positions[:, None], self.slots)
+        return slot, log_weight.exp()
+
+    def _causal_conv(self, qkv: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Depthwise convolution over time that sees only the past; returns the output and the new history."""
+        if self.qkv_conv is None:
+            return qkv, None
+        padded = torch.cat([history.to(qkv.dtype), qkv], dim=1)
+        out = self.qkv_conv(padded.transpose(1, 2)).transpose(1, 2)
+        return out, padded[:, -(self.conv_kernel - 1):] if self.conv_kernel > 1 else padded[:, :0]
+
+    def _check_input(self, x: Tensor, state: RAMNetState | None, *, time_axis: bool) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise InputError(f"expected input of shape [batch, time, {self.dim}], got {list(x.shape)}")
+        if time_axis and x.shape[1] == 0:
+            raise InputError("the input sequence is empty (time = 0); pass at least one token")
+        if state is None:
+            return
+        expected = (x.shape[0], self.heads, self.slots, self.value_dim)
+        if not isinstance(state, RAMNetState) or tuple(state.slots.shape) != expected:
+            raise InputError(f"state does not fit this layer and batch: expected slots of shape {list(expected)}; "
+                             "pass the state this layer returned for the same batch, or None")
+
+    def state_size(self) -> dict[str, int]:
+        """Floats of state per sequence: the whole memory, and the part one token touches (read + write rows)."""
+        per_row = self.value_dim + 1
+        return {"total": self.heads * self.slots * per_row, "per_token": self.heads * 2 * self.top_k * per_row}
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, slots={self.factor_size}^{self.factors}={self.slots}, "
+                f"top_k={self.top_k}, gamma={self.gamma}, value_dim={self.value_dim}, cape={self.cape}")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+__all__ = ["RAMNet", "RAMNetState"]

@@ -1,0 +1,162 @@
+"""Every `forecast` command through typer's CliRunner, including bad input (one stderr line, exit code 2)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from tests.test_forecast_model import _one_thread  # noqa: F401  (autouse: one torch thread)
+
+TINY = ["--lookback", "24", "--horizon", "8", "--epochs", "1", "--max-steps", "8", "--d-model", "16", "--heads",
+        "2", "--blocks", "1", "--quiet", "--threads", "1"]
+
+
+def write_series(path, n=300, **overrides):
+    t = np.arange(n)
+    frame = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=n, freq="h").astype(str),
+                          "load": np.sin(2 * np.pi * t / 24), "temp": np.cos(2 * np.pi * t / 12) + 3})
+    for column, values in overrides.items():
+        frame[column] = values
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner():
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always keeps stderr apart
+        return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, runner, _one_thread):
+    folder = tmp_path_factory.mktemp("cli")
+    data = write_series(folder / "series.csv")
+    model = folder / "model.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(model), *TINY])
+    assert result.exit_code == 0, result.stderr
+    return data, model, result
+
+
+def test_fit_writes_a_model_and_prints_the_table(trained):
+    data, model, result = trained
+    assert model.is_file()
+    assert "memory forecaster" in result.stdout and "ridge baseline" in result.stdout
+    assert "test split (ratio protocol, 53 windows" in result.stdout  # 60 test rows + 24 - 24 - 8 + 1
+
+
+def test_predict_to_csv_and_stdout(trained, runner, tmp_path):
+    data, model, _ = trained
+    out = tmp_path / "forecast.csv"
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    forecast = pd.read_csv(out, index_col=0, parse_dates=True)
+    assert forecast.shape == (8, 2) and list(forecast.columns) == ["load", "temp"]
+    assert forecast.index[0] == pd.Timestamp("2024-01-13 12:00")  # 300 hours after the start
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--horizon", "12"])
+    assert result.exit_code == 0 and len(result.stdout.strip().splitlines()) == 13
+
+
+def test_evaluate_prints_mse_and_mae(trained, runner):
+    data, model, _ = trained
+    result = runner.invoke(app, ["forecast", "evaluate", "--model", str(model), "--data", str(data)])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "MSE" in lines[1] and "MAE" in lines[1]
+    mse, mae = map(float, lines[2].split()[-2:])
+    assert 0 < mse < 10 and 0 < mae < 10
+
+
+def test_plot_writes_a_png(trained, runner, tmp_path):
+    data, model, _ = trained
+    out = tmp_path / "plot.png"
+    result = runner.invoke(app, ["forecast", "plot", "--model", str(model), "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fill_interpolate_lets_nan_data_train(runner, tmp_path):
+    values = np.sin(np.arange(300) / 4.0)
+    values[50] = np.nan
+    data = write_series(tmp_path / "gappy.csv", load=values)
+    out = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(out), "--fill", "interpolate",
+                                 "--target", "load", *TINY])
+    assert result.exit_code == 0, result.stderr
+
+
+def bad_inputs(folder):
+    """(name, extra arguments, expected message) for files that must be refused with one line."""
+    t = np.arange(300)
+    frame = pd.DataFrame({"x": t, "load": np.sin(t)})
+    frame.to_csv(folder / "nodate.csv", index=False)
+    write_series(folder / "text.csv", load=["a"] * 300)
+    values = np.sin(t / 3.0)
+    values[[10, 20]] = [np.nan, np.inf]
+    write_series(folder / "nan.csv", load=values)
+    write_series(folder / "short.csv", n=30)
+    dates = pd.date_range("2024-01-01", periods=300, freq="h").astype(str).tolist()
+    dates[100] = dates[99]
+    write_series(folder / "dup.csv", date=dates)
+    dates = pd.date_range("2024-01-01", periods=300, freq="h").delete(150).append(
+        pd.DatetimeIndex(["2024-02-01"])).astype(str)
+    write_series(folder / "gap.csv", date=dates)
+    return [
+        ("nodate.csv", [], "no date column found"),
+        ("text.csv", [], "non-numeric column(s): load"),
+        ("nan.csv", [], "2 NaN/inf value(s) in load (2, first at 2024-01-01 10:00:00); clean the data or pass "
+                        "--fill interpolate"),
+        ("short.csv", [], "too short"),
+        ("dup.csv", [], "duplicate timestamp 2024-01-05 03:00:00 (row 100)"),
+        ("gap.csv", [], "irregular timestamps"),
+        ("series.csv", ["--target", "OT"], "unknown target column(s) 'OT'"),
+        ("missing.csv", [], "data file not found"),
+    ]
+
+
+def assert_one_line_error(result, expected):
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_fit_refuses_bad_input_with_one_line(runner, tmp_path):
+    write_series(tmp_path / "series.csv")
+    for name, extra, expected in bad_inputs(tmp_path):
+        result = runner.invoke(app, ["forecast", "fit", "--data", str(tmp_path / name), "--out",
+                                     str(tmp_path / "m.safetensors"), *extra, *TINY])
+        assert_one_line_error(result, expected)
+
+
+def test_model_files_that_are_not_ours(trained, runner, tmp_path):
+    data, _, _ = trained
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    for command in ("predict", "evaluate", "plot"):
+        out = [] if command == "evaluate" else ["--out", str(tmp_path / "x.out")]
+        result = runner.invoke(app, ["forecast", command, "--model", str(junk), "--data", str(data), *out])
+        assert_one_line_error(result, "not a readable safetensors model file")
+    result = runner.invoke(app, ["forecast", "evaluate", "--model", str(tmp_path / "none.safetensors"), "--data",
+                                 str(data)])
+    assert_one_line_error(result, "does not exist")
+
+
+def test_predict_refuses_data_without_the_fitted_columns_and_overwriting_input(trained, runner, tmp_path):
+    data, model, _ = trained
+    other = tmp_path / "other.csv"
+    pd.read_csv(data).drop(columns=["temp"]).to_csv(other, index=False)
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(other)])
+    assert_one_line_error(result, "lacks the fitted column(s) temp")
+    before = data.read_bytes()
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(data), "--out", str(data)])
+    assert_one_line_error(result, "is an input file")
+    assert data.read_bytes() == before
+
+
+def test_help_has_examples(runner):
+    for command in ("fit", "predict", "evaluate", "plot"):
+        result = runner.invoke(app, ["forecast", command, "--help"])
+        assert result.exit_code == 0 and "Examples" in result.stdout

@@ -1,0 +1,142 @@
+"""The data layer: reading, validation errors, the Time-Series-Library protocol, scaling and windows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecast.baseline import RidgeBaseline, evaluate_windows, ridge_benchmark
+from forecast.data import (StandardScaler, dataset_name, long_to_wide, prepare_protocol, read_series,
+                           resolve_protocol, split_borders, wide_to_long)
+from memorycore import InputError
+
+ETTH1 = "datasets/ETTh1/ETTh1.csv.gz"
+
+
+def hourly(n=300, columns=("a", "b")):
+    index = pd.date_range("2024-01-01", periods=n, freq="h")
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({c: rng.standard_normal(n).cumsum() for c in columns}, index=index)
+
+
+def as_csv_frame(wide):
+    return wide.rename_axis("date").reset_index()
+
+
+@pytest.fixture(scope="module")
+def etth1():
+    from tests.conftest import ROOT
+    return read_series(ROOT / ETTH1)
+
+
+def test_etth1_protocol_borders_are_12_4_4_months(etth1):
+    assert etth1.shape == (17420, 7)
+    split = split_borders(len(etth1), 96, resolve_protocol("auto", dataset_name(ETTH1)))
+    assert split.train == (0, 8640)
+    assert (split.val[1] - split.val[0] - 96, split.test[1] - split.test[0] - 96) == (2880, 2880)
+    assert split.val == (8640 - 96, 11520) and split.test == (11520 - 96, 14400)
+
+
+def test_ettm_borders_are_four_times_etth():
+    split = split_borders(69680, 96, "ettm")
+    assert split.train == (0, 34560) and split.val == (34560 - 96, 46080) and split.test == (46080 - 96, 57600)
+
+
+def test_other_datasets_use_70_10_20():
+    assert resolve_protocol("auto", dataset_name("data/weather.csv.gz")) == "ratio"
+    assert resolve_protocol("auto", dataset_name("my_sales.csv")) == "ratio"
+    assert dataset_name("ETTm2.csv") == "ettm2" and dataset_name("electricity_col0_OT.csv.gz") == "electricity"
+    split = split_borders(1000, 24, "ratio")
+    assert split.train == (0, 700) and split.val == (700 - 24, 800) and split.test == (800 - 24, 1000)
+
+
+def test_scaler_is_fit_on_the_training_rows_only(etth1):
+    data = prepare_protocol(etth1, 96, 96, "etth")
+    train_rows = etth1.to_numpy()[:8640]
+    np.testing.assert_allclose(data.scaler.mean, train_rows.mean(axis=0))
+    np.testing.assert_allclose(data.scaler.scale, train_rows.std(axis=0))
+    np.testing.assert_allclose(data.train.mean(axis=0), 0, atol=1e-9)
+    assert np.abs(data.test.mean(axis=0)).max() > 0.05  # the test split is not re-centred
+
+
+def test_every_test_window_is_kept(etth1):
+    data = prepare_protocol(etth1, 96, 96, "etth")
+    test = data.windows("test", 96, 96)
+    assert len(test) == 2880 - 96 + 1 == 2785
+    x, y = test[len(test) - 1]
+    assert x.shape == (96, 7) and y.shape == (96, 7)
+    np.testing.assert_allclose(y[-1].numpy(), data.test[-1], rtol=1e-6)  # the last window ends at row 14400
+    np.testing.assert_allclose(test[0][1][0].numpy(), data.scaler.transform(etth1.to_numpy()[11520]), rtol=1e-5)
+
+
+def test_long_and_wide_round_trip():
+    wide = hourly(10)
+    long = wide_to_long(wide.rename_axis("ds"))
+    assert list(long.columns) == ["unique_id", "ds", "y"] and len(long) == 20
+    back = long_to_wide(long)
+    pd.testing.assert_frame_equal(back, wide.rename_axis("ds"), check_freq=False)
+    pd.testing.assert_frame_equal(read_series(long), back)
+
+
+def test_reads_csv_gz(tmp_path):
+    path = tmp_path / "x.csv.gz"
+    as_csv_frame(hourly(50)).to_csv(path, index=False)
+    wide = read_series(path, target=["b"])
+    assert list(wide.columns) == ["b"] and isinstance(wide.index, pd.DatetimeIndex) and len(wide) == 50
+
+
+@pytest.mark.parametrize("frame, message", [
+    (pd.DataFrame({"x": [1.0, 2.0, 3.0], "y": [4.0, 5.0, 6.0]}), "no date column"),
+    (pd.DataFrame({"date": pd.date_range("2024", periods=3, freq="h"), "a": [1.0, 2, 3], "kind": ["u", "v", "w"]}),
+     "non-numeric column(s): kind"),
+    (pd.DataFrame({"date": pd.date_range("2024", periods=4, freq="h"), "a": [1.0, np.nan, 3, np.inf]}),
+     "2 NaN/inf value(s) in a (2, first at 2024-01-01 01:00:00)"),
+    (pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 01:00", "2024-01-01 03:00"],
+                   "a": [1.0, 2, 3, 4]}), "duplicate timestamp 2024-01-01 01:00:00 (row 2)"),
+    (pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 02:00", "2024-01-01 05:00"],
+                   "a": [1.0, 2, 3, 4]}), "irregular timestamps"),
+])
+def test_bad_input_is_named(frame, message):
+    with pytest.raises(InputError) as error:
+        read_series(frame)
+    assert message in str(error.value)
+
+
+def test_unknown_target_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match="unknown target column.*'OT'"):
+        read_series(as_csv_frame(hourly(5)), target="OT")
+    with pytest.raises(InputError, match="data file not found"):
+        read_series(tmp_path / "nope.csv")
+
+
+def test_fill_interpolate_and_allow_irregular():
+    frame = pd.DataFrame({"date": pd.date_range("2024", periods=4, freq="h"), "a": [1.0, np.nan, 3, np.inf]})
+    np.testing.assert_allclose(read_series(frame, fill="interpolate")["a"], [1, 2, 3, 3])
+    frame = pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 01:00"], "a": [1.0, 2, 3]})
+    assert len(read_series(frame.iloc[[0, 1, 2, 2]], allow_irregular=True)) == 4
+
+
+def test_too_short_series_for_lookback_plus_horizon():
+    with pytest.raises(InputError, match="too short.*lookback \\+ horizon = 120"):
+        prepare_protocol(hourly(200), 96, 24, "ratio")
+    with pytest.raises(InputError, match="ETTH protocol needs 14400 rows"):
+        prepare_protocol(hourly(2000), 96, 24, "etth")
+
+
+def test_standard_scaler_round_trip():
+    values = np.random.default_rng(1).normal(3, 2, size=(100, 3))
+    scaler = StandardScaler.fit(values)
+    restored = StandardScaler.from_dict(scaler.to_dict())
+    np.testing.assert_allclose(restored.inverse_transform(restored.transform(values)), values)
+
+
+def test_ridge_baseline_learns_and_uses_validation_alpha():
+    t = np.arange(3000)
+    noise = 0.05 * np.random.default_rng(0).standard_normal((3000, 2))
+    series = np.stack([np.sin(t / 7.0), np.cos(t / 11.0)], axis=1) + noise
+    wide = pd.DataFrame(series, index=pd.date_range("2024", periods=3000, freq="h"))
+    data = prepare_protocol(wide, 48, 12, "ratio")
+    mse, mae, alpha = ridge_benchmark(data, 48, 12)
+    naive_mse, _ = evaluate_windows(lambda w: np.repeat(w[:, -1:], 12, axis=1), data.test, 48, 12)
+    assert mse < 0.1 * naive_mse and alpha in (0.1, 1.0, 10.0, 100.0, 1000.0)
+    model = RidgeBaseline.fit(data.train, 48, 12)
+    assert model.predict(data.test[None, :48]).shape == (1, 12, 2)

@@ -1,0 +1,116 @@
+"""MQAR generator (Zoology protocol) and a tiny RAMNet model that learns it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memorycore import InputError, RAMNet
+from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, mqar_accuracy, mqar_batch
+
+
+@pytest.mark.parametrize("seq_len,pairs", [(64, 4), (64, 16), (256, 64)], ids=lambda v: str(v))
+def test_generator_follows_the_protocol(seq_len, pairs):
+    vocab = 8192
+    inputs, labels = mqar_batch(20, seq_len, pairs, vocab_size=vocab, random_state=3)
+    assert inputs.shape == labels.shape == (20, seq_len)
+    keys, values = inputs[:, 0:2 * pairs:2], inputs[:, 1:2 * pairs:2]
+    assert ((keys >= 1) & (keys < vocab // 2)).all() and ((values >= vocab // 2) & (values < vocab)).all()
+    for row in range(20):
+        assert len(set(keys[row].tolist())) == pairs and len(set(values[row].tolist())) == pairs
+        answer = dict(zip(keys[row].tolist(), values[row].tolist()))
+        queries = (labels[row] != IGNORE_INDEX).nonzero().flatten()
+        assert len(queries) == pairs  # every key is queried once
+        assert ((queries >= 2 * pairs) & ((queries - 2 * pairs) % 2 == 0)).all()  # even offsets after the pairs
+        asked = inputs[row, queries].tolist()
+        assert sorted(asked) == sorted(answer)
+        assert labels[row, queries].tolist() == [answer[k] for k in asked]
+    assert (labels[:, :2 * pairs] == IGNORE_INDEX).all()
+
+
+def test_generator_is_seeded_and_filler_can_be_zero():
+    a = mqar_batch(4, 64, 8, random_state=7)
+    b = mqar_batch(4, 64, 8, random_state=7)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    inputs, labels = mqar_batch(4, 64, 8, random_filler=False, random_state=7)
+    filler = labels == IGNORE_INDEX
+    filler[:, :16] = False
+    assert (inputs[filler] == 0).all()
+
+
+def test_gaps_favour_short_distances():
+    """p(i) ~ a i^(a-1) with a = 0.01 puts more queries near the pairs than far away."""
+    _, labels = mqar_batch(400, 512, 8, random_state=0)
+    offsets = (labels != IGNORE_INDEX).nonzero()[:, 1] - 16
+    near, far = (offsets < 124).sum(), (offsets >= 372).sum()
+    assert near > 1.5 * far
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(seq_len=63), "even"),
+    (dict(num_pairs=20), "too short"),
+    (dict(vocab_size=64), "larger than seq_len"),
+    (dict(power_a=0.0), "power_a"),
+], ids=lambda v: str(v))
+def test_generator_rejects_bad_settings(kwargs, message):
+    settings = dict(num_examples=2, seq_len=64, num_pairs=4)
+    settings.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        mqar_batch(**settings)
+
+
+def test_zoology_test_settings():
+    assert len(ZOOLOGY_TEST_SETTINGS) == 7 and ZOOLOGY_TEST_SETTINGS[-1] == (1024, 256)
+
+
+def test_accuracy_counts_only_query_positions():
+    labels = torch.full((1, 4), IGNORE_INDEX)
+    labels[0, 1], labels[0, 3] = 2, 0
+    logits = torch.zeros(1, 4, 3)
+    logits[0, :, 2] = 1.0
+    assert mqar_accuracy(logits, labels) == 0.5
+    with pytest.raises(InputError):
+        mqar_accuracy(logits, torch.full((1, 4), IGNORE_INDEX))
+
+
+class TinyRecaller(nn.Module):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.memory = RAMNet(dim, heads=1, factors=2, factor_size=8, top_k=4, cape=False, chunk_size=8)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab))
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = x + self.memory(self.norm(x))[0]
+        return self.head(x + self.mlp(x))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls run faster on one thread than on two busy ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_mqar_run_learns_well_above_chance(one_thread):
+    vocab, seq_len, pairs = 64, 32, 4
+    model = TinyRecaller(vocab, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        inputs, labels = mqar_batch(32, seq_len, pairs, vocab_size=vocab, random_state=generator)
+        loss = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    inputs, labels = mqar_batch(200, seq_len, pairs, vocab_size=vocab, random_state=1)
+    with torch.no_grad():
+        accuracy = mqar_accuracy(model(inputs), labels)
+    chance = 1 / (vocab // 2)
+    print(f"tiny MQAR accuracy {accuracy:.3f} (chance {chance:.3f})")
+    assert accuracy > 0.4 > 10 * chance, accuracy

@@ -1,0 +1,187 @@
+"""The Triton neural-memory kernels equal the PyTorch reference: outputs, final state and every gradient.
+
+Run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below before triton is imported).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.neural_memory.triton as nm_triton
+from kernels.neural_memory import neural_memory
+from kernels.neural_memory.reference import neural_memory_reference
+from kernels.neural_memory.triton import neural_memory_triton
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the kernels run on CPU only through the Triton interpreter", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN, so a read of memory no kernel wrote shows up in the results."""
+    monkeypatch.setattr(nm_triton, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                        device=device))
+
+
+def memory_inputs(batch=2, heads=2, time=40, dim=16, depth=2, hidden=32, momentum=True, decay=True,
+                  dtype=torch.float32):
+    """Random inputs of neural_memory, with an initial state that is not the zero / learned default."""
+    q = F.normalize(torch.randn(batch, heads, time, dim), dim=-1)
+    k = F.normalize(torch.randn(batch, heads, time, dim), dim=-1)
+    v = torch.randn(batch, heads, time, dim)
+    lr = 0.2 * torch.rand(batch, heads, time)
+    if momentum:
+        log_eta = F.logsigmoid(torch.randn(batch, heads, time) + 1.0)
+    else:
+        log_eta = torch.full((batch, heads, time), float("-inf"))
+    log_keep = F.logsigmoid(torch.randn(batch, heads, time) + 3.0) if decay else torch.zeros(batch, heads, time)
+    widths = [dim] + [hidden] * (depth - 1) + [dim]
+    weights = tuple(torch.randn(batch, heads, i, o) / i**0.5 for i, o in zip(widths, widths[1:]))
+    mom = tuple(0.1 * torch.randn(batch, heads, i, o) for i, o in zip(widths, widths[1:]))
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    return [q, k, v, lr, log_eta, log_keep, weights, mom]
+
+
+def run_with_grads(fn, inputs, chunk_size, seed=1):
+    """Outputs and gradients of a random linear loss of y AND of the final state, w.r.t. every input."""
+    leaves = [tuple(t.clone().requires_grad_() for t in x) if isinstance(x, tuple) else x.clone().requires_grad_()
+              for x in inputs]
+    y, weights, momentum = fn(*leaves, chunk_size)
+    generator = torch.Generator().manual_seed(seed)
+    outputs = [y, *weights, *momentum]
+    loss = sum((out.float() * torch.randn(out.shape, generator=generator)).sum() for out in outputs)
+    loss.backward()
+    flat_leaves = [t for x in leaves for t in (x if isinstance(x, tuple) else (x,))]
+    return [out.detach() for out in outputs], [t.grad for t in flat_leaves]
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-12)).item()
+
+
+def assert_close(actual_list, expected_list, tolerance, what):
+    for index, (actual, expected) in enumerate(zip(actual_list, expected_list)):
+        assert actual is not None and expected is not None, f"{what}[{index}] has no gradient"
+        assert torch.isfinite(actual).all(), f"{what}[{index}] is not finite (unwritten memory read?)"
+        assert actual.shape == expected.shape
+        error = relative_error(actual, expected)
+        assert error < tolerance, f"{what}[{index}] differs from the reference: relative error {error:.2e}"
+
+
+CASES = [
+    pytest.param(dict(depth=1), id="D1-mom-decay"),
+    pytest.param(dict(depth=1, momentum=False, decay=False), id="D1-plain"),
+    pytest.param(dict(depth=2), id="D2-mom-decay"),
+    pytest.param(dict(depth=2, momentum=False), id="D2-decay"),
+    pytest.param(dict(depth=2, decay=False), id="D2-mom"),
+    pytest.param(dict(depth=2, time=32, batch=1, heads=3), id="D2-B1-H3-T32"),
+    pytest.param(dict(depth=2, hidden=64, time=19), id="D2-hidden64-T19"),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_matches_reference_forward_and_backward(case):
+    inputs = memory_inputs(**case)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    # gradients w.r.t. q, k, v, lr, log_eta, log_keep, initial weights and momentum; with momentum off the reference's
+    # gradients of log_eta and of the initial momentum are exactly zero, and so must ours be
+    for index, (actual, expected) in enumerate(zip(actual_grads, expected_grads)):
+        if expected.abs().max() == 0:
+            assert torch.equal(actual, expected), f"gradient {index} should be exactly zero"
+        else:
+            assert_close([actual], [expected], 1e-5, f"gradient {index}")
+
+
+def test_chunk_of_32_and_head_dim_32():
+    inputs = memory_inputs(batch=1, heads=1, time=70, dim=32, hidden=64)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 32)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 32)
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_close(actual_grads, expected_grads, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_inputs_keep_an_fp32_state(dtype):
+    inputs = memory_inputs(time=32, dtype=dtype)
+    expected_y, expected_w, expected_s = neural_memory_reference(*inputs, 16)
+    y, weights, momentum = neural_memory_triton(*inputs, 16)
+    assert y.dtype == dtype and all(w.dtype == torch.float32 for w in weights + momentum)
+    assert relative_error(y, expected_y) < 2e-2
+    assert_close(list(weights + momentum), list(expected_w + expected_s), 2e-2, "state")
+
+
+def test_autocast_runs_the_kernels_in_its_dtype():
+    """Under bf16 autocast, float32 q/k/v (the layer's normalised q and k) take the bf16 kernel path."""
+    inputs = memory_inputs(time=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, weights, _ = neural_memory_triton(*inputs, 16)
+    expected_y, expected_w, _ = neural_memory_reference(*inputs, 16)
+    assert y.dtype == torch.bfloat16 and weights[0].dtype == torch.float32
+    assert relative_error(y, expected_y) < 2e-2
+
+
+def test_inference_without_gradients_equals_training_path():
+    """Without autograd the forward keeps two state slots instead of one per chunk; the results must not change."""
+    inputs = memory_inputs(time=48)
+    with torch.no_grad():
+        y, weights, momentum = neural_memory_triton(*inputs, 16)
+    (y_grad, *state_grad), _ = run_with_grads(neural_memory_triton, inputs, 16)
+    assert torch.equal(y, y_grad)
+    assert all(torch.equal(a, b) for a, b in zip(weights + momentum, state_grad))
+
+
+def test_streaming_in_pieces_equals_one_call():
+    q, k, v, lr, log_eta, log_keep, weights, momentum = memory_inputs(time=48)
+    y_whole, w_whole, s_whole = neural_memory_triton(q, k, v, lr, log_eta, log_keep, weights, momentum, 16)
+    first, second = slice(0, 32), slice(32, 48)
+    y1, w, s = neural_memory_triton(q[:, :, first], k[:, :, first], v[:, :, first], lr[..., first],
+                                    log_eta[..., first], log_keep[..., first], weights, momentum, 16)
+    y2, w, s = neural_memory_triton(q[:, :, second], k[:, :, second], v[:, :, second], lr[..., second],
+                                    log_eta[..., second], log_keep[..., second], w, s, 16)
+    assert relative_error(torch.cat([y1, y2], dim=2), y_whole) < 1e-6
+    assert_close(list(w + s), list(w_whole + s_whole), 1e-6, "state")
+
+
+def test_unsupported_shapes_fall_back_to_the_reference():
+    """Chunks under 16 tokens cannot be tensor-core tiles: the reference computes them, with the same results."""
+    inputs = memory_inputs(time=12, depth=2)
+    assert not nm_triton.kernel_supports(inputs[0], inputs[6], 4)
+    y, weights, momentum = neural_memory_triton(*inputs, 4)
+    expected_y, expected_w, expected_s = neural_memory_reference(*inputs, 4)
+    assert torch.equal(y, expected_y)
+
+
+def test_dispatch_uses_the_kernel_when_forced(monkeypatch):
+    calls = []
+    original = nm_triton.NeuralMemoryFunction.apply
+    monkeypatch.setattr(nm_triton.NeuralMemoryFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    inputs = memory_inputs(time=16)
+    inputs[0].requires_grad_()
+    monkeypatch.setenv("MEMORYCORE_BACKEND", "torch")
+    y_torch, _, _ = neural_memory(*inputs, 16)
+    assert not calls
+    monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
+    y_triton, _, _ = neural_memory(*inputs, 16)
+    assert calls, "MEMORYCORE_BACKEND=triton did not reach the Triton kernels"
+    assert relative_error(y_triton, y_torch) < 1e-5
+
+
+def test_neural_memory_layer_trains_identically_on_both_backends(monkeypatch):
+    from memorycore import NeuralMemory
+
+    layer = NeuralMemory(32, heads=2, chunk_size=16)
+    x = torch.randn(2, 40, 32)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MEMORYCORE_BACKEND", backend)
+        layer.zero_grad()
+        y, _ = layer(x)
+        (y.square().mean()).backward()
+        results[backend] = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+    assert_close(results["triton"], results["torch"], 1e-4, "layer output/parameter gradient")

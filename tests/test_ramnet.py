@@ -1,0 +1,181 @@
+"""RAMNet layer: state contract (pieces == whole, chunked == token-by-token), CAPE, gradients, bad arguments."""
+
+import pickle
+
+import pytest
+import torch
+
+from memorycore import InputError, RAMNet, RAMNetState
+
+
+def small_layer(**overrides) -> RAMNet:
+    settings = dict(heads=2, factors=3, factor_size=4, top_k=5, chunk_size=4)
+    settings.update(overrides)
+    return RAMNet(32, **settings)
+
+
+def test_shapes_and_state():
+    layer = small_layer(value_dim=6)
+    y, state = layer(torch.randn(3, 10, 32))
+    assert y.shape == (3, 10, 32)
+    assert isinstance(state, RAMNetState)
+    assert state.slots.shape == (3, 2, 64, 6) and state.normaliser.shape == (3, 2, 64)
+    assert state.position == 10
+    assert layer.state_size() == {"total": 2 * 64 * 7, "per_token": 2 * 2 * 5 * 7}
+
+
+@pytest.mark.parametrize("cape,conv_kernel,gamma", [(True, 4, 1.0), (False, 0, 0.5), (True, 1, 2.0)],
+                         ids=lambda v: str(v))
+def test_pieces_equal_whole(cape, conv_kernel, gamma):
+    layer = small_layer(cape=cape, conv_kernel=conv_kernel, gamma=gamma)
+    x = torch.randn(2, 15, 32)
+    whole, whole_state = layer(x)
+    state, pieces = None, []
+    for part in (x[:, :6], x[:, 6:7], x[:, 7:]):  # lengths that do not align with chunk_size
+        y, state = layer(part, state)
+        pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces, 1), whole)
+    torch.testing.assert_close(state.slots, whole_state.slots)
+    torch.testing.assert_close(state.normaliser, whole_state.normaliser)
+    assert state.position == whole_state.position == 15
+
+
+def test_chunked_forward_equals_token_by_token_steps():
+    layer = small_layer()
+    x = torch.randn(2, 13, 32)
+    y, final = layer(x)
+    state, steps = None, []
+    for t in range(x.shape[1]):
+        y_t, state = layer.step(x[:, t], state)
+        steps.append(y_t)
+    torch.testing.assert_close(torch.stack(steps, 1), y)
+    torch.testing.assert_close(state.slots, final.slots)
+    assert state.position == 13
+
+
+def test_result_does_not_depend_on_chunk_size():
+    layer = small_layer(chunk_size=1)
+    x = torch.randn(2, 11, 32)
+    expected, _ = layer(x)
+    layer.chunk_size = 8
+    torch.testing.assert_close(layer(x)[0], expected)
+
+
+def test_forward_does_not_modify_the_given_state_but_step_does():
+    layer = small_layer()
+    _, state = layer(torch.randn(1, 5, 32))
+    before = state.slots.clone()
+    layer(torch.randn(1, 3, 32), state)
+    assert torch.equal(state.slots, before)
+    _, stepped = layer.step(torch.randn(1, 32), state)
+    assert stepped.slots is state.slots and not torch.equal(state.slots, before)
+
+
+def dense(slot: torch.Tensor, weight: torch.Tensor, slots: int) -> torch.Tensor:
+    return torch.zeros(*slot.shape[:-1], slots, dtype=weight.dtype).scatter(-1, slot, weight)
+
+
+def overlaps(layer: RAMNet, q_logits, k_logits, start: int) -> torch.Tensor:
+    """<r_t, w_t'> for every read time t and write time t' when the sequence starts at ``start``."""
+    read = dense(*layer._decode(q_logits, start), layer.slots)
+    write = dense(*layer._decode(k_logits, start), layer.slots)
+    return read @ write.transpose(-1, -2)  # [b, h, t, t']
+
+
+def test_cape_gives_relative_addressing():
+    layer = small_layer(cape=True)
+    q_logits = torch.randn(1, 2, 6, 3, 4)
+    k_logits = torch.randn(1, 2, 6, 3, 4)
+    torch.testing.assert_close(overlaps(layer, q_logits, k_logits, 0), overlaps(layer, q_logits, k_logits, 37))
+    # the same key written at two times lands on shifted slots: addresses are relative, not absolute
+    slot_at_0, _ = layer._decode(k_logits[:, :, :1], 0)
+    slot_at_5, _ = layer._decode(k_logits[:, :, :1], 5)
+    assert torch.equal(torch.remainder(slot_at_0 - 5, layer.slots), slot_at_5)
+    # a constant query and key overlap by a function of t - t' only (a Toeplitz matrix)
+    same = overlaps(layer, q_logits[:, :, :1].expand_as(q_logits), k_logits[:, :, :1].expand_as(k_logits), 3)
+    for lag in range(-5, 6):
+        diagonal = torch.diagonal(same, offset=lag, dim1=-2, dim2=-1)
+        torch.testing.assert_close(diagonal, diagonal[..., :1].expand_as(diagonal))
+
+
+def test_without_cape_the_same_key_addresses_the_same_slots():
+    layer = small_layer(cape=False)
+    logits = torch.randn(1, 2, 1, 3, 4)
+    assert torch.equal(layer._decode(logits, 0)[0], layer._decode(logits, 11)[0])
+
+
+def test_gradients_reach_every_parameter():
+    layer = small_layer()
+    y, _ = layer(torch.randn(2, 9, 32))
+    y.square().mean().backward()
+    for name, parameter in layer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_state_detach_and_pickle():
+    layer = small_layer()
+    _, state = layer(torch.randn(1, 4, 32, requires_grad=True))
+    assert state.slots.requires_grad and not state.detach().slots.requires_grad
+    restored = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(1, 6, 32)
+    torch.testing.assert_close(restored(x)[0], layer(x)[0])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(heads=3), "divisible by heads"),
+    (dict(factor_size=1), "factor_size"),
+    (dict(top_k=65), "top_k"),
+    (dict(top_k=0), "top_k"),
+    (dict(gamma=-0.5), "gamma"),
+    (dict(factors=40, factor_size=4), "slots"),
+    (dict(conv_kernel=-1), "conv_kernel"),
+    (dict(eps=0.0), "eps"),
+    (dict(chunk_size=0), "chunk_size"),
+], ids=lambda v: str(v))
+def test_bad_arguments_raise_value_error(kwargs, message):
+    settings = dict(heads=2, factors=3, factor_size=4, top_k=5)
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        RAMNet(32, **settings)
+
+
+def test_bad_inputs_raise_input_error():
+    layer = small_layer()
+    with pytest.raises(InputError, match=r"\[batch, time, 32\]"):
+        layer(torch.randn(2, 5, 31))
+    with pytest.raises(InputError, match="empty"):
+        layer(torch.randn(2, 0, 32))
+    _, state = layer(torch.randn(2, 3, 32))
+    with pytest.raises(InputError, match="state does not fit"):
+        layer(torch.randn(3, 3, 32), state)
+    with pytest.raises(InputError, match="one token"):
+        layer.step(torch.randn(2, 3, 32), state)
+
+
+def test_layer_on_the_triton_backend_matches_the_reference(monkeypatch):
+    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 to run Triton kernels on CPU")
+    layer = small_layer()
+    x = torch.randn(2, 7, 32)
+    expected, expected_state = layer(x)
+    expected.sum().backward()
+    expected_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
+    actual, state = layer(x)
+    actual.sum().backward()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state.slots, expected_state.slots, rtol=1e-4, atol=1e-5)
+    for a, e in zip((p.grad for p in layer.parameters()), expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    y_step, _ = layer.step(x[:, 0])
+    torch.testing.assert_close(y_step, expected[:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_initial_state_equals_none():
+    layer = small_layer()
+    x = torch.randn(2, 9, 32)
+    expected, expected_state = layer(x)
+    actual, state = layer(x, layer.initial_state(2))
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(state.normaliser, expected_state.normaliser)
