@@ -446,5 +446,19 @@ def bench_run(ctx: typer.Context, name: str = typer.Argument(..., help="script n
         sys.argv = saved
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from memorycore import __version__
+
+        typer.echo(f"memorycore {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Test-time-learning memory: forecasting, DNA classification, language models and benchmarks."""
+
+
 if __name__ == "__main__":
     sys.exit(app())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
 from memorycore import NeuralMemory  # noqa: E402
+from memorycore.files import write_text_atomic  # noqa: E402
 
 FULL_SHAPES = [(8, 2048), (2, 8192), (1, 32768)]
 QUICK_SHAPES = [(2, 256), (1, 1024)]
@@ -203,6 +205,24 @@ def bench_layer(batch: int, time_steps: int, *, device: torch.device, dtype: tor
             "model_tflops_per_s": tokens_per_s * flops / 1e12}
 
 
+def tokens_per_second(value: float) -> str:
+    """Human units: 0.55k on a CPU, 10.3M on a GPU."""
+    if value != value:  # nan: not measured
+        return "n/a"
+    return f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value / 1e3:.2f}k"
+
+
+def finite_or_none(value):
+    """JSON has no NaN or infinity: write what was not measured as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes for a CPU")
@@ -242,7 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with backend(name if name in ("torch", "triton") else "auto"):
                     try:
                         row = bench_layer(batch, time_steps, device=device, dtype=dtype, backward=backward,
-                                          repeats=repeats, warmup=1, implementation=implementation)
+                                          repeats=repeats, warmup=2, implementation=implementation)
                     except torch.OutOfMemoryError:
                         row = {"batch": batch, "time": time_steps, "pass": "fwd+bwd" if backward else "fwd",
                                "tokens_per_s": float("nan"), "seconds": float("nan"), "peak_mib": float("inf"),
@@ -252,13 +272,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops if device.type == "cuda" else float("nan")
                 rows.append(row)
                 print(f"{name:>8} {f'{batch} x {time_steps}':>13} {row['pass']:>8} "
-                      f"{row['tokens_per_s'] / 1e6:>11.3f}M {row['peak_mib']:>9.0f} {row['mfu']:>6.1%}", flush=True)
+                      f"{tokens_per_second(row['tokens_per_s']):>12} {row['peak_mib']:>9.0f} {row['mfu']:>6.1%}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "scope": "memory op" if args.memory_op else "layer",
             "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_text_atomic(args.out, json.dumps(finite_or_none({"meta": meta, "rows": rows}), indent=2))
     print(f"wrote {args.out}")
     return rows
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from memorycore.errors import InputError
 from memorycore.files import atomic_path
 
 
@@ -30,6 +31,13 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    path = Path(path)
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    supported = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if image_format not in supported:
+        raise InputError(f"cannot write a .{image_format} image; use one of: "
+                         f"{', '.join('.' + name for name in sorted(supported))}")
     columns = list(forecast.columns)
     figure, axes = plt.subplots(len(columns), 1, figsize=(10, 1.8 * len(columns) + 0.8), sharex=True, squeeze=False)
     for axis, column in zip(axes[:, 0], columns):
@@ -43,10 +51,9 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
+            figure.savefig(tmp, dpi=110, format=image_format)
     finally:
         plt.close(figure)
     return path

@@ -70,8 +70,11 @@ class NeuralMemory(nn.Module):
         Use the forgetting gate (alpha); False never forgets.
     conv_kernel : int, default 4
         Width of the causal depthwise convolution after the q/k/v projections; 0 disables it.
-    max_lr : float, default 0.1
-        Upper bound of the inner learning rate theta.
+    max_lr : float, optional
+        Upper bound of the inner learning rate theta. Default ``min(0.1, 1 / chunk_size)``: the gradients of a chunk
+        are all taken at the same weights and add up, so on correlated keys the chunk's step grows with its size;
+        bounding ``theta * chunk_size`` keeps a long sequence from blowing the memory up (at chunk 64 a bound of 0.1
+        overflows within a few hundred tokens).
 
     Examples
     --------
@@ -97,7 +100,7 @@ class NeuralMemory(nn.Module):
         momentum: bool = True,
         weight_decay: bool = True,
         conv_kernel: int = 4,
-        max_lr: float = 0.1,
+        max_lr: float | None = None,
     ) -> None:
         super().__init__()
         _check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
@@ -108,6 +111,8 @@ class NeuralMemory(nn.Module):
         _check_positive(head_dim=head_dim)
         if conv_kernel < 0:
             raise ValueError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
+        if max_lr is None:
+            max_lr = min(0.1, 1.0 / chunk_size)
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth

@@ -160,3 +160,15 @@ def test_help_has_examples(runner):
     for command in ("fit", "predict", "evaluate", "plot"):
         result = runner.invoke(app, ["forecast", command, "--help"])
         assert result.exit_code == 0 and "Examples" in result.stdout
+
+
+def test_plot_to_an_unknown_image_format_is_one_clear_line(tmp_path):
+    from forecast.plots import plot_forecast
+    import pandas as pd
+    from memorycore import InputError
+
+    index = pd.date_range("2020-01-01", periods=4, freq="h")
+    frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0]}, index=index)
+    with pytest.raises(InputError, match=r"cannot write a \.jpgx image"):
+        plot_forecast(frame, frame, tmp_path / "x.jpgx")
+    assert not any(tmp_path.iterdir())

@@ -215,3 +215,12 @@ def test_wrong_input_shape_is_a_clear_error(shape):
     layer = NeuralMemory(16, heads=2)
     with pytest.raises(ValueError, match=r"expected input of shape \[batch, time, 16\]"):
         layer(torch.randn(*shape))
+
+
+def test_default_memory_stays_finite_on_long_sequences():
+    """With the default inner learning rate, 64-token chunks of correlated keys do not blow the memory up."""
+    layer = NeuralMemory(128, heads=2, chunk_size=64)
+    with torch.no_grad():
+        y, state = layer(torch.randn(1, 1024, 128))
+    assert torch.isfinite(y).all()
+    assert max(w.abs().max().item() for w in state.weights) < 10
