@@ -233,6 +233,172 @@ def genomics_main() -> None:
     """Classify DNA sequences (GenomicBenchmarks folders, CSV/TSV, FASTA, FASTA + BED)."""
 
 
+# --------------------------------------------------------------------------------------------------- genomics commands
+_GENOMICS_INPUT_HELP = ("A GenomicBenchmarks folder (<name>/{train,test}/<class>/*.txt), a CSV/TSV with seq and label "
+                        "columns, or FASTA.")
+
+
+@genomics_app.command("fit")
+@friendly_errors
+def genomics_fit(
+    train: Path = typer.Option(..., "--train", help=_GENOMICS_INPUT_HELP),
+    out: Path = typer.Option(..., "--out", help="Where to write the model (.safetensors)."),
+    labels: Path | None = typer.Option(None, "--labels", help="Two-column 'id label' file (FASTA input)."),
+    split: str = typer.Option("train", help="Split to read from a GenomicBenchmarks folder."),
+    epochs: int = typer.Option(10, help="Maximum training epochs (early stopping on a 10% validation split)."),
+    dim: int = typer.Option(64, help="Model width."),
+    blocks: int = typer.Option(2, help="Number of NeuralMemory blocks."),
+    max_length: int | None = typer.Option(None, help="Longest input read at once; default: longest training sequence."),
+    batch_size: int = typer.Option(128, help="Training batch size."),
+    lr: float = typer.Option(4e-3, help="Peak learning rate."),
+    reverse_complement: bool = typer.Option(False, help="Average both strands (reverse-complement invariant model)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, help="Random seed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a DNA classifier and save it.
+
+    Examples:
+
+        python cli.py genomics fit --train human_nontata_promoters --out m.safetensors
+
+        python cli.py genomics fit --train seqs.fa --labels labels.tsv --out m.safetensors --epochs 5
+    """
+    from genomics import DNAClassifier, load_sequences
+
+    _refuse_to_overwrite(out, train, labels)
+    data = load_sequences(train, labels=labels, split=split, require_labels=True)
+    classifier = DNAClassifier(dim=dim, blocks=blocks, max_length=max_length, epochs=epochs, batch_size=batch_size,
+                               lr=lr, reverse_complement=reverse_complement, device=device, random_state=seed,
+                               verbose=not quiet)
+    classifier.fit(data.sequences, data.labels)
+    classifier.save(out)
+    history = classifier.history_
+    best = f", best epoch {history.best_epoch + 1}" if history.val_loss else ""
+    typer.echo(f"saved {out}: {len(data)} sequences, classes {list(map(str, classifier.classes_))}, "
+               f"max_length {classifier.max_length_}{best}, {history.seconds:.1f} s")
+
+
+@genomics_app.command("classify")
+@friendly_errors
+def genomics_classify(
+    input: Path = typer.Argument(..., help="FASTA to classify (streamed), or a CSV/TSV or GenomicBenchmarks folder."),
+    model: Path = typer.Option(..., "--model", help="A model written by 'genomics fit'."),
+    bed: Path | None = typer.Option(None, "--bed", help="Classify these BED regions of the FASTA instead."),
+    out: Path | None = typer.Option(None, "--out", help="TSV to write (default: stdout)."),
+    split: str = typer.Option("test", help="Split to read from a GenomicBenchmarks folder."),
+    batch_size: int = typer.Option(512, help="Records held in memory at once."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Write one TSV row per sequence: id, predicted class, and a probability per class.
+
+    Examples:
+
+        python cli.py genomics classify seqs.fa --model m.safetensors --out preds.tsv
+
+        python cli.py genomics classify genome.fa --bed regions.bed --model m.safetensors
+    """
+    from genomics import DNAClassifier
+
+    if out is not None:
+        _refuse_to_overwrite(out, input, bed, model)
+    classifier = DNAClassifier.load(model, device=device)
+    records, total = _genomics_records(input, bed, split)
+    if out is None:
+        windowed = _write_predictions(sys.stdout, classifier, records, total, quiet, batch_size, str(input))
+    else:
+        from memorycore.files import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
+            windowed = _write_predictions(stream, classifier, records, total, quiet, batch_size, str(input))
+    if windowed:
+        typer.echo(f"warning: {windowed} sequence(s) longer than the model's max_length {classifier.max_length_} were "
+                   f"classified by averaging overlapping windows", err=True)
+
+
+@genomics_app.command("evaluate")
+@friendly_errors
+def genomics_evaluate(
+    model: Path = typer.Option(..., "--model", help="A model written by 'genomics fit'."),
+    data: Path = typer.Option(..., "--data", help=_GENOMICS_INPUT_HELP),
+    labels: Path | None = typer.Option(None, "--labels", help="Two-column 'id label' file (FASTA input)."),
+    bed: Path | None = typer.Option(None, "--bed", help="Evaluate on these BED regions of the FASTA."),
+    split: str = typer.Option("test", help="Split to read from a GenomicBenchmarks folder."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Print accuracy, macro F1, Matthews correlation and the confusion matrix on labelled data.
+
+    Examples:
+
+        python cli.py genomics evaluate --model m.safetensors --data human_nontata_promoters
+
+        python cli.py genomics evaluate --model m.safetensors --data seqs.fa --labels labels.tsv
+    """
+    from genomics import DNAClassifier, load_sequences
+    from genomics.inference import evaluate_classifier
+
+    classifier = DNAClassifier.load(model, device=device)
+    dataset = load_sequences(data, labels=labels, bed=bed, split=split, require_labels=True)
+    typer.echo(evaluate_classifier(classifier, dataset).to_text())
+
+
+def _refuse_to_overwrite(out: Path, *inputs: Path | None) -> None:
+    for path in inputs:
+        if path is not None and Path(out).resolve() == Path(path).resolve():
+            raise InputError(f"--out {out} is one of the inputs; choose another output path")
+
+
+def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str) -> int:
+    """Write the TSV rows while advancing a progress bar; return how many records were classified by windows."""
+    from genomics.inference import classify_records
+
+    windowed = 0
+    with _genomics_progress(quiet) as progress:
+        task = progress.add_task("classifying", total=total)
+        stream.write("\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n")
+        for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
+                                                       source=source):
+            windowed += n_windowed
+            predicted = classifier.classes_[proba.argmax(axis=1)]
+            for record_id, label, row in zip(ids, predicted, proba):
+                stream.write("\t".join([record_id, str(label)] + [f"{p:.6f}" for p in row]) + "\n")
+    return windowed
+
+
+def _genomics_records(input: Path, bed: Path | None, split: str):
+    """A function making the (id, sequence) stream while advancing a progress task, and the task's total."""
+    from genomics.data import is_fasta, iter_bed, iter_bed_sequences, iter_fasta, load_sequences
+
+    if bed is not None:
+        total = sum(1 for _ in iter_bed(bed))
+
+        def regions(progress, task):
+            for record in iter_bed_sequences(input, bed):
+                yield record
+                progress.advance(task)
+        return regions, total
+    if Path(input).is_file() and is_fasta(input):
+        def fasta(progress, task):
+            yield from iter_fasta(input, on_progress=lambda done: progress.update(task, completed=done))
+        return fasta, Path(input).stat().st_size
+    data = load_sequences(input, split=split)
+
+    def table(progress, task):
+        for record in zip(data.ids, data.sequences):
+            yield record
+            progress.advance(task)
+    return table, len(data)
+
+
+def _genomics_progress(quiet: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                    console=Console(file=sys.stderr), disable=quiet, transient=True)
+
+
 @lm_app.callback()
 def lm_main() -> None:
     """Train small language models with memory layers on text, and generate."""

@@ -1,0 +1,113 @@
+"""Using a fitted classifier on files: streaming classification and evaluation metrics."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
+
+from genomics.data import SequenceData, encode
+from genomics.estimator import DNAClassifier
+from memorycore.errors import InputError
+
+
+def classify_records(
+    classifier: DNAClassifier,
+    records: Iterable[tuple[str, str]],
+    *,
+    batch_size: int = 512,
+    source: str = "input",
+) -> Iterator[tuple[list[str], np.ndarray, int]]:
+    """Classify ``(id, sequence)`` records batch by batch, so inputs larger than memory can be streamed.
+
+    Parameters
+    ----------
+    classifier : DNAClassifier
+        A fitted classifier.
+    records : iterable of (str, str)
+        E.g. :func:`genomics.iter_fasta` or :func:`genomics.iter_bed_sequences`.
+    batch_size : int
+        Records held in memory at once.
+    source : str
+        Name of the input, used in error messages.
+
+    Yields
+    ------
+    ids : list of str
+    proba : ndarray [len(ids), n_classes]
+        Columns in ``classifier.classes_`` order.
+    n_windowed : int
+        How many of these records were longer than the model's ``max_length_`` (classified by averaging windows).
+    """
+    ids, sequences = [], []
+    for record_id, sequence in records:
+        encode(sequence, record=f"{source}: record {record_id!r}")  # fail with the record's name, not an index
+        ids.append(record_id)
+        sequences.append(sequence)
+        if len(ids) == batch_size:
+            yield _classify_batch(classifier, ids, sequences)
+            ids, sequences = [], []
+    if ids:
+        yield _classify_batch(classifier, ids, sequences)
+
+
+def _classify_batch(classifier: DNAClassifier, ids: list[str], sequences: list[str]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # counted and reported once by the caller instead
+        proba = classifier.predict_proba(sequences)
+    return ids, proba, sum(len(s) > classifier.max_length_ for s in sequences)
+
+
+@dataclass
+class Evaluation:
+    """Scores of a classifier on labelled data (F1 is macro-averaged over classes)."""
+
+    n: int
+    accuracy: float
+    f1: float
+    mcc: float
+    classes: list
+    confusion: np.ndarray
+
+    def to_text(self) -> str:
+        """A small plain-text report: the scores, then the confusion matrix (rows true, columns predicted)."""
+        lines = [f"sequences  {self.n}", f"accuracy   {self.accuracy:.4f}", f"f1_macro   {self.f1:.4f}",
+                 f"mcc        {self.mcc:.4f}", "confusion matrix (rows: true class, columns: predicted class)"]
+        names = [str(c) for c in self.classes]
+        width = max(8, *(len(n) for n in names), len(str(self.confusion.max()))) + 2
+        lines.append(" " * width + "".join(n.rjust(width) for n in names))
+        for name, row in zip(names, self.confusion):
+            lines.append(name.ljust(width) + "".join(str(v).rjust(width) for v in row))
+        return "\n".join(lines)
+
+
+def evaluate_classifier(classifier: DNAClassifier, data: SequenceData) -> Evaluation:
+    """Accuracy, macro F1, Matthews correlation and the confusion matrix of ``classifier`` on labelled ``data``.
+
+    Raises
+    ------
+    InputError
+        The data have no labels, or labels the model has never seen.
+    """
+    if data.labels is None:
+        raise InputError("the evaluation data have no labels")
+    known = {str(c) for c in classifier.classes_}
+    unknown = sorted({str(label) for label in data.labels} - known)
+    if unknown:
+        raise InputError(f"labels {unknown} are not classes of the model (it knows {sorted(known)}); "
+                         f"evaluate on data labelled like the training data")
+    classes = classifier.classes_
+    by_name = {str(c): c for c in classes}
+    truth = np.asarray([by_name[str(label)] for label in data.labels])
+    predicted = classifier.predict(data.sequences)
+    return Evaluation(
+        n=len(truth),
+        accuracy=float(accuracy_score(truth, predicted)),
+        f1=float(f1_score(truth, predicted, average="macro", labels=classes)),
+        mcc=float(matthews_corrcoef(truth, predicted)),
+        classes=[c.item() if isinstance(c, np.generic) else c for c in classes],
+        confusion=confusion_matrix(truth, predicted, labels=classes),
+    )
