@@ -19,7 +19,7 @@ from memorycore.errors import InputError, MemorycoreError
 from memorycore.files import write_text_atomic
 
 app = typer.Typer(
-    help="Test-time-learning memory: forecasting, DNA classification, language models and benchmarks.",
+    help="Test-time-learning memory: forecasting, DNA classification and benchmarks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -28,7 +28,7 @@ forecast_app = typer.Typer(help="Forecast multivariate time series (ETT, ECL, Tr
                            no_args_is_help=True)
 genomics_app = typer.Typer(help="Classify DNA sequences (GenomicBenchmarks folders, CSV/TSV, FASTA, FASTA + BED).",
                            no_args_is_help=True)
-lm_app = typer.Typer(help="Train small language models with memory layers on text, and generate.", no_args_is_help=True)
+lm_app = typer.Typer(help="Language models with memory layers (planned: no commands yet).", no_args_is_help=True)
 bench_app = typer.Typer(help="Run the benchmark scripts of bench/.", no_args_is_help=True)
 app.add_typer(forecast_app, name="forecast")
 app.add_typer(genomics_app, name="genomics")
@@ -401,7 +401,7 @@ def _genomics_progress(quiet: bool):
 
 @lm_app.callback()
 def lm_main() -> None:
-    """Train small language models with memory layers on text, and generate."""
+    """Language models with memory layers (planned: no commands yet)."""
 
 
 @bench_app.callback()
@@ -457,7 +457,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                       help="Print the version and exit.")) -> None:
-    """Test-time-learning memory: forecasting, DNA classification, language models and benchmarks."""
+    """Test-time-learning memory: forecasting, DNA classification and benchmarks."""
 
 
 if __name__ == "__main__":
