@@ -123,11 +123,12 @@ def triton_backend(monkeypatch):
     pytest.importorskip("triton")
     if __import__("os").environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) to run Triton kernels on CPU")
+    import kernels.ramnet.chunk as ramnet_chunk
     import kernels.ramnet.triton as ramnet_triton
 
     monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
-    monkeypatch.setattr(ramnet_triton, "new_buffer",
-                        lambda *shape, **kwargs: torch.full(shape, float("nan"), **kwargs))
+    for module in (ramnet_triton, ramnet_chunk):
+        monkeypatch.setattr(module, "new_buffer", lambda *shape, **kwargs: torch.full(shape, float("nan"), **kwargs))
 
 
 @pytest.mark.parametrize("batch,heads,time,top_k,slots,dim,gamma", [

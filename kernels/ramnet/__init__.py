@@ -3,12 +3,18 @@
 ``product_topk`` decodes addresses (plain PyTorch: O(U K^2) per token, no kernel needed). ``pdma`` runs the memory
 over a sequence with autograd (training) and ``pdma_step`` runs one token in place (inference); both dispatch to the
 Triton kernels or the PyTorch reference by the rule in :mod:`kernels`.
+
+Two Triton training kernels exist: ``chunk`` (:mod:`kernels.ramnet.chunk`, the exact chunk form, the default) and
+``scan`` (:mod:`kernels.ramnet.triton`, a fused token-by-token scan). Pick one with ``pdma(..., kernel=...)`` or the
+environment variable ``MEMORYCORE_RAMNET_KERNEL=chunk|scan``; both give the same result up to rounding.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+import os
 
 from kernels import use_triton
 from kernels.ramnet.reference import (
@@ -17,6 +23,18 @@ from kernels.ramnet.reference import (
     pdma_step_reference,
     product_topk,
 )
+
+TRAINING_KERNELS = ("chunk", "scan")
+
+
+def training_kernel(kernel: str | None = None) -> str:
+    """The Triton training kernel to run: ``kernel`` if given, else ``MEMORYCORE_RAMNET_KERNEL`` (default chunk)."""
+    if kernel is None:
+        kernel = os.environ.get("MEMORYCORE_RAMNET_KERNEL", "chunk").strip().lower() or "chunk"
+    if kernel not in TRAINING_KERNELS:
+        raise ValueError(f"RAM-Net training kernel {kernel!r} is not one of {', '.join(TRAINING_KERNELS)}; "
+                         "set kernel= or MEMORYCORE_RAMNET_KERNEL to one of them")
+    return kernel
 
 
 def compact_slots(write_index: Tensor, read_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -57,14 +75,16 @@ def pdma(
     eps: float,
     num_slots: int | None = None,
     chunk_size: int = 8,
+    kernel: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Write every token into the slot memory and read it back (causal), returning the output and the new state.
 
     See :func:`kernels.ramnet.reference.pdma_chunked_reference` for the shapes and the math. The input state is not
     modified; ``slots=None, normaliser=None`` with ``num_slots`` starts from the empty memory (S = 0, z = 1/M)
     without materialising it first. The backends run on the touched slots only (:func:`compact_slots`), so the cost
-    depends on the number of slots only through allocating and filling the returned state. ``chunk_size`` only
-    shapes the PyTorch reference (the Triton kernel scans token by token); both give the same result.
+    depends on the number of slots only through allocating and filling the returned state. ``chunk_size`` shapes
+    the work of the chunk form (reference and Triton ``chunk`` kernel), not the result. ``kernel`` picks the Triton
+    training kernel (see :func:`training_kernel`); it is ignored when the reference runs.
     """
     batch, heads, _, dim = v.shape
     if slots is None:
@@ -79,7 +99,13 @@ def pdma(
     slot_ids, write_local, read_local, is_padding = compact_slots(write_index, read_index)
     row_ids = slot_ids[..., None].expand(*slot_ids.shape, dim)
     compact = (slots.gather(2, row_ids), normaliser.gather(2, slot_ids))
-    if use_triton(v, slots):
+    if use_triton(v, slots) and training_kernel(kernel) == "chunk":
+        from kernels.ramnet.chunk import pdma_chunk_triton
+
+        out, rows, norms = pdma_chunk_triton(
+            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
+        )
+    elif use_triton(v, slots):
         from kernels.ramnet.triton import pdma_triton
 
         out, rows, norms = pdma_triton(v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps)
@@ -125,6 +151,7 @@ def pdma_step(
 
 __all__ = [
     "pdma",
+    "training_kernel",
     "compact_slots",
     "pdma_step",
     "product_topk",
