@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor, nn
 
-from kernels.ramnet import pdma, pdma_step, product_topk
+from kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
 from memorycore.errors import InputError
 
 MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
 
 
-class RAMNetState(NamedTuple):
+class RAMNetState:
     """Recurrent state of :class:`RAMNet`; carry it between calls to stream a sequence.
 
     Attributes
@@ -26,17 +24,55 @@ class RAMNetState(NamedTuple):
         The last q/k/v projections before the causal convolution (None without convolution).
     position : int
         Tokens seen so far: the offset of the CAPE cyclic shift.
+
+    A forward pass returns the memory as the rows it touched and builds the full ``slots`` / ``normaliser`` tensors
+    (O(slots) memory) only when one of them is first read, so training that discards the state never allocates them.
+    The state is never changed by a forward pass; :meth:`RAMNet.step` updates ``slots`` / ``normaliser`` in place.
     """
 
-    slots: Tensor
-    normaliser: Tensor
-    conv: Tensor | None
-    position: int
+    def __init__(self, slots: Tensor | None, normaliser: Tensor | None, conv: Tensor | None, position: int,
+                 *, touched: TouchedRows | None = None) -> None:
+        self._slots, self._normaliser, self._touched = slots, normaliser, touched
+        self.conv, self.position = conv, position
+
+    @property
+    def slots(self) -> Tensor | None:
+        self._build()
+        return self._slots
+
+    @property
+    def normaliser(self) -> Tensor | None:
+        self._build()
+        return self._normaliser
+
+    def _build(self) -> None:
+        if self._touched is not None:
+            self._slots, self._normaliser = self._touched.materialise()
+            self._touched = None
+
+    def memory_shape(self) -> tuple[int, ...] | None:
+        """Shape of ``slots`` without building it (None for a state without memory)."""
+        if self._touched is not None:
+            batch, heads, _, dim = self._touched.rows.shape
+            return (batch, heads, self._touched.num_slots, dim)
+        return None if self._slots is None else tuple(self._slots.shape)
 
     def detach(self) -> "RAMNetState":
         """The same state cut from the autograd graph (truncated back-propagation through time)."""
         conv = None if self.conv is None else self.conv.detach()
-        return RAMNetState(self.slots.detach(), self.normaliser.detach(), conv, self.position)
+        if self._touched is not None:
+            touched = self._touched._replace(
+                rows=self._touched.rows.detach(), norms=self._touched.norms.detach(),
+                base_slots=_detach(self._touched.base_slots), base_normaliser=_detach(self._touched.base_normaliser))
+            return RAMNetState(None, None, conv, self.position, touched=touched)
+        return RAMNetState(_detach(self._slots), _detach(self._normaliser), conv, self.position)
+
+    def __repr__(self) -> str:
+        return f"RAMNetState(memory {self.memory_shape()}, position={self.position})"
+
+
+def _detach(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.detach()
 
 
 class RAMNet(nn.Module):
@@ -144,10 +180,10 @@ class RAMNet(nn.Module):
         device = device or self.to_qkv.weight.device
         slots = torch.zeros(batch_size, self.heads, self.slots, self.value_dim, device=device)
         normaliser = torch.full((batch_size, self.heads, self.slots), 1.0 / self.slots, device=device)
-        return self._without_memory(batch_size, device)._replace(slots=slots, normaliser=normaliser)
+        return RAMNetState(slots, normaliser, self._without_memory(batch_size, device).conv, 0)
 
     def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
-        """The initial state with ``slots`` and ``normaliser`` left None: ``pdma`` makes the empty memory itself."""
+        """The initial state with ``slots`` and ``normaliser`` left None: ``pdma_touched`` starts from the empty memory itself."""
         conv = None
         if self.qkv_conv is not None:
             conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
@@ -170,15 +206,15 @@ class RAMNet(nn.Module):
         state : RAMNetState
         """
         self._check_input(x, state, time_axis=True)
-        if state is None:  # the empty memory is made by pdma directly (no O(slots) copy of a zero state)
+        if state is None:  # pdma_touched starts from the empty memory without building it
             state = self._without_memory(x.shape[0], x.device)
         read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
-        out, slots, normaliser = pdma(
+        out, touched = pdma_touched(
             v, write_index, write_weight, read_index, read_weight, state.slots, state.normaliser,
             gamma=self.gamma, eps=self.eps, num_slots=self.slots, chunk_size=self.chunk_size,
         )
         y = self.to_out(out.transpose(1, 2).flatten(2).to(x.dtype))
-        return y, RAMNetState(slots, normaliser, conv, state.position + x.shape[1])
+        return y, RAMNetState(None, None, conv, state.position + x.shape[1], touched=touched)
 
     @torch.no_grad()
     def step(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
@@ -247,7 +283,7 @@ class RAMNet(nn.Module):
         if state is None:
             return
         expected = (x.shape[0], self.heads, self.slots, self.value_dim)
-        if not isinstance(state, RAMNetState) or tuple(state.slots.shape) != expected:
+        if not isinstance(state, RAMNetState) or state.memory_shape() != expected:
             raise InputError(f"state does not fit this layer and batch: expected slots of shape {list(expected)}; "
                              "pass the state this layer returned for the same batch, or None")
 

@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+from kernels.ramnet.reference import pdma_recurrent_reference
 from memorycore import InputError, RAMNet, RAMNetState
 
 
@@ -69,6 +70,29 @@ def test_forward_does_not_modify_the_given_state_but_step_does():
     assert torch.equal(state.slots, before)
     _, stepped = layer.step(torch.randn(1, 32), state)
     assert stepped.slots is state.slots and not torch.equal(state.slots, before)
+
+
+@pytest.mark.parametrize("from_state", [False, True], ids=["empty", "given"])
+def test_full_state_is_built_only_when_read_and_equals_the_recurrence(from_state):
+    """Training that ignores the state must not allocate O(slots); reading it gives the same values and gradients."""
+    layer = small_layer()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    start = layer.initial_state(2)
+    if from_state:
+        start = RAMNetState(torch.randn_like(start.slots), torch.rand_like(start.normaliser) + 0.1, start.conv, 0)
+    y, state = layer(x, start if from_state else None)
+    assert state._slots is None and state.memory_shape() == (2, 2, 64, 16)  # nothing of O(slots) built yet
+    assert state.detach()._slots is None
+    read_index, read_weight, write_index, write_weight, v, _ = layer._addresses(x, start)
+    expected = pdma_recurrent_reference(v, write_index, write_weight, read_index, read_weight, start.slots,
+                                        start.normaliser, layer.gamma, layer.eps)
+    torch.testing.assert_close(state.slots, expected[1])
+    torch.testing.assert_close(state.normaliser, expected[2])
+    torch.testing.assert_close(state.detach().slots, expected[1])
+    cotangent = torch.randn_like(expected[1])
+    (actual_grad,) = torch.autograd.grad((state.slots * cotangent).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected[1] * cotangent).sum(), x)
+    torch.testing.assert_close(actual_grad, expected_grad)
 
 
 def dense(slot: torch.Tensor, weight: torch.Tensor, slots: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 import os
+from typing import NamedTuple
 
 from kernels import use_triton
 from kernels.ramnet.reference import (
@@ -62,6 +63,89 @@ def compact_slots(write_index: Tensor, read_index: Tensor) -> tuple[Tensor, Tens
     return slot_ids, write_local, read_local, is_padding
 
 
+class TouchedRows(NamedTuple):
+    """The memory after a sequence, kept as the rows the sequence touched (O(touched) instead of O(slots)).
+
+    Every slot outside ``slot_ids`` keeps its value from ``base_slots`` / ``base_normaliser``, or from the empty
+    memory (S = 0, z = 1 / num_slots) when those are None. ``slot_ids`` may repeat a slot (padding of
+    :func:`compact_slots`); repeated entries carry the same row.
+    """
+
+    slot_ids: Tensor  # [b, h, n]
+    rows: Tensor  # [b, h, n, d]
+    norms: Tensor  # [b, h, n]
+    num_slots: int
+    base_slots: Tensor | None
+    base_normaliser: Tensor | None
+
+    def materialise(self) -> tuple[Tensor, Tensor]:
+        """The full state ``slots [b, h, m, d]``, ``normaliser [b, h, m]`` (differentiable in the rows)."""
+        row_ids = self.slot_ids[..., None].expand_as(self.rows)
+        if self.base_slots is not None:  # the input state is not modified
+            return (self.base_slots.scatter(2, row_ids, self.rows),
+                    self.base_normaliser.scatter(2, self.slot_ids, self.norms))
+        batch, heads, _, dim = self.rows.shape
+        options = dict(device=self.rows.device, dtype=self.rows.dtype)
+        slots = torch.zeros(batch, heads, self.num_slots, dim, **options)
+        normaliser = torch.full((batch, heads, self.num_slots), 1.0 / self.num_slots, **options)
+        # buffers of our own: fill them in place instead of copying M rows
+        return slots.scatter_(2, row_ids, self.rows), normaliser.scatter_(2, self.slot_ids, self.norms)
+
+
+def pdma_touched(
+    v: Tensor,
+    write_index: Tensor,
+    write_weight: Tensor,
+    read_index: Tensor,
+    read_weight: Tensor,
+    slots: Tensor | None,
+    normaliser: Tensor | None,
+    *,
+    gamma: float,
+    eps: float,
+    num_slots: int | None = None,
+    chunk_size: int = 8,
+    kernel: str | None = None,
+) -> tuple[Tensor, TouchedRows]:
+    """:func:`pdma` returning the new state as :class:`TouchedRows`: no O(slots) allocation or copy.
+
+    The backends run on the touched slots only (:func:`compact_slots`), so with the state kept as touched rows
+    nothing here depends on the number of slots M. Call ``.materialise()`` for the full state.
+    """
+    batch, heads, _, dim = v.shape
+    slot_ids, write_local, read_local, is_padding = compact_slots(write_index, read_index)
+    if slots is None:
+        if num_slots is None:
+            raise ValueError("pass num_slots to start from the empty memory (slots=None)")
+        state_dtype = torch.promote_types(v.dtype, torch.float32)
+        start_rows = torch.zeros(*slot_ids.shape, dim, device=v.device, dtype=state_dtype)
+        start_norms = torch.full(slot_ids.shape, 1.0 / num_slots, device=v.device, dtype=state_dtype)
+    else:
+        num_slots, state_dtype = slots.shape[2], slots.dtype
+        start_rows = slots.gather(2, slot_ids[..., None].expand(*slot_ids.shape, dim))
+        start_norms = normaliser.gather(2, slot_ids)
+    compact = (start_rows, start_norms)
+    if use_triton(v, start_rows) and training_kernel(kernel) == "chunk":
+        from kernels.ramnet.chunk import pdma_chunk_triton
+
+        out, rows, norms = pdma_chunk_triton(
+            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
+        )
+    elif use_triton(v, start_rows):
+        from kernels.ramnet.triton import pdma_triton
+
+        out, rows, norms = pdma_triton(v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps)
+    else:
+        out, rows, norms = pdma_chunked_reference(
+            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
+        )
+    # Padding rows repeat their head's compact row 0 (same slot), so each slot receives one value; detached, so
+    # the gradient of that slot reaches row 0 once.
+    rows = torch.where(is_padding[..., None], rows[..., :1, :].detach(), rows).to(state_dtype)
+    norms = torch.where(is_padding, norms[..., :1].detach(), norms).to(state_dtype)
+    return out, TouchedRows(slot_ids, rows, norms, num_slots, slots, normaliser)
+
+
 def pdma(
     v: Tensor,
     write_index: Tensor,
@@ -82,44 +166,14 @@ def pdma(
     See :func:`kernels.ramnet.reference.pdma_chunked_reference` for the shapes and the math. The input state is not
     modified; ``slots=None, normaliser=None`` with ``num_slots`` starts from the empty memory (S = 0, z = 1/M)
     without materialising it first. The backends run on the touched slots only (:func:`compact_slots`), so the cost
-    depends on the number of slots only through allocating and filling the returned state. ``chunk_size`` shapes
-    the work of the chunk form (reference and Triton ``chunk`` kernel), not the result. ``kernel`` picks the Triton
-    training kernel (see :func:`training_kernel`); it is ignored when the reference runs.
+    depends on the number of slots only through building the returned full state (:func:`pdma_touched` skips
+    that). ``chunk_size`` shapes the work of the chunk form (reference and Triton ``chunk`` kernel), not the
+    result. ``kernel`` picks the Triton training kernel (see :func:`training_kernel`); it is ignored when the
+    reference runs.
     """
-    batch, heads, _, dim = v.shape
-    if slots is None:
-        if num_slots is None:
-            raise ValueError("pass num_slots to start from the empty memory (slots=None)")
-        state_dtype = torch.promote_types(v.dtype, torch.float32)
-        slots = torch.zeros(batch, heads, num_slots, dim, device=v.device, dtype=state_dtype)
-        normaliser = torch.full((batch, heads, num_slots), 1.0 / num_slots, device=v.device, dtype=state_dtype)
-        fresh = True
-    else:
-        fresh = False
-    slot_ids, write_local, read_local, is_padding = compact_slots(write_index, read_index)
-    row_ids = slot_ids[..., None].expand(*slot_ids.shape, dim)
-    compact = (slots.gather(2, row_ids), normaliser.gather(2, slot_ids))
-    if use_triton(v, slots) and training_kernel(kernel) == "chunk":
-        from kernels.ramnet.chunk import pdma_chunk_triton
-
-        out, rows, norms = pdma_chunk_triton(
-            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
-        )
-    elif use_triton(v, slots):
-        from kernels.ramnet.triton import pdma_triton
-
-        out, rows, norms = pdma_triton(v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps)
-    else:
-        out, rows, norms = pdma_chunked_reference(
-            v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
-        )
-    # Padding rows repeat their head's compact row 0 (same slot), so each slot receives one value; detached, so
-    # the gradient of that slot reaches row 0 once.
-    rows = torch.where(is_padding[..., None], rows[..., :1, :].detach(), rows).to(slots.dtype)
-    norms = torch.where(is_padding, norms[..., :1].detach(), norms).to(slots.dtype)
-    if fresh:  # a buffer of our own: fill it in place instead of copying M rows
-        return out, slots.scatter_(2, row_ids, rows), normaliser.scatter_(2, slot_ids, norms)
-    return out, slots.scatter(2, row_ids, rows), normaliser.scatter(2, slot_ids, norms)
+    out, touched = pdma_touched(v, write_index, write_weight, read_index, read_weight, slots, normaliser,
+                                gamma=gamma, eps=eps, num_slots=num_slots, chunk_size=chunk_size, kernel=kernel)
+    return (out, *touched.materialise())
 
 
 def pdma_step(
@@ -151,6 +205,8 @@ def pdma_step(
 
 __all__ = [
     "pdma",
+    "pdma_touched",
+    "TouchedRows",
     "training_kernel",
     "compact_slots",
     "pdma_step",
