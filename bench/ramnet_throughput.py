@@ -4,12 +4,14 @@ One RAMNet layer (H heads of value_dim 64, K = 8, U factors of d_p = 4, so M = 4
 backward on [batch, time, dim] inputs, tokens per second for M = 2^10 ... 2^20. Before timing, the layer on the
 default backend (Triton on CUDA) is checked against the PyTorch reference on a small input.
 
-The time includes everything a training step of the layer does, also the O(M d_v) allocation and copies of the
-state per call (zeroing the empty memory, the copy that the backward rolls back), which grow with M; the per-token
-scan itself does O(K d_v + U K^2) work.
+The time includes everything a training step of the layer does. The layer runs on the slots the batch touches
+(at most 2 t K per sequence and head) and, as the returned state is not read here, never builds the O(M d_v) state,
+so the work per token is O(K d_v + U K^2) whatever M; what still changes with M is how many distinct rows are touched
+(up to 2 t K), i.e. the working set.
 
-    python bench/ramnet_throughput.py            # GPU: 8 x 2048 tokens, 4 heads, M = 2^10 .. 2^20
-    python bench/ramnet_throughput.py --quick    # CPU: small sizes, PyTorch reference
+    python bench/ramnet_throughput.py                   # GPU: 8 x 2048 tokens, 4 heads, M = 2^10 .. 2^20
+    python bench/ramnet_throughput.py --kernel scan     # the same with the token-by-token Triton scan
+    python bench/ramnet_throughput.py --quick           # CPU: small sizes, PyTorch reference
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
 from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
 
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--time", type=int, default=None)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--max-factors", type=int, default=None,
+                        help="largest U (M = 4^U slots); default 7 with --quick, 10 otherwise")
+    parser.add_argument("--kernel", choices=TRAINING_KERNELS, default=None,
+                        help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else chunk)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
                         help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
@@ -84,10 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (2 if args.quick else 8)
     time_steps = args.time or (128 if args.quick else 2048)
     repeats = args.repeats or (2 if args.quick else 5)
-    factor_range = range(5, 8) if args.quick else range(5, 11)  # M = 4^U: 2^10 .. 2^14 quick, .. 2^20 full
+    max_factors = args.max_factors or (7 if args.quick else 10)
+    factor_range = range(5, max_factors + 1)  # M = 4^U: 2^10 .. 2^14 quick, .. 2^20 full
+    if args.kernel:
+        os.environ["MEMORYCORE_RAMNET_KERNEL"] = args.kernel
+    kernel = training_kernel()
 
     backend = os.environ.get("MEMORYCORE_BACKEND", "auto")
-    print(f"RAM-Net throughput on {device} (backend {backend}): batch {batch} x {time_steps} tokens, "
+    print(f"RAM-Net throughput on {device} (backend {backend}; Triton kernel on CUDA: {kernel}): "
+          f"batch {batch} x {time_steps} tokens, "
           f"{args.heads} heads x value_dim 64, top_k 8, forward + backward")
     difference = check_against_reference(device)
     print(f"check against the PyTorch reference: max relative difference {difference:.2e}")
@@ -102,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"slots": layer.slots, "factors": factors, "state_mb_per_sequence": state_mb,
                      "tokens_per_s": speed})
         write_json(args.out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                              "backend": backend, "batch": batch, "time": time_steps, "heads": args.heads,
+                              "backend": backend, "kernel": kernel, "batch": batch, "time": time_steps,
+                              "heads": args.heads,
                               "reference_difference": difference, "rows": rows})
         del layer
         if device.type == "cuda":

@@ -183,7 +183,7 @@ class RAMNet(nn.Module):
         return RAMNetState(slots, normaliser, self._without_memory(batch_size, device).conv, 0)
 
     def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
-        """The initial state with ``slots`` and ``normaliser`` left None: ``pdma_touched`` starts from the empty memory itself."""
+        """The initial state without ``slots`` / ``normaliser``: ``pdma_touched`` starts from the empty memory."""
         conv = None
         if self.qkv_conv is not None:
             conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,

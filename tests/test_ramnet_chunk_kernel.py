@@ -1,27 +1,21 @@
-"""The chunk-form Triton training kernel (kernels/ramnet/chunk.py) == the PyTorch chunk form, under TRITON_INTERPRET=1."""
+"""The chunk-form Triton training kernel (kernels/ramnet/chunk.py) == the PyTorch chunk form (TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
 
 from kernels.ramnet import pdma, training_kernel
 from kernels.ramnet.reference import pdma_chunked_reference, pdma_recurrent_reference
-from test_ramnet_kernels import outputs_and_grads, random_problem
+from test_ramnet_kernels import outputs_and_grads, random_problem, triton_backend  # noqa: F401 (a fixture)
 
 NAMES = ["out", "slots", "normaliser", "grad v", "grad write_weight", "grad read_weight", "grad slots",
          "grad normaliser"]
 
 
 @pytest.fixture
-def chunk_kernel(monkeypatch):
-    """The chunk kernels on CPU through the interpreter, with NaN-filled fresh buffers."""
-    pytest.importorskip("triton")
-    if __import__("os").environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) to run Triton kernels on CPU")
+def chunk_kernel(triton_backend):
+    """The chunk kernels module, run on CPU by the interpreter with NaN-filled fresh buffers (``triton_backend``)."""
     import kernels.ramnet.chunk as ramnet_chunk
 
-    monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
-    monkeypatch.setattr(ramnet_chunk, "new_buffer",
-                        lambda *shape, **kwargs: torch.full(shape, float("nan"), **kwargs))
     return ramnet_chunk
 
 
@@ -116,3 +110,18 @@ def test_kernel_choice_defaults_to_chunk_and_rejects_unknown(monkeypatch):
     assert training_kernel("chunk") == "chunk"
     with pytest.raises(ValueError, match="chunk, scan"):
         training_kernel("fused")
+
+
+def test_chunk_kernel_without_gradients_gives_the_same_result(chunk_kernel):
+    """Without gradients the forward skips saving the chunk-start rows; the result must not change."""
+    torch.manual_seed(4)
+    leaves, indices = random_problem(1, 2, 10, 3, 7, 8, dtype=torch.float32)
+    detached = {name: value.detach() for name, value in leaves.items()}
+    args = (indices["write_index"], indices["read_index"])
+    expected = pdma_chunked_reference(detached["v"], args[0], detached["write_weight"], args[1],
+                                      detached["read_weight"], detached["slots"], detached["normaliser"], 1.0, 1e-6, 4)
+    actual = chunk_kernel.pdma_chunk_triton(detached["v"], args[0], detached["write_weight"], args[1],
+                                            detached["read_weight"], detached["slots"], detached["normaliser"],
+                                            1.0, 1e-6, 4)
+    assert not actual[0].requires_grad
+    assert_all_close(actual, expected, rtol=1e-4, atol=1e-5)

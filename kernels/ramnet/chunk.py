@@ -15,11 +15,12 @@ end are masked). Per chunk:
 5. the end-of-chunk rows are the same formula with the chunk's write slots as queries at its last token; each touched
    slot is stored once, by its last writer in the chunk.
 
-The forward saves the chunk-start value of every written row (T K rows and normalisers: linear in time). The backward
-walks the chunks in reverse from the final state: it restores the chunk's written rows from what was saved (so the
-state buffer holds the chunk's start state), recomputes X, A, F from the chunk's inputs, and propagates the adjoint of
-the state (same size as the state, updated in place: written slots are overwritten by their start adjoint, then the
-reads' contributions are added once per distinct read slot) together with the gradients of v, w, r.
+The forward saves the chunk-start value of every written row when gradients are needed (T K rows and normalisers:
+linear in time; nothing without gradients). The backward walks the chunks in reverse from the final state: it
+restores the chunk's written rows from what was saved (so the state buffer holds the chunk's start state), recomputes
+X, A, F from the chunk's inputs, and propagates the adjoint of the state (same size as the state, updated in place:
+written slots are overwritten by their start adjoint, then the reads' contributions are added once per distinct read
+slot) together with the gradients of v, w, r.
 
 Threads of one program touch rows chosen by data, so a barrier separates each phase that stores rows from the next
 phase that loads them. Inputs may be float32, bfloat16 or float16; every product is accumulated in float32 and the
@@ -35,12 +36,13 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.ramnet.reference import DECAY_FLOOR, PROXY_EPS
+from kernels.ramnet.triton import flat_heads
 
 # Fresh buffers come from here; the tests swap it for a NaN-filling allocator to catch reads of uninitialised memory.
 new_buffer = torch.empty
 NUM_WARPS = 4
 MIN_PAIRS = 16  # tl.dot needs every dimension >= 16
-MAX_PAIRS = 128  # BLOCK_P x BLOCK_P float32 tiles live in registers; larger chunks would spill
+MAX_PAIRS = 128  # BLOCK_P x BLOCK_P float32 tiles live in registers: keep them small (not tuned on a GPU yet)
 
 
 @triton.jit
@@ -93,7 +95,7 @@ def _decays_backward(match_f, decay, from_start, write_weight, values, later, dv
 
 
 @triton.jit
-def _chunk_layout(w_slot, w_time, w_valid, BLOCK_P: tl.constexpr):
+def _chunk_layout(w_slot, w_time, w_valid):
     """LATER[p', p] = token(p') > token(p), and which write pair is the last writer of its slot in the chunk."""
     later = (w_time[:, None] > w_time[None, :]).to(tl.float32)
     overwritten = ((w_slot[:, None] == w_slot[None, :]) & (w_time[None, :] > w_time[:, None]) & w_valid[None, :])
@@ -109,7 +111,6 @@ def _pdma_chunk_forward_kernel(
     K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SAVE: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
-    BLOCK_P: tl.constexpr = BLOCK_C * BLOCK_K
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_c = tl.arange(0, BLOCK_C)
@@ -130,7 +131,7 @@ def _pdma_chunk_forward_kernel(
                      mask=w_valid[:, None] & mask_d[None, :])
             tl.store(saved_norms_ptr + w_offset, w_norms, mask=w_valid)
         log_decay = gamma * tl.log(tl.maximum(1.0 - w_weight, decay_floor))
-        later, is_last = _chunk_layout(w_slot, w_time, w_valid, BLOCK_P)
+        later, is_last = _chunk_layout(w_slot, w_time, w_valid)
 
         # reads: S_t and z_t of each read slot at its token, then o_t = sum_k r / (z + eps) S
         _, decay, from_start = _decays(r_slot, r_time, r_valid, w_slot, w_time, w_valid, log_decay, later)
@@ -184,7 +185,7 @@ def _pdma_chunk_backward_kernel(
         values = _load_rows(v_ptr, bh * T + chunk_start + w_time, w_valid, offs_d, mask_d, D)
         dout = _load_rows(dout_ptr, bh * T + chunk_start + r_time, r_valid, offs_d, mask_d, D)
         log_decay = gamma * tl.log(tl.maximum(1.0 - w_weight, decay_floor))
-        later, is_last = _chunk_layout(w_slot, w_time, w_valid, BLOCK_P)
+        later, is_last = _chunk_layout(w_slot, w_time, w_valid)
         # adjoints of the end-of-chunk rows (each slot counted once, at its last writer)
         dend_rows = _load_rows(dslots_base, w_slot, is_last, offs_d, mask_d, D)
         dend_norms = tl.load(dnorm_base + w_slot, mask=is_last, other=0.0)
@@ -270,13 +271,17 @@ class ChunkPDMAFunction(torch.autograd.Function):
         top_k = write_index.shape[-1]
         slots, normaliser = slots.clone(), normaliser.clone()  # updated in place into the final state
         out = new_buffer(bh, time, dim, device=v.device, dtype=torch.float32)
-        saved_rows = new_buffer(bh, time, top_k, dim, device=v.device, dtype=torch.float32)
-        saved_norms = new_buffer(bh, time, top_k, device=v.device, dtype=torch.float32)
+        save = any(ctx.needs_input_grad)  # without gradients nothing is kept: constant memory in time
+        if save:
+            saved_rows = new_buffer(bh, time, top_k, dim, device=v.device, dtype=torch.float32)
+            saved_norms = new_buffer(bh, time, top_k, device=v.device, dtype=torch.float32)
+        else:
+            saved_rows = saved_norms = out  # never touched when SAVE is off
         block_c, block_k, block_d = chunk_blocks(top_k, dim, chunk_size)
         _pdma_chunk_forward_kernel[(bh,)](
             v, write_index, write_weight, read_index, read_weight, slots, normaliser, out, saved_rows, saved_norms,
             time, slots.shape[1], dim, float(gamma), float(eps), DECAY_FLOOR,
-            K=top_k, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_D=block_d, SAVE=True, num_warps=NUM_WARPS,
+            K=top_k, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_D=block_d, SAVE=save, num_warps=NUM_WARPS,
         )
         ctx.save_for_backward(v, write_index, write_weight, read_index, read_weight,
                               slots, normaliser, saved_rows, saved_norms)
@@ -308,12 +313,6 @@ class ChunkPDMAFunction(torch.autograd.Function):
                 dslots, dnorm, None, None, None)
 
 
-def _flat(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """[b, h, ...] -> contiguous [b * h, ...] (optionally cast)."""
-    x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-    return (x if dtype is None else x.to(dtype)).contiguous()
-
-
 def _kernel_dtype(x: Tensor) -> torch.dtype:
     """Half-precision inputs stay as they are (the kernel upcasts on load); anything else runs in float32."""
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -337,10 +336,11 @@ def pdma_chunk_triton(
     allows; the result does not depend on it (the chunk form is exact).
     """
     batch, heads, _, dim = v.shape
+    indices = [flat_heads(index, torch.int64) for index in (write_index, read_index)]
+    v, write_weight, read_weight = (flat_heads(x, _kernel_dtype(x)) for x in (v, write_weight, read_weight))
     out, new_slots, new_norm = ChunkPDMAFunction.apply(
-        _flat(v, _kernel_dtype(v)), _flat(write_index, torch.int64), _flat(write_weight, _kernel_dtype(write_weight)),
-        _flat(read_index, torch.int64), _flat(read_weight, _kernel_dtype(read_weight)),
-        _flat(slots, torch.float32), _flat(normaliser, torch.float32), gamma, eps, chunk_size,
+        v, indices[0], write_weight, indices[1], read_weight,
+        flat_heads(slots, torch.float32), flat_heads(normaliser, torch.float32), gamma, eps, chunk_size,
     )
     return (out.view(batch, heads, -1, dim).to(v.dtype), new_slots.view(batch, heads, *slots.shape[2:]),
             new_norm.view(batch, heads, -1))

@@ -1,5 +1,8 @@
 """Triton kernels for the RAM-Net PDMA memory: a fused scan over time, forward and backward.
 
+Training on CUDA runs the chunk-form kernel (kernels/ramnet/chunk.py) by default; this scan is kept selectable
+(MEMORYCORE_RAMNET_KERNEL=scan) and is always the one-token inference step.
+
 One program owns one (batch, head): it walks the tokens in order and, per token, gathers the K written rows of the
 state from global memory, updates them, scatters them back and reads the K query rows, so the per-token work is
 O(K d) and independent of the number of slots M (the state lives in global memory, never in registers). The same
@@ -151,7 +154,7 @@ def _launch_forward(v, write_index, write_weight, read_index, read_weight, slots
     return out, saved_rows, saved_norms
 
 
-def _flat(x: Tensor, dtype: torch.dtype | None = torch.float32) -> Tensor:
+def flat_heads(x: Tensor, dtype: torch.dtype | None = torch.float32) -> Tensor:
     """[b, h, ...] -> contiguous [b * h, ...] (optionally cast)."""
     x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
     return (x if dtype is None else x.to(dtype)).contiguous()
@@ -211,8 +214,9 @@ def pdma_triton(
     """The fused scan with autograd; same contract as :func:`kernels.ramnet.reference.pdma_chunked_reference`."""
     batch, heads, _, dim = v.shape
     out, new_slots, new_norm = PDMAFunction.apply(
-        _flat(v), _flat(write_index, torch.int64), _flat(write_weight), _flat(read_index, torch.int64),
-        _flat(read_weight), _flat(slots), _flat(normaliser), gamma, eps,
+        flat_heads(v), flat_heads(write_index, torch.int64), flat_heads(write_weight),
+        flat_heads(read_index, torch.int64),
+        flat_heads(read_weight), flat_heads(slots), flat_heads(normaliser), gamma, eps,
     )
     return (out.view(batch, heads, -1, dim).to(v.dtype), new_slots.view(batch, heads, *slots.shape[2:]),
             new_norm.view(batch, heads, -1))
@@ -239,8 +243,9 @@ def pdma_step_triton(
     flat_slots = slots.view(batch * heads, *slots.shape[2:])
     flat_norm = normaliser.view(batch * heads, -1)
     out, _, _ = _launch_forward(
-        _flat(v[:, :, None]), _flat(write_index[:, :, None], torch.int64), _flat(write_weight[:, :, None]),
-        _flat(read_index[:, :, None], torch.int64), _flat(read_weight[:, :, None]),
+        flat_heads(v[:, :, None]), flat_heads(write_index[:, :, None], torch.int64),
+        flat_heads(write_weight[:, :, None]),
+        flat_heads(read_index[:, :, None], torch.int64), flat_heads(read_weight[:, :, None]),
         flat_slots, flat_norm, gamma, eps, save=False,
     )
     torch.autograd.graph.increment_version((slots, normaliser))  # tell autograd the state changed in place
