@@ -35,7 +35,7 @@ def assert_all_close(actual, expected, rtol, atol):
         torch.testing.assert_close(a.float(), e.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-# T not a multiple of the chunk; K = 1 .. 8 (K = 3 pads the k axis); chunks of 1 .. 16 tokens; gamma 0 .. 2.5;
+# T not a multiple of the chunk; K = 1 .. 16 (K = 3 pads the k axis); chunks of 1 .. 16 tokens; gamma 0 .. 2.5;
 # M small enough that slots repeat inside a chunk; every case starts from a random (non-empty) state.
 CASES = [
     dict(batch=2, heads=2, time=9, top_k=3, slots=10, dim=5, gamma=1.0, chunk_size=4),
@@ -43,6 +43,7 @@ CASES = [
     dict(batch=2, heads=1, time=6, top_k=8, slots=9, dim=24, gamma=0.0, chunk_size=2),
     dict(batch=1, heads=2, time=21, top_k=2, slots=6, dim=3, gamma=2.5, chunk_size=16),
     dict(batch=1, heads=1, time=7, top_k=1, slots=3, dim=8, gamma=1.0, chunk_size=1),
+    dict(batch=1, heads=2, time=19, top_k=16, slots=40, dim=32, gamma=4.0, chunk_size=8),  # the largest tile, 128
 ]
 
 
