@@ -23,16 +23,18 @@ from memorycore.errors import CheckpointError, InputError
 from memorycore.training import TrainingHistory, fit_model
 
 CHECKPOINT_CLASS = "DNAClassifier"
-_NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "stem_kernel",
-                   "stem_stride", "bidirectional", "reverse_complement", "dropout")
+_NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "memory_momentum",
+                   "stem_kernel", "stem_stride", "bidirectional", "reverse_complement", "dropout", "kmer_sizes")
 
 
 class DNAClassifier(ClassifierMixin, BaseEstimator):
     """Classify DNA sequences with a network of Titans neural-memory blocks.
 
     Sequences are tokenised per base (A C G T N; lowercase and IUPAC codes accepted), embedded, passed through a
-    convolution ``stem_kernel`` bases wide and max-pooled over ``stem_stride`` bases, read by ``blocks``
-    NeuralMemory blocks (forward and, with ``bidirectional``, backward), mean- and max-pooled and classified.
+    convolution ``stem_kernel`` bases wide and max-pooled over ``stem_stride`` bases, joined by the averaged
+    embeddings of their overlapping k-mers (``kmer_sizes``), read by ``blocks`` NeuralMemory blocks (forward and,
+    with ``bidirectional``, backward), mean- and max-pooled and classified together with the sequence's mean
+    k-mer embedding (its learned k-mer profile).
 
     Sequences longer than ``max_length`` are cut into windows of ``max_length`` bases overlapping by half; in ``fit``
     every window is a training example with its sequence's label, in ``predict_proba`` the class probabilities of
@@ -42,7 +44,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     ----------
     dim : int, default 64
         Model width.
-    blocks : int, default 2
+    blocks : int, default 1
         Number of memory blocks.
     heads : int, default 4
         Memory heads per block (``dim`` must be divisible by it).
@@ -53,6 +55,9 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     memory_lr : float, default 0.02
         Upper bound of the memory's inner (test-time) learning rate. Larger values let a depth-2 memory diverge
         within a sequence (seen from ~0.03 on NonTATA promoters: NaN gradients after a few steps).
+    memory_momentum : float or None, default 0.5
+        Upper bound of the memory's momentum eta. A memory that learnt eta ~0.99 had an inner step
+        ``theta / (1 - eta)`` above 1 and overflowed (NaN loss in epoch 3 on NonTATA promoters); None: unbounded.
     stem_kernel, stem_stride : int, default 12, 4
         Width (bases) of the stem convolution and the max-pool that shortens the sequence for the memory.
     bidirectional : bool, default True
@@ -62,16 +67,24 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         identical for a sequence and its reverse complement (at twice the cost).
     rc_augment : bool, default True
         During training, replace each sequence by its reverse complement with probability 1/2.
-    dropout : float, default 0.1
+    rc_predict : bool, default False
+        At prediction, average the class probabilities of each sequence and its reverse complement (test-time
+        augmentation; twice the prediction cost).
+    dropout : float, default 0.2
+        Dropout on the stem output, inside the blocks and on the pooled features.
+    kmer_sizes : tuple of int, default (2, 3, 4, 5, 6, 7, 8)
+        Lengths k (1-8) of the overlapping k-mers whose learned embeddings (one table of 4**k rows per k) are added
+        to the stem and averaged into the head; () turns them off. On NonTATA promoters they carry most of the
+        accuracy (see the README).
     max_length : int or None, default None
         Longest input the network reads at once; None uses the longest training sequence.
-    epochs : int, default 10
+    epochs : int, default 12
     batch_size : int, default 128
     lr : float, default 4e-3
     weight_decay : float, default 0.05
     validation_fraction : float, default 0.1
         Share of the training sequences held out (stratified) for early stopping; 0 trains on all for ``epochs``.
-    patience : int, default 3
+    patience : int, default 4
         Epochs without a better validation loss before stopping.
     device : str, default "auto"
         "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
@@ -101,24 +114,27 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self,
         *,
         dim: int = 64,
-        blocks: int = 2,
+        blocks: int = 1,
         heads: int = 4,
         memory_depth: int = 2,
         chunk_size: int = 16,
         memory_lr: float = 0.02,
+        memory_momentum: float | None = 0.5,
         stem_kernel: int = 12,
         stem_stride: int = 4,
         bidirectional: bool = True,
         reverse_complement: bool = False,
         rc_augment: bool = True,
-        dropout: float = 0.1,
+        rc_predict: bool = False,
+        dropout: float = 0.2,
+        kmer_sizes: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8),
         max_length: int | None = None,
-        epochs: int = 10,
+        epochs: int = 12,
         batch_size: int = 128,
         lr: float = 4e-3,
         weight_decay: float = 0.05,
         validation_fraction: float = 0.1,
-        patience: int = 3,
+        patience: int = 4,
         device: str = "auto",
         random_state: int | None = 0,
         verbose: bool = True,
@@ -129,12 +145,15 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self.memory_depth = memory_depth
         self.chunk_size = chunk_size
         self.memory_lr = memory_lr
+        self.memory_momentum = memory_momentum
         self.stem_kernel = stem_kernel
         self.stem_stride = stem_stride
         self.bidirectional = bidirectional
         self.reverse_complement = reverse_complement
         self.rc_augment = rc_augment
+        self.rc_predict = rc_predict
         self.dropout = dropout
+        self.kmer_sizes = kmer_sizes
         self.max_length = max_length
         self.epochs = epochs
         self.batch_size = batch_size
@@ -282,8 +301,12 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
                 rows = order[start:start + batch_size]
                 batch = [windows[i] for i in rows]
                 padded, lengths = pad_tokens(batch, max(len(w) for w in batch))
-                logits = network(torch.from_numpy(padded).to(device), torch.from_numpy(lengths).to(device))
-                out[rows] = torch.softmax(logits.float(), dim=-1).double().cpu().numpy()
+                tokens, lengths = torch.from_numpy(padded).to(device), torch.from_numpy(lengths).to(device)
+                proba = torch.softmax(network(tokens, lengths).float(), dim=-1)
+                if self.rc_predict:
+                    rc_logits = network(reverse_complement_batch(tokens, lengths), lengths)
+                    proba = 0.5 * (proba + torch.softmax(rc_logits.float(), dim=-1))
+                out[rows] = proba.double().cpu().numpy()
         self.network_.to("cpu")
         return out
 
@@ -323,6 +346,9 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         tensors, config = load_checkpoint(path, CHECKPOINT_CLASS)
         try:
             params = dict(config["params"])
+            # JSON gives a list; files written before k-mer embeddings and the momentum bound have neither.
+            params["kmer_sizes"] = tuple(params.get("kmer_sizes", ()))
+            params.setdefault("memory_momentum", None)
             classes, max_length = list(config["classes"]), int(config["max_length"])
             if device is not None:
                 params["device"] = device

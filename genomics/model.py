@@ -1,11 +1,13 @@
-"""The DNA classification network: base embedding, a convolution + max-pool stem, NeuralMemory blocks, pooling, a head.
+"""The DNA classification network: base and k-mer embeddings, a convolution + max-pool stem, NeuralMemory blocks,
+pooling, a head.
 
 Shapes (einops legend): b batch, t time (bases, or stem positions after the stem), d model width, k classes.
 
 Sequences arrive right-padded with token 0. Every operation keeps padding harmless: the memory is causal, so the
 padding after a sequence never reaches its real positions; the backward direction and the reverse-complement strand
-reverse each sequence *within its own length*, so padding stays at the end there too; pooling averages real positions
-only. A prediction therefore does not depend on what else is in the batch.
+reverse each sequence *within its own length*, so padding stays at the end there too; k-mers that would reach into
+the padding embed to zero; pooling averages real positions only. A prediction therefore does not depend on what else
+is in the batch.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genomics.data import PAD, VOCAB_SIZE
+from genomics.data import ALPHABET, PAD, VOCAB_SIZE
 from memorycore import NeuralMemory
 
 # Token complement, as in genomics.data: pad->pad, A<->T, C<->G, N->N.
 _COMPLEMENT = (PAD, 4, 3, 2, 1, 5)
+_N_TOKEN = ALPHABET.index("N") + 1
 
 
 def reverse_index(lengths: Tensor, time: int) -> Tensor:
@@ -43,9 +46,10 @@ class MemoryBlock(nn.Module):
     """Pre-norm residual block: NeuralMemory (one or both directions), then a feed-forward layer."""
 
     def __init__(self, dim: int, *, heads: int, memory_depth: int, chunk_size: int, memory_lr: float,
-                 bidirectional: bool, dropout: float) -> None:
+                 memory_momentum: float | None, bidirectional: bool, dropout: float) -> None:
         super().__init__()
-        memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size, max_lr=memory_lr)
+        memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size, max_lr=memory_lr,
+                      max_momentum=memory_momentum)
         self.memory_norm = nn.LayerNorm(dim)
         self.forward_memory = NeuralMemory(dim, **memory)
         self.backward_memory = NeuralMemory(dim, **memory) if bidirectional else None
@@ -64,6 +68,43 @@ class MemoryBlock(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+class KmerEmbedding(nn.Module):
+    """Sum of embeddings of the overlapping k-mers that start at each base, one table per k: ``[b, t, d]``.
+
+    A k-mer holding an N gets its own "unknown" vector; positions whose k-mer would run past the sequence's end
+    embed to zero. Mean-pooled, these vectors are a learned projection of the sequence's k-mer counts, the feature
+    set of the classic k-mer baselines.
+    """
+
+    def __init__(self, sizes: tuple[int, ...], dim: int) -> None:
+        super().__init__()
+        if any(not 1 <= k <= 8 for k in sizes):
+            raise ValueError(f"k-mer sizes must be between 1 and 8, got {list(sizes)}")
+        self.sizes = tuple(sizes)
+        # Row 4**k: a k-mer with an N; row 4**k + 1: no k-mer (padding), kept at zero.
+        self.tables = nn.ModuleList(nn.Embedding(4**k + 2, dim, padding_idx=4**k + 1) for k in self.sizes)
+        for table in self.tables:
+            nn.init.normal_(table.weight, std=len(self.sizes) ** -0.5)
+            table.weight.data[-1].zero_()
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        base = (tokens - 1).clamp(min=0)  # A C G T -> 0..3 (N and padding are handled by the masks below)
+        unknown = (tokens == _N_TOKEN) | (tokens == PAD)
+        time = tokens.shape[1]
+        out = 0
+        for k, table in zip(self.sizes, self.tables):
+            code = torch.zeros_like(tokens)
+            has_unknown = torch.zeros_like(unknown)
+            for offset in range(k):
+                shifted = F.pad(base[:, offset:], (0, offset))
+                code = code * 4 + shifted
+                has_unknown = has_unknown | F.pad(unknown[:, offset:], (0, offset), value=True)
+            code = code.masked_fill(has_unknown, 4**k)
+            inside = torch.arange(time, device=tokens.device)[None, :] + k <= lengths[:, None]
+            out = out + table(code.masked_fill(~inside, 4**k + 1))
+        return out
+
+
 class DNANetwork(nn.Module):
     """Token ids ``[b, t]`` and lengths ``[b]`` -> class logits ``[b, k]``.
 
@@ -80,6 +121,10 @@ class DNANetwork(nn.Module):
         Upper bound of the memory's inner learning rate theta (NeuralMemory's ``max_lr``). A depth-2 memory whose
         inner step reaches ~0.03-0.06 can diverge within one sequence (weights beyond 1e18, then NaN gradients), so
         the default keeps theta at or below 0.02.
+    memory_momentum : float or None
+        Upper bound of the memory's momentum eta (NeuralMemory's ``max_momentum``). The momentum multiplies the
+        inner step by up to ``1 / (1 - eta)``: a memory that learnt eta ~0.99 overflowed (weights past 1e20, NaN loss
+        in epoch 3 on NonTATA promoters); 0.5 keeps ``theta / (1 - eta)`` at or below 0.04. None: unbounded.
     stem_kernel, stem_stride : int
         The stem is a convolution ``stem_kernel`` bases wide at every base (a motif detector that does not care
         where the motif sits), then a max-pool over ``stem_stride`` bases that shortens what the memory must read.
@@ -89,46 +134,62 @@ class DNANetwork(nn.Module):
         Also read the reverse-complement strand with the same weights and average the pooled features of both
         strands, so a sequence and its reverse complement get the same prediction.
     dropout : float
+        Dropout on the stem output, inside the blocks and on the pooled features.
+    kmer_sizes : tuple of int
+        Lengths of the overlapping k-mers whose embeddings (:class:`KmerEmbedding`) are averaged over each stem
+        window and added to the stem's output, and whose mean over the sequence also goes to the head; () for none.
     """
 
-    def __init__(self, num_classes: int, *, dim: int = 64, blocks: int = 2, heads: int = 4, memory_depth: int = 2,
-                 chunk_size: int = 16, memory_lr: float = 0.02, stem_kernel: int = 12, stem_stride: int = 4,
-                 bidirectional: bool = True, reverse_complement: bool = False, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, *, dim: int = 64, blocks: int = 1, heads: int = 4, memory_depth: int = 2,
+                 chunk_size: int = 16, memory_lr: float = 0.02, memory_momentum: float | None = 0.5,
+                 stem_kernel: int = 12, stem_stride: int = 4,
+                 bidirectional: bool = True, reverse_complement: bool = False, dropout: float = 0.2,
+                 kmer_sizes: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)) -> None:
         super().__init__()
         if stem_kernel < 1 or stem_stride < 1:
             raise ValueError(f"stem_kernel and stem_stride must be >= 1, got {stem_kernel} and {stem_stride}")
+        self.kmers = KmerEmbedding(kmer_sizes, dim) if kmer_sizes else None
         self.stem_kernel, self.stem_stride, self.reverse_complement = stem_kernel, stem_stride, reverse_complement
         self.embedding = nn.Embedding(VOCAB_SIZE, dim, padding_idx=PAD)
         self.stem = nn.Conv1d(dim, dim, stem_kernel)
         self.blocks = nn.ModuleList(
             MemoryBlock(dim, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size, memory_lr=memory_lr,
-                        bidirectional=bidirectional, dropout=dropout)
+                        memory_momentum=memory_momentum, bidirectional=bidirectional, dropout=dropout)
             for _ in range(blocks)
         )
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(2 * dim, num_classes)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear((3 if kmer_sizes else 2) * dim, num_classes)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Class logits ``[b, k]`` of right-padded ``tokens [b, t]`` with ``lengths [b]`` real bases each."""
         features = self.features(tokens, lengths)
         if self.reverse_complement:
             features = 0.5 * (features + self.features(reverse_complement_batch(tokens, lengths), lengths))
-        return self.head(features)
+        return self.head(self.dropout(features))
 
-    def stem_features(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def stem_features(self, tokens: Tensor, lengths: Tensor, kmers: Tensor | None) -> tuple[Tensor, Tensor]:
         """Convolution at every base, then max over windows of ``stem_stride`` real bases: ``[b, ceil(t / s), d]``."""
+        x = self.embedding(tokens)  # [b, t, d]; padding embeds to zero
         left = (self.stem_kernel - 1) // 2
         x = self.stem(F.pad(x.transpose(1, 2), (left, self.stem_kernel - 1 - left))).transpose(1, 2)
         x = F.gelu(x).masked_fill(~padding_mask(lengths, x.shape[1])[..., None], float("-inf"))
         pooled = F.max_pool1d(x.transpose(1, 2), self.stem_stride, ceil_mode=True).transpose(1, 2)
+        if kmers is not None:
+            # k-mer embeddings are averaged (not max-pooled) so that the mean over the sequence stays a k-mer profile;
+            # zero-padding to whole windows keeps every divisor at stem_stride, whatever the batch's padding.
+            kmers = F.pad(kmers.transpose(1, 2), (0, pooled.shape[1] * self.stem_stride - kmers.shape[1]))
+            pooled = pooled + F.avg_pool1d(kmers, self.stem_stride).transpose(1, 2)
         stem_lengths = torch.div(lengths + self.stem_stride - 1, self.stem_stride, rounding_mode="floor")
         # Windows made only of padding pooled to -inf; zero them so they stay finite (they are masked later anyway).
         return pooled.masked_fill(~padding_mask(stem_lengths, pooled.shape[1])[..., None], 0.0), stem_lengths
 
     def features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Pooled sequence representation ``[b, 2 d]``: mean and max over the real positions."""
-        x = self.embedding(tokens)  # [b, t, d]; padding embeds to zero
-        x, stem_lengths = self.stem_features(x, lengths)
+        """Pooled sequence representation ``[b, 2 d]`` (``[b, 3 d]`` with k-mers): mean and max over the real
+        positions, and the mean k-mer embedding."""
+        kmers = self.kmers(tokens, lengths) if self.kmers is not None else None
+        x, stem_lengths = self.stem_features(tokens, lengths, kmers)
+        x = self.dropout(x)
         backward_index = reverse_index(stem_lengths, x.shape[1])
         for block in self.blocks:
             x = block(x, backward_index)
@@ -136,4 +197,10 @@ class DNANetwork(nn.Module):
         mask = padding_mask(stem_lengths, x.shape[1])[..., None]
         mean = (x * mask).sum(1) / stem_lengths.clamp(min=1)[:, None].to(x.dtype)
         maximum = x.masked_fill(~mask, float("-inf")).amax(1)
-        return torch.cat([mean, maximum], dim=-1)
+        pooled = [mean, maximum]
+        if kmers is not None:
+            # The sequence's k-mer profile goes to the head directly as well: the k-mer-count features of the
+            # classic baselines, on which the memory path only has to add what counts miss.
+            positions = (lengths - min(self.kmers.sizes) + 1).clamp(min=1)[:, None].to(kmers.dtype)
+            pooled.append(kmers.sum(1) / positions)
+        return torch.cat(pooled, dim=-1)

@@ -75,6 +75,11 @@ class NeuralMemory(nn.Module):
         are all taken at the same weights and add up, so on correlated keys the chunk's step grows with its size;
         bounding ``theta * chunk_size`` keeps a long sequence from blowing the memory up (at chunk 64 a bound of 0.1
         overflows within a few hundred tokens).
+    max_momentum : float, optional
+        Opt-in upper bound of the momentum eta (``eta = max_momentum * sigmoid(.)``). The momentum multiplies the
+        inner step by up to ``1 / (1 - eta)``; a depth-2 memory trained to eta ~0.99 has an effective step of
+        ``theta / (1 - eta)`` > 1 and its weights overflow within a sequence (seen on DNA promoters). Default None:
+        ``eta = sigmoid(.)``, unbounded below 1.
 
     Examples
     --------
@@ -101,6 +106,7 @@ class NeuralMemory(nn.Module):
         weight_decay: bool = True,
         conv_kernel: int = 4,
         max_lr: float | None = None,
+        max_momentum: float | None = None,
     ) -> None:
         super().__init__()
         _check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
@@ -115,6 +121,9 @@ class NeuralMemory(nn.Module):
             max_lr = min(0.1, 1.0 / chunk_size)
         if not max_lr > 0:
             raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if max_momentum is not None and not 0 < max_momentum < 1:
+            raise ValueError(f"max_momentum must be in (0, 1) or None, got {max_momentum}")
+        self.max_momentum = max_momentum
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.chunk_size, self.conv_kernel, self.max_lr = chunk_size, conv_kernel, max_lr
         self.use_momentum, self.use_weight_decay = momentum, weight_decay
@@ -195,7 +204,10 @@ class NeuralMemory(nn.Module):
         raw = self.to_gates(x).float() if x.dtype in (torch.float16, torch.bfloat16) else self.to_gates(x)
         theta, eta, alpha = raw.view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # each [batch, heads, time]
         lr = self.max_lr * torch.sigmoid(theta)
-        log_eta = F.logsigmoid(eta) if self.use_momentum else torch.full_like(eta, float("-inf"))
+        if not self.use_momentum:
+            log_eta = torch.full_like(eta, float("-inf"))
+        else:
+            log_eta = F.logsigmoid(eta) + (math.log(self.max_momentum) if self.max_momentum is not None else 0.0)
         log_keep = F.logsigmoid(-alpha) if self.use_weight_decay else torch.zeros_like(alpha)
         return lr, log_eta, log_keep
 

@@ -9,11 +9,11 @@ from sklearn.base import clone
 
 from genomics import DNAClassifier, reverse_complement
 from genomics.data import encode, pad_tokens
-from genomics.model import DNANetwork, reverse_complement_batch
+from genomics.model import DNANetwork, KmerEmbedding, reverse_complement_batch
 from memorycore import CheckpointError, InputError
 
-TINY = dict(dim=16, blocks=1, heads=2, chunk_size=8, stem_kernel=8, batch_size=32, lr=2e-2, verbose=False,
-            device="cpu")
+TINY = dict(dim=16, blocks=1, heads=2, chunk_size=8, stem_kernel=8, kmer_sizes=(2, 3), batch_size=32, lr=2e-2,
+            verbose=False, device="cpu")
 
 
 def motif_task(n, length=48, seed=0):
@@ -58,9 +58,10 @@ def test_prediction_does_not_depend_on_batch_companions(fitted):
     np.testing.assert_allclose(alone[0], together[1], atol=1e-6)
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_network_ignores_padding(bidirectional):
-    network = DNANetwork(3, dim=16, blocks=2, heads=2, chunk_size=4, bidirectional=bidirectional).eval()
+@pytest.mark.parametrize("bidirectional, kmer_sizes", [(False, ()), (True, ()), (True, (1, 3))])
+def test_network_ignores_padding(bidirectional, kmer_sizes):
+    network = DNANetwork(3, dim=16, blocks=2, heads=2, chunk_size=4, bidirectional=bidirectional,
+                         kmer_sizes=kmer_sizes).eval()
     tokens = torch.from_numpy(pad_tokens([encode("ACGTACGTTGCAAC")], 14)[0])
     padded = torch.from_numpy(pad_tokens([encode("ACGTACGTTGCAAC")], 40)[0])
     lengths = torch.tensor([14])
@@ -68,8 +69,33 @@ def test_network_ignores_padding(bidirectional):
         torch.testing.assert_close(network(tokens, lengths), network(padded, lengths))
 
 
-def test_reverse_complement_model_is_strand_symmetric():
-    network = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4, reverse_complement=True).eval()
+def test_kmer_embedding_indexes_overlapping_kmers():
+    embedding = KmerEmbedding((2,), 1)
+    with torch.no_grad():
+        embedding.tables[0].weight.copy_(torch.arange(18.0)[:, None])  # row i holds i; 16: has an N; 17: padding
+    embedding.tables[0].weight.data[17] = 0.0
+    tokens = torch.from_numpy(pad_tokens([encode("ACGNTA"), encode("TTG")], 8)[0])
+    out = embedding(tokens, torch.tensor([6, 3]))[..., 0]
+    # AC=0*4+1, CG=1*4+2, GN and NT hold an N, TA=3*4+0; the last base starts no 2-mer; padding is zero.
+    assert out.tolist() == [[1, 6, 16, 16, 12, 0, 0, 0], [15, 14, 0, 0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        KmerEmbedding((9,), 4)
+
+
+def test_kmer_profile_reaches_the_head():
+    network = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4, kmer_sizes=(2, 3)).eval()
+    assert network.head.in_features == 3 * 16
+    tokens, lengths = (torch.from_numpy(a) for a in pad_tokens([encode("ACGTTGCA")], 8))
+    with torch.no_grad():
+        profile = network.features(tokens, lengths)[0, 32:]
+        expected = network.kmers(tokens, lengths).sum(1)[0] / 7  # 7 positions start a 2-mer
+    torch.testing.assert_close(profile, expected)
+
+
+@pytest.mark.parametrize("kmer_sizes", [(), (2, 4)])
+def test_reverse_complement_model_is_strand_symmetric(kmer_sizes):
+    network = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4, reverse_complement=True,
+                         kmer_sizes=kmer_sizes).eval()
     sequences = ["ACGTTGACCATGAAC", "GGGATCCA"]
     tokens, lengths = (torch.from_numpy(a) for a in pad_tokens([encode(s) for s in sequences], 15))
     rc_tokens = torch.from_numpy(pad_tokens([encode(reverse_complement(s)) for s in sequences], 15)[0])
@@ -79,6 +105,16 @@ def test_reverse_complement_model_is_strand_symmetric():
     plain = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(tokens, lengths), plain(rc_tokens, lengths))
+
+
+def test_rc_predict_averages_both_strands(fitted):
+    sequences, _ = motif_task(6, seed=7)
+    both = clone(fitted).set_params(rc_predict=True)
+    both.network_, both.classes_, both.max_length_ = fitted.network_, fitted.classes_, fitted.max_length_
+    rc_sequences = [reverse_complement(s) for s in sequences]
+    np.testing.assert_allclose(both.predict_proba(sequences), both.predict_proba(rc_sequences), atol=1e-6)
+    expected = 0.5 * (fitted.predict_proba(sequences) + fitted.predict_proba(rc_sequences))
+    np.testing.assert_allclose(both.predict_proba(sequences), expected, atol=1e-6)
 
 
 def test_fit_is_reproducible_and_uses_validation_split():

@@ -202,6 +202,7 @@ def test_low_precision_inputs_keep_an_fp32_state():
         (dict(dim=16, depth=0), "depth must be a positive integer"),
         (dict(dim=16, conv_kernel=-1), "conv_kernel"),
         (dict(dim=16, max_lr=0.0), "max_lr"),
+        (dict(dim=16, max_momentum=1.0), "max_momentum"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(kwargs, message):
@@ -224,3 +225,33 @@ def test_default_memory_stays_finite_on_long_sequences():
         y, state = layer(torch.randn(1, 1024, 128))
     assert torch.isfinite(y).all()
     assert max(w.abs().max().item() for w in state.weights) < 10
+
+
+def test_max_momentum_bounds_eta_and_default_leaves_it_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    bounded, free = NeuralMemory(16, heads=2, max_momentum=0.5), NeuralMemory(16, heads=2)
+    torch.nn.init.normal_(bounded.to_gates.weight, std=10.0)  # push the gates to their extremes
+    free.load_state_dict(bounded.state_dict())
+    _, log_eta_bounded, _ = bounded._gates(x)
+    _, log_eta_free, _ = free._gates(x)
+    assert log_eta_free.exp().max() > 0.99
+    assert log_eta_bounded.exp().max() <= 0.5
+    torch.testing.assert_close(log_eta_bounded, log_eta_free + math.log(0.5))
+
+
+def test_bounded_momentum_keeps_a_deep_memory_finite_where_free_momentum_overflows():
+    """Gates forced to a large step and eta near 1 (what a DNA classifier learnt): the bound keeps the memory finite."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 256, 32)
+    results = {}
+    for bound in (None, 0.5):
+        layer = NeuralMemory(32, heads=2, chunk_size=16, max_lr=0.02, max_momentum=bound)
+        with torch.no_grad():
+            layer.to_gates.bias.view(3, 2)[0].fill_(10.0)  # theta at max_lr
+            layer.to_gates.bias.view(3, 2)[1].fill_(6.0)  # eta = sigmoid(6) ~ 0.9975 unbounded
+            layer.to_gates.bias.view(3, 2)[2].fill_(-10.0)  # no forgetting
+            _, state = layer(x)
+        results[bound] = max(w.abs().max().item() for w in state.weights)
+    assert results[0.5] < 10
+    assert not results[None] < 1e3
