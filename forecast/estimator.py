@@ -87,10 +87,12 @@ class MemoryForecaster(BaseEstimator):
         Training loss. Early stopping and the kept weights always follow the validation MSE.
     weight_decay : float, default 0.01
         AdamW decay of the weight matrices.
-    epochs : int, default 3
+    epochs : int, default 5
         Passes over the training windows (early stopping on validation may end sooner).
     batch_size : int, default 32
-    lr : float, default 3e-3
+    lr : float, default 1e-4
+        Peak learning rate. Small because training refines the closed-form start; chosen over 3e-4 and 3e-3 by the
+        validation MSE averaged over the four ETTh1 horizons (3e-3 made every epoch worse than the start).
     patience : int, default 3
         Epochs without a better validation loss before stopping.
     max_steps_per_epoch : int, optional
@@ -115,6 +117,8 @@ class MemoryForecaster(BaseEstimator):
         The cycle length used (0: none).
     step_ns_ : int
         The time step of the training index in nanoseconds (what phases are counted in).
+    start_val_loss_ : float
+        Validation MSE of the network before training (the closed-form start with ``init="closed_form"``).
     history_ : TrainingHistory
         ``best_epoch`` is -1 when no epoch beat the closed-form start on validation (its weights are then kept).
     last_window_ : DataFrame
@@ -133,7 +137,8 @@ class MemoryForecaster(BaseEstimator):
                  chunk_size: int = 8, embedding: str = "patch",
                  patch_len: int = 16, stride: int = 8, channels: str = "independent", dropout: float = 0.3,
                  linear_path: bool = True, cycle_length: int | str = "auto", init: str = "closed_form",
-                 loss: str = "mse", weight_decay: float = 0.01, epochs: int = 3, batch_size: int = 32, lr: float = 3e-3, patience: int = 3,
+                 loss: str = "mse", weight_decay: float = 0.01, epochs: int = 5, batch_size: int = 32,
+                 lr: float = 1e-4, patience: int = 3,
                  max_steps_per_epoch: int | None = None, protocol: str = "auto", random_state: int = 0,
                  device: str = "auto", verbose: bool = True) -> None:
         self.lookback = lookback
@@ -206,6 +211,7 @@ class MemoryForecaster(BaseEstimator):
             lr=self.lr, weight_decay=self.weight_decay, patience=self.patience, device=self.device,
             random_state=self.random_state, verbose=self.verbose, description="forecast fit",
             max_steps_per_epoch=self.max_steps_per_epoch)
+        self.start_val_loss_ = start_loss
         if start_loss <= min(self.history_.val_loss, default=math.inf):  # training never beat its start
             self.network_.load_state_dict(start_state)
             self.history_.best_epoch = -1
@@ -417,6 +423,7 @@ class MemoryForecaster(BaseEstimator):
             "protocol": self.protocol_,
             "cycle_length": self.cycle_length_,
             "step_ns": self.step_ns_,
+            "start_val_loss": self.start_val_loss_,
             "input_format": self.input_format_,
             "read_options": self.read_options_,
             "last_window_index": [t.isoformat() for t in self.last_window_.index],
@@ -450,6 +457,7 @@ class MemoryForecaster(BaseEstimator):
         model.protocol_, model.input_format_ = config["protocol"], config["input_format"]
         # files written before the cycle existed have none
         model.cycle_length_, model.step_ns_ = config.get("cycle_length", 0), config.get("step_ns", 0)
+        model.start_val_loss_ = config.get("start_val_loss", math.nan)
         model.read_options_, model.last_window_, model.history_ = config["read_options"], last_window, history
         return model
 

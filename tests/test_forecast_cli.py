@@ -114,6 +114,8 @@ def bad_inputs(folder):
         ("gap.csv", [], "irregular timestamps"),
         ("series.csv", ["--target", "OT"], "unknown target column(s) 'OT'"),
         ("missing.csv", [], "data file not found"),
+        ("series.csv", ["--cycle-length", "daily"], "--cycle-length must be 'auto' or a whole number"),
+        ("series.csv", ["--loss", "l3"], "loss must be one of mse, mae, huber"),
     ]
 
 
@@ -173,3 +175,14 @@ def test_plot_to_an_unknown_image_format_is_one_clear_line(tmp_path):
     with pytest.raises(InputError, match=r"cannot write a \.jpgx image"):
         plot_forecast(frame, frame, tmp_path / "x.jpgx")
     assert not any(tmp_path.iterdir())
+
+
+def test_fit_without_the_linear_path_and_the_cycle(runner, tmp_path):
+    data = write_series(tmp_path / "series.csv")
+    out = tmp_path / "plain.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(out), "--no-linear-path",
+                                 "--cycle-length", "0", "--init", "random", "--loss", "huber", *TINY])
+    assert result.exit_code == 0, result.stderr
+    from forecast.estimator import MemoryForecaster
+    model = MemoryForecaster.load(out)
+    assert model.network_.linear is None and model.network_.cycle is None and model.cycle_length_ == 0
