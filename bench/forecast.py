@@ -2,13 +2,13 @@
 
     python bench/forecast.py                    # GPU: ETTh1, ETTm1, Weather x horizons 96/192/336/720, lookback 96
     python bench/forecast.py --quick            # CPU: ETTh1 x 96/192/336/720, the small `forecast fit` configuration
-    python bench/forecast.py --quick --datasets ETTm1 Weather --max-steps-per-epoch 300   # time-capped on CPU
-    python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path             # ablations
+    python bench/forecast.py --quick --datasets ETTm1 Weather --max-steps-per-epoch 200  # time-capped CPU
+    python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path   # ablations
     python bench/forecast.py --data my.csv --horizons 96 192
 
 Every test window is scored (no drop_last) on the scaled values. The ridge baseline (forecast/baseline.py) is fit in
-the same run on the same splits; the summary lists model vs ridge per horizon and their averages. Datasets are read from ../shared/datasets beside the checkout (or --data-dir), the
-bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
+the same run on the same splits; the summary lists model vs ridge per horizon and their averages. Datasets are read
+from ../shared/datasets beside the checkout (or --data-dir), the bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -10,8 +11,6 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
-
-import copy
 
 from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows
 from forecast.data import (ProtocolData, StandardScaler, WindowDataset, cycle_phases, dataset_name,
@@ -225,9 +224,12 @@ class MemoryForecaster(BaseEstimator):
         return self
 
     def _resolve_cycle_length(self) -> int:
-        if self.cycle_length != "auto":
-            return int(self.cycle_length)
-        return default_cycle_length(self.step_ns_)
+        if self.cycle_length == "auto":
+            return default_cycle_length(self.step_ns_)
+        if self.cycle_length and not self.step_ns_:
+            raise InputError(f"cycle_length={self.cycle_length} needs a fixed time step (hours, minutes, days); "
+                             "this index has none (e.g. months): pass cycle_length=0")
+        return int(self.cycle_length)
 
     def _split_phases(self, index: pd.DatetimeIndex, prepared: ProtocolData) -> dict[str, np.ndarray | None]:
         """Cycle phase of every row of each split (None per split when there is no cycle)."""
@@ -263,7 +265,8 @@ class MemoryForecaster(BaseEstimator):
         if not (self.cycle_length == "auto" or (isinstance(self.cycle_length, (int, np.integer))
                                                 and not isinstance(self.cycle_length, bool)
                                                 and self.cycle_length >= 0)):
-            raise InputError(f"cycle_length must be 'auto' or an integer >= 0 (0: no cycle), got {self.cycle_length!r}")
+            raise InputError(f"cycle_length must be 'auto' or an integer >= 0 (0: no cycle), "
+                             f"got {self.cycle_length!r}")
         if not self.weight_decay >= 0:
             raise InputError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.d_model % self.heads:

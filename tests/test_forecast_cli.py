@@ -16,7 +16,8 @@ def write_series(path, n=300, **overrides):
     t = np.arange(n)
     noise = 0.1 * np.random.default_rng(0).standard_normal((2, n))  # a noiseless daily cycle would score MSE 0
     frame = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=n, freq="h").astype(str),
-                          "load": np.sin(2 * np.pi * t / 24) + noise[0], "temp": np.cos(2 * np.pi * t / 12) + 3 + noise[1]})
+                          "load": np.sin(2 * np.pi * t / 24) + noise[0],
+                          "temp": np.cos(2 * np.pi * t / 12) + 3 + noise[1]})
     for column, values in overrides.items():
         frame[column] = values
     frame.to_csv(path, index=False)
