@@ -116,6 +116,8 @@ def forecast_fit(
     linear_path: bool = typer.Option(True, help="A linear lookback->horizon path beside the memory backbone."),
     cycle_length: str = typer.Option(
         "auto", help="Learned periodic component: steps per cycle, 'auto' (one day of steps) or 0 (none)."),
+    cycle_amplitude: str = typer.Option(
+        "window", help="window (the cycle scaled to its strength in each input window) or fixed (CycleNet)."),
     init: str = typer.Option("closed_form", help="closed_form (cycle means + ridge start) or random."),
     loss: str = typer.Option("mse", help="Training loss: mse, mae or huber (early stopping uses validation MSE)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay of the weight matrices."),
@@ -151,7 +153,7 @@ def forecast_fit(
         lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
         channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
         max_steps_per_epoch=max_steps or None, linear_path=linear_path, cycle_length=_cycle_length(cycle_length),
-        init=init, loss=loss, weight_decay=weight_decay,
+        cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
         protocol=protocol, random_state=seed, device=device, verbose=not quiet)
     start = time.perf_counter()
     model.fit(data, **_read_options(date_column, target, fill, allow_irregular))

@@ -45,7 +45,7 @@ CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, l
 # command-line flags that override MemoryForecaster parameters: name -> type
 MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_model": int, "heads": int,
                "n_blocks": int, "chunk_size": int, "lr": float, "dropout": float, "weight_decay": float,
-               "patch_len": int, "stride": int, "loss": str, "init": str, "channels": str}
+               "patch_len": int, "stride": int, "loss": str, "init": str, "channels": str, "cycle_amplitude": str}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,11 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows
+from forecast.baseline import ALPHAS
 from forecast.data import (ProtocolData, StandardScaler, WindowDataset, cycle_phases, dataset_name,
                            default_cycle_length, future_index, is_long_format, prepare_protocol, read_series,
                            resolve_protocol, step_nanoseconds, wide_to_long)
-from forecast.model import CHANNEL_MODES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
+from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
@@ -78,6 +78,10 @@ class MemoryForecaster(BaseEstimator):
         timestamp's phase, subtracted from the input and added back to the forecast. "auto": one day of steps for
         sub-daily data (24 hourly, 96 for 15 minutes, 144 for 10 minutes), 7 for daily data, none otherwise;
         0 turns it off.
+    cycle_amplitude : {"window", "fixed"}, default "window"
+        "window" scales the cycle by its least-squares amplitude in each input window (clipped to [0, 2]), so a
+        cycle weaker than in the training months (winter against summer) is removed and forecast at its current
+        strength; "fixed" uses the table as it is (CycleNet).
     init : {"closed_form", "random"}, default "closed_form"
         "closed_form" starts the cycle at the per-phase means of the training rows and the linear path at the ridge
         solution on the cycle-removed training windows (its penalty picked on validation), so training starts
@@ -135,7 +139,8 @@ class MemoryForecaster(BaseEstimator):
                  heads: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
                  chunk_size: int = 8, embedding: str = "patch",
                  patch_len: int = 16, stride: int = 8, channels: str = "independent", dropout: float = 0.3,
-                 linear_path: bool = True, cycle_length: int | str = "auto", init: str = "closed_form",
+                 linear_path: bool = True, cycle_length: int | str = "auto", cycle_amplitude: str = "window",
+                 init: str = "closed_form",
                  loss: str = "mse", weight_decay: float = 0.01, epochs: int = 5, batch_size: int = 32,
                  lr: float = 1e-4, patience: int = 3,
                  max_steps_per_epoch: int | None = None, protocol: str = "auto", random_state: int = 0,
@@ -155,6 +160,7 @@ class MemoryForecaster(BaseEstimator):
         self.dropout = dropout
         self.linear_path = linear_path
         self.cycle_length = cycle_length
+        self.cycle_amplitude = cycle_amplitude
         self.init = init
         self.loss = loss
         self.weight_decay = weight_decay
@@ -259,7 +265,7 @@ class MemoryForecaster(BaseEstimator):
         for name, allowed in (("embedding", EMBEDDINGS), ("channels", CHANNEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name, allowed in (("init", INITS), ("loss", LOSSES)):
+        for name, allowed in (("init", INITS), ("loss", LOSSES), ("cycle_amplitude", CYCLE_AMPLITUDES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not (self.cycle_length == "auto" or (isinstance(self.cycle_length, (int, np.integer))
@@ -278,7 +284,8 @@ class MemoryForecaster(BaseEstimator):
             n_blocks=self.n_blocks, heads=self.heads, memory_depth=self.memory_depth,
             memory_expansion=self.memory_expansion, chunk_size=self.chunk_size,
             embedding=self.embedding, patch_len=self.patch_len, stride=self.stride, channels=self.channels,
-            dropout=self.dropout, linear_path=bool(self.linear_path), cycle_length=self.cycle_length_)
+            dropout=self.dropout, linear_path=bool(self.linear_path), cycle_length=self.cycle_length_,
+            cycle_amplitude=self.cycle_amplitude)
 
     # --------------------------------------------------------------------------------------------- predicting
     def predict(self, data: str | Path | pd.DataFrame | None = None, h: int | None = None) -> pd.DataFrame:
@@ -499,18 +506,44 @@ def _closed_form_init(network: MemoryForecastNet, prepared: ProtocolData, phases
     RevIN's affine starts at the identity and the backbone's head at zero, so the network then forecasts exactly
     ``cycle + ridge`` (ridge on mean-centred windows equals it on standardised ones: both are scale-equivariant).
     """
-    train, val = prepared.train, prepared.val
     if network.cycle is not None:
-        length = network.config.cycle_length
-        table = np.stack([train[phases["train"] == p].mean(axis=0) if (phases["train"] == p).any()
-                          else np.zeros(train.shape[1]) for p in range(length)])
-        table -= table.mean(axis=0)
-        network.cycle.data.copy_(torch.as_tensor(table, dtype=torch.float32))
-        train = train - table[phases["train"]]
-        val = val - table[phases["val"]]
+        train, train_phases = prepared.train, phases["train"]
+        table = np.stack([train[train_phases == p].mean(axis=0) if (train_phases == p).any()
+                          else np.zeros(train.shape[1]) for p in range(network.config.cycle_length)])
+        network.cycle.data.copy_(torch.as_tensor(table - table.mean(axis=0), dtype=torch.float32))
     if network.linear is None:
         return
-    candidates = RidgeBaseline.fit_path(train, lookback, horizon, ALPHAS)
-    best = min(candidates, key=lambda model: evaluate_windows(model.predict, val, lookback, horizon)[0])
-    network.linear.weight.data.copy_(torch.as_tensor(best.weights.T, dtype=torch.float32))
+    gram, cross, _, _ = _residual_moments(network, prepared.train, phases["train"], lookback, horizon)
+    val_moments = _residual_moments(network, prepared.val, phases["val"], lookback, horizon)
+    solutions = [np.linalg.solve(gram + alpha * np.eye(lookback), cross) for alpha in ALPHAS]
+    best = min(solutions, key=lambda weights: _squared_error(weights, *val_moments))
+    network.linear.weight.data.copy_(torch.as_tensor(best.T, dtype=torch.float32))
     network.linear.bias.data.zero_()
+
+
+@torch.no_grad()
+def _residual_moments(network: MemoryForecastNet, values: np.ndarray, phases: np.ndarray | None, lookback: int,
+                      horizon: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """``X'X``, ``X'Y``, ``sum(Y^2)`` and the element count of ``Y`` over every window of every channel, where X are
+    the cycle-removed, mean-centred inputs and Y the cycle-removed targets minus the same mean: all a ridge fit and
+    its validation error need (float64)."""
+    gram, cross, target_square, count = np.zeros((lookback, lookback)), np.zeros((lookback, horizon)), 0.0, 0
+    windows = WindowDataset(values, lookback, horizon, phases)
+    for x, y, *phase in torch.utils.data.DataLoader(windows, batch_size=batch_size):
+        x, y = x.double(), y.double()
+        input_cycle, output_cycle = network.cycle_parts(x, phase[0] if phase else None)
+        x, y = x - input_cycle, y - output_cycle
+        level = x.mean(dim=1, keepdim=True)
+        inputs = (x - level).transpose(1, 2).reshape(-1, lookback).numpy()
+        targets = (y - level).transpose(1, 2).reshape(-1, horizon).numpy()
+        gram += inputs.T @ inputs
+        cross += inputs.T @ targets
+        target_square += float(np.square(targets).sum())
+        count += targets.size
+    return gram, cross, target_square, count
+
+
+def _squared_error(weights: np.ndarray, gram: np.ndarray, cross: np.ndarray, target_square: float,
+                   count: int) -> float:
+    """Mean squared error of ``X @ weights`` against Y from the moments: (W'GW - 2 W'C + Y'Y) / n."""
+    return (np.sum(weights * (gram @ weights)) - 2 * np.sum(weights * cross) + target_square) / count

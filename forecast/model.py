@@ -30,6 +30,7 @@ from memorycore import NeuralMemory
 
 EMBEDDINGS = ("patch", "token")
 CHANNEL_MODES = ("independent", "mixing")
+CYCLE_AMPLITUDES = ("window", "fixed")
 
 
 @dataclass
@@ -39,7 +40,10 @@ class ForecastNetConfig:
     ``chunk_size`` is the neural memory's chunk: with 12 patches (lookback 96, patch 16, stride 8) a chunk of 8 gives
     two chunks (8 + 4); with 96 time-step tokens 16 gives six. ``linear_path`` adds the lookback -> horizon linear
     map beside the backbone (whose head then starts at zero); ``cycle_length`` > 0 adds the learned cycle table, and
-    the forward pass then needs the phase of each window's first step.
+    the forward pass then needs the phase of each window's first step. ``cycle_amplitude="window"`` scales the cycle
+    of each window by its least-squares amplitude in that window (clipped to [0, 2]): a daily cycle that is weaker
+    in winter than in the training summer is then removed and forecast at its current strength; "fixed" uses the
+    table as it is (CycleNet).
     """
 
     n_channels: int
@@ -57,8 +61,9 @@ class ForecastNetConfig:
     channels: str = "independent"
     fft_blocks: int = 4
     dropout: float = 0.1
-    linear_path: bool = False  # False/0 here so that checkpoints written before these parts existed still load
+    linear_path: bool = False  # False/0/"fixed" so that checkpoints written before these parts existed still load
     cycle_length: int = 0
+    cycle_amplitude: str = "fixed"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -202,7 +207,7 @@ class MemoryForecastNet(nn.Module):
             series_phase = None if phase is None else phase.repeat_interleave(channels)
             out = self.forecast_series(series, channel_index, series_phase)
             return out.view(batch, channels, -1).transpose(1, 2)
-        input_cycle, output_cycle = self._cycles(phase, batch)
+        input_cycle, output_cycle = self.cycle_parts(x, phase)
         x, stats = self.revin.normalize(x - input_cycle)
         out = self._encode_and_project(x).view(batch, -1, channels) + self._linear_forecast(x)
         return self.revin.denormalize(out, stats) + output_cycle
@@ -213,7 +218,7 @@ class MemoryForecastNet(nn.Module):
         as GluonTS items)."""
         if not self.independent:
             raise ValueError("forecast_series needs channels='independent': a mixing model needs every channel")
-        input_cycle, output_cycle = self._cycles(phase, len(series), channel_index)
+        input_cycle, output_cycle = self.cycle_parts(series, phase, channel_index)
         x, stats = self.revin.normalize((series - input_cycle).unsqueeze(-1), channel_index)
         out = self._encode_and_project(x).unsqueeze(-1) + self._linear_forecast(x)
         return self.revin.denormalize(out, stats, channel_index).squeeze(-1) + output_cycle
@@ -224,19 +229,22 @@ class MemoryForecastNet(nn.Module):
             return 0.0
         return self.linear(x.transpose(1, 2)).transpose(1, 2)
 
-    def _cycles(self, phase: Tensor | None, rows: int,
-                channel_index: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
-        """The cycle values over the input window and over the horizon: ``[rows, lookback(, channels)]`` and
-        ``[rows, horizon(, channels)]``; the channel axis is absent when ``channel_index`` picks one per row."""
+    def cycle_parts(self, window: Tensor, phase: Tensor | None,
+                    channel_index: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
+        """The cycle over the input ``window`` and over the horizon: ``[rows, lookback(, channels)]`` and
+        ``[rows, horizon(, channels)]``; the channel axis is absent when ``channel_index`` picks one per row
+        (``window [rows, lookback]``). Zeros (0.0) without a cycle."""
         if self.cycle is None:
             return 0.0, 0.0
         if phase is None:
             raise ValueError(f"this network has a cycle of length {self.config.cycle_length}: "
                              "pass the phase of each window's first step")
-        c = self.config
+        c, rows = self.config, window.shape[0]
         steps = torch.arange(c.lookback + c.horizon, device=self.cycle.device)
         index = (phase.to(self.cycle.device).long().view(rows, 1) + steps) % c.cycle_length  # [rows, L + H]
         values = self.cycle[index] if channel_index is None else self.cycle[index, channel_index.view(rows, 1)]
+        if c.cycle_amplitude == "window":
+            values = values * _window_amplitude(window, values[:, :c.lookback])
         return values[:, :c.lookback], values[:, c.lookback:]
 
     def _encode_and_project(self, x: Tensor) -> Tensor:
@@ -256,6 +264,15 @@ class MemoryForecastNet(nn.Module):
         return patches.flatten(2)
 
 
+def _window_amplitude(window: Tensor, cycle: Tensor, largest: float = 2.0) -> Tensor:
+    """Least-squares scale of ``cycle`` in ``window`` (both ``[rows, time(, channels)]``, means removed), clipped to
+    ``[0, largest]``: shape ``[rows, 1(, channels)]``. Without detrending, a flat or cycle-free window gives ~0."""
+    centred_window = window - window.mean(dim=1, keepdim=True)
+    centred_cycle = cycle - cycle.mean(dim=1, keepdim=True)
+    fit = (centred_window * centred_cycle).sum(dim=1, keepdim=True)
+    return (fit / (centred_cycle.square().sum(dim=1, keepdim=True) + 1e-6)).clamp(0.0, largest)
+
+
 def _token_count(config: ForecastNetConfig) -> int:
     if config.embedding == "token":
         return config.lookback
@@ -269,5 +286,7 @@ def _check_config(config: ForecastNetConfig) -> None:
         raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {config.channels!r}")
     if config.embedding == "patch" and config.lookback + config.stride < config.patch_len:
         raise ValueError(f"lookback={config.lookback} is shorter than one patch ({config.patch_len})")
+    if config.cycle_amplitude not in CYCLE_AMPLITUDES:
+        raise ValueError(f"cycle_amplitude must be one of {CYCLE_AMPLITUDES}, got {config.cycle_amplitude!r}")
     if config.cycle_length < 0:
         raise ValueError(f"cycle_length must be >= 0 (0: no cycle), got {config.cycle_length}")

@@ -66,10 +66,12 @@ def test_network_shapes_and_single_channel_path(channels, embedding, linear_path
             net(x)
 
 
-def test_cycle_continues_at_the_right_phase():
-    """Backbone and linear path silenced: a window that is exactly the cycle forecasts the cycle's continuation."""
+@pytest.mark.parametrize("amplitude, scale", [("fixed", 1.0), ("window", 1.0), ("window", 0.5)])
+def test_cycle_continues_at_the_right_phase(amplitude, scale):
+    """Backbone and linear path silenced: a window that is exactly the cycle (or, with the window amplitude, the cycle
+    at half strength) forecasts the cycle's continuation (at that strength)."""
     config = ForecastNetConfig(n_channels=2, lookback=16, horizon=8, d_model=16, heads=2, linear_path=True,
-                               cycle_length=6)
+                               cycle_length=6, cycle_amplitude=amplitude)
     net = MemoryForecastNet(config).eval()
     net.linear.weight.data.zero_()
     net.linear.bias.data.zero_()
@@ -77,7 +79,7 @@ def test_cycle_continues_at_the_right_phase():
     net.cycle.data.copy_(table)
     phase = torch.tensor([0, 3, 5])
     steps = torch.arange(24)
-    series = table[(phase[:, None] + steps) % 6]  # [3, 24, 2]
+    series = scale * table[(phase[:, None] + steps) % 6]  # [3, 24, 2]
     forecast = net(series[:, :16], phase)
     torch.testing.assert_close(forecast, series[:, 16:], atol=1e-5, rtol=1e-5)
 
