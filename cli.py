@@ -117,7 +117,8 @@ def forecast_fit(
     cycle_length: str = typer.Option(
         "auto", help="Learned periodic component: steps per cycle, 'auto' (one day of steps) or 0 (none)."),
     cycle_amplitude: str = typer.Option(
-        "window", help="window (the cycle scaled to its strength in each input window) or fixed (CycleNet)."),
+        "auto", help="window (the cycle scaled to its strength in each input window), fixed (CycleNet) or auto "
+                     "(the one whose closed-form start is better on validation)."),
     init: str = typer.Option("closed_form", help="closed_form (cycle means + ridge start) or random."),
     loss: str = typer.Option("mse", help="Training loss: mse, mae or huber (early stopping uses validation MSE)."),
     weight_decay: float = typer.Option(0.01, help="AdamW weight decay of the weight matrices."),

@@ -78,10 +78,11 @@ class MemoryForecaster(BaseEstimator):
         timestamp's phase, subtracted from the input and added back to the forecast. "auto": one day of steps for
         sub-daily data (24 hourly, 96 for 15 minutes, 144 for 10 minutes), 7 for daily data, none otherwise;
         0 turns it off.
-    cycle_amplitude : {"window", "fixed"}, default "window"
+    cycle_amplitude : {"auto", "window", "fixed"}, default "auto"
         "window" scales the cycle by its least-squares amplitude in each input window (clipped to [0, 2]), so a
         cycle weaker than in the training months (winter against summer) is removed and forecast at its current
-        strength; "fixed" uses the table as it is (CycleNet).
+        strength; "fixed" uses the table as it is (CycleNet). "auto" (with the closed-form start) builds both starts
+        and keeps the one with the lower validation MSE; without it, "window".
     init : {"closed_form", "random"}, default "closed_form"
         "closed_form" starts the cycle at the per-phase means of the training rows and the linear path at the ridge
         solution on the cycle-removed training windows (its penalty picked on validation), so training starts
@@ -139,7 +140,7 @@ class MemoryForecaster(BaseEstimator):
                  heads: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
                  chunk_size: int = 8, embedding: str = "patch",
                  patch_len: int = 16, stride: int = 8, channels: str = "independent", dropout: float = 0.3,
-                 linear_path: bool = True, cycle_length: int | str = "auto", cycle_amplitude: str = "window",
+                 linear_path: bool = True, cycle_length: int | str = "auto", cycle_amplitude: str = "auto",
                  init: str = "closed_form",
                  loss: str = "mse", weight_decay: float = 0.01, epochs: int = 5, batch_size: int = 32,
                  lr: float = 1e-4, patience: int = 3,
@@ -205,7 +206,7 @@ class MemoryForecaster(BaseEstimator):
         torch.manual_seed(self.random_state)
         self.network_ = MemoryForecastNet(self._network_config(wide.shape[1]))
         if self.init == "closed_form":
-            _closed_form_init(self.network_, prepared, phases, self.lookback, self.horizon)
+            self._closed_form_start(prepared, phases)
         train, val = (WindowDataset(getattr(prepared, part), self.lookback, self.horizon, phases[part])
                       for part in ("train", "val"))
         start_state = copy.deepcopy(self.network_.state_dict())
@@ -228,6 +229,20 @@ class MemoryForecaster(BaseEstimator):
         self.read_options_ = {k: v for k, v in read_options.items() if k != "target"}
         self.last_window_ = wide.iloc[-self.lookback:].copy()
         return self
+
+    def _closed_form_start(self, prepared: ProtocolData, phases: dict) -> None:
+        """The closed-form start; with ``cycle_amplitude="auto"`` the amplitude whose start has the lower validation
+        MSE (both are computed in closed form: no training is spent on the choice)."""
+        config = self.network_.config
+        if self.cycle_amplitude != "auto" or not config.cycle_length:
+            _closed_form_init(self.network_, prepared, phases, self.lookback, self.horizon)
+            return
+        scores = {}
+        for amplitude in CYCLE_AMPLITUDES:
+            config.cycle_amplitude = amplitude
+            scores[amplitude] = _closed_form_init(self.network_, prepared, phases, self.lookback, self.horizon)
+        config.cycle_amplitude = min(scores, key=scores.get)
+        _closed_form_init(self.network_, prepared, phases, self.lookback, self.horizon)
 
     def _resolve_cycle_length(self) -> int:
         if self.cycle_length == "auto":
@@ -265,7 +280,7 @@ class MemoryForecaster(BaseEstimator):
         for name, allowed in (("embedding", EMBEDDINGS), ("channels", CHANNEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        for name, allowed in (("init", INITS), ("loss", LOSSES), ("cycle_amplitude", CYCLE_AMPLITUDES)):
+        for name, allowed in (("init", INITS), ("loss", LOSSES), ("cycle_amplitude", ("auto", *CYCLE_AMPLITUDES))):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not (self.cycle_length == "auto" or (isinstance(self.cycle_length, (int, np.integer))
@@ -285,7 +300,7 @@ class MemoryForecaster(BaseEstimator):
             memory_expansion=self.memory_expansion, chunk_size=self.chunk_size,
             embedding=self.embedding, patch_len=self.patch_len, stride=self.stride, channels=self.channels,
             dropout=self.dropout, linear_path=bool(self.linear_path), cycle_length=self.cycle_length_,
-            cycle_amplitude=self.cycle_amplitude)
+            cycle_amplitude="window" if self.cycle_amplitude == "auto" else self.cycle_amplitude)
 
     # --------------------------------------------------------------------------------------------- predicting
     def predict(self, data: str | Path | pd.DataFrame | None = None, h: int | None = None) -> pd.DataFrame:
@@ -499,12 +514,13 @@ def _tensor_dataset(windows: torch.Tensor, phases: torch.Tensor | None, *more: t
 
 
 def _closed_form_init(network: MemoryForecastNet, prepared: ProtocolData, phases: dict, lookback: int,
-                      horizon: int) -> None:
+                      horizon: int) -> float:
     """Start the cycle at the per-phase means of the training rows (centred per channel) and the linear path at the
     ridge solution on the cycle-removed, mean-centred training windows, its penalty picked on validation.
 
     RevIN's affine starts at the identity and the backbone's head at zero, so the network then forecasts exactly
     ``cycle + ridge`` (ridge on mean-centred windows equals it on standardised ones: both are scale-equivariant).
+    Returns the validation MSE of that forecast (NaN without a linear path).
     """
     if network.cycle is not None:
         train, train_phases = prepared.train, phases["train"]
@@ -512,13 +528,14 @@ def _closed_form_init(network: MemoryForecastNet, prepared: ProtocolData, phases
                           else np.zeros(train.shape[1]) for p in range(network.config.cycle_length)])
         network.cycle.data.copy_(torch.as_tensor(table - table.mean(axis=0), dtype=torch.float32))
     if network.linear is None:
-        return
+        return math.nan
     gram, cross, _, _ = _residual_moments(network, prepared.train, phases["train"], lookback, horizon)
     val_moments = _residual_moments(network, prepared.val, phases["val"], lookback, horizon)
     solutions = [np.linalg.solve(gram + alpha * np.eye(lookback), cross) for alpha in ALPHAS]
     best = min(solutions, key=lambda weights: _squared_error(weights, *val_moments))
     network.linear.weight.data.copy_(torch.as_tensor(best.T, dtype=torch.float32))
     network.linear.bias.data.zero_()
+    return _squared_error(best, *val_moments)
 
 
 @torch.no_grad()

@@ -117,7 +117,7 @@ def bad_inputs(folder):
         ("missing.csv", [], "data file not found"),
         ("series.csv", ["--cycle-length", "daily"], "--cycle-length must be 'auto' or a whole number"),
         ("series.csv", ["--loss", "l3"], "loss must be one of mse, mae, huber"),
-        ("series.csv", ["--cycle-amplitude", "big"], "cycle_amplitude must be one of window, fixed"),
+        ("series.csv", ["--cycle-amplitude", "big"], "cycle_amplitude must be one of auto, window, fixed"),
     ]
 
 
