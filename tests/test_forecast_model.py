@@ -277,3 +277,12 @@ def test_gluonts_rejects_unknown_items(fitted):
     item = {"start": pd.Period("2024-01-01", freq="h"), "target": np.zeros(30), "item_id": "wind"}
     with pytest.raises(InputError, match="not a fitted column"):
         predictor.predict_item(item)
+
+
+def test_auto_amplitude_keeps_the_start_that_is_better_on_validation():
+    small = dict(TINY, epochs=1, lr=1e-12)  # lr ~0: the fitted networks are their closed-form starts
+    starts = {amplitude: MemoryForecaster(**small, cycle_amplitude=amplitude).fit(synthetic()).start_val_loss_
+              for amplitude in ("window", "fixed")}
+    auto = MemoryForecaster(**small, cycle_amplitude="auto").fit(synthetic())
+    assert auto.network_.config.cycle_amplitude == min(starts, key=starts.get)
+    assert auto.start_val_loss_ == pytest.approx(min(starts.values()), rel=1e-5)
