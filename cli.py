@@ -87,23 +87,41 @@ def _ridge_row(model, data) -> tuple[str, float, float]:
     return (f"ridge baseline (alpha={alpha:g})", mse, mae)
 
 
+def _cycle_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"--cycle-length must be 'auto' or a whole number of steps (0: none), got {text!r}") from None
+
+
 @forecast_app.command("fit")
 @friendly_errors
 def forecast_fit(
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
     horizon: int = typer.Option(96, help="Steps to forecast."),
     lookback: int = typer.Option(96, help="Past steps the model reads."),
-    epochs: int = typer.Option(3, help="Passes over the training windows (early stopping may end sooner)."),
+    epochs: int = typer.Option(5, help="Passes over the training windows (early stopping may end sooner)."),
     max_steps: Optional[int] = typer.Option(
         0, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
     batch_size: int = typer.Option(32, help="Windows per optimiser step."),
-    lr: float = typer.Option(3e-3, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
     d_model: int = typer.Option(32, help="Model width."),
     heads: int = typer.Option(2, help="Neural memory heads (must divide --d-model)."),
     blocks: int = typer.Option(1, help="Memory + EinFFT blocks."),
     dropout: float = typer.Option(0.3, help="Dropout in the blocks and the head."),
     chunk_size: int = typer.Option(8, help="Neural memory chunk (tokens sharing one gradient base)."),
     channels: str = typer.Option("independent", help="independent (one sequence per channel) or mixing."),
+    linear_path: bool = typer.Option(True, help="A linear lookback->horizon path beside the memory backbone."),
+    cycle_length: str = typer.Option(
+        "auto", help="Learned periodic component: steps per cycle, 'auto' (one day of steps) or 0 (none)."),
+    cycle_amplitude: str = typer.Option(
+        "auto", help="window (the cycle scaled to its strength in each input window), fixed (CycleNet) or auto "
+                     "(the one whose closed-form start is better on validation)."),
+    init: str = typer.Option("closed_form", help="closed_form (cycle means + ridge start) or random."),
+    loss: str = typer.Option("mse", help="Training loss: mse, mae or huber (early stopping uses validation MSE)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay of the weight matrices."),
     protocol: str = typer.Option("auto", help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
     target: Optional[list[str]] = typer.Option(None, help="Column(s) to forecast (repeat the option); default all."),
     date_column: Optional[str] = typer.Option(None, help="Timestamp column; default 'date' or the like."),
@@ -135,7 +153,8 @@ def forecast_fit(
     model = MemoryForecaster(
         lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
         channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
-        max_steps_per_epoch=max_steps or None,
+        max_steps_per_epoch=max_steps or None, linear_path=linear_path, cycle_length=_cycle_length(cycle_length),
+        cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
         protocol=protocol, random_state=seed, device=device, verbose=not quiet)
     start = time.perf_counter()
     model.fit(data, **_read_options(date_column, target, fill, allow_irregular))

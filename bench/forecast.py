@@ -1,12 +1,14 @@
 """The forecasting table: the memory forecaster against the ridge baseline and the Titans paper, on the TSLib protocol.
 
     python bench/forecast.py                    # GPU: ETTh1, ETTm1, Weather x horizons 96/192/336/720, lookback 96
-    python bench/forecast.py --quick            # CPU: ETTh1, horizon 96, the small `forecast fit` configuration
+    python bench/forecast.py --quick            # CPU: ETTh1 x 96/192/336/720, the small `forecast fit` configuration
+    python bench/forecast.py --quick --datasets ETTm1 Weather --max-steps-per-epoch 200  # time-capped CPU
+    python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path   # ablations
     python bench/forecast.py --data my.csv --horizons 96 192
 
 Every test window is scored (no drop_last) on the scaled values. The ridge baseline (forecast/baseline.py) is fit in
-the same run on the same splits. Datasets are read from ../shared/datasets beside the checkout (or --data-dir), the
-bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
+the same run on the same splits; the summary lists model vs ridge per horizon and their averages. Datasets are read
+from ../shared/datasets beside the checkout (or --data-dir), the bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ REFERENCE_RIDGE = {"ETTh1": (0.441, 0.429), "ETTm1": (0.413, 0.406), "Weather": 
 
 GPU_MODEL = dict(d_model=64, heads=4, n_blocks=2, chunk_size=8, batch_size=256, lr=1e-3, dropout=0.1, epochs=5,
                  patience=2, max_steps_per_epoch=40)
-CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=3e-3, dropout=0.3, epochs=3,
+CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=1e-4, dropout=0.3, epochs=5,
                  patience=3, max_steps_per_epoch=None)
+# command-line flags that override MemoryForecaster parameters: name -> type
+MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_model": int, "heads": int,
+               "n_blocks": int, "chunk_size": int, "lr": float, "dropout": float, "weight_decay": float,
+               "patch_len": int, "stride": int, "loss": str, "init": str, "channels": str, "cycle_amplitude": str}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     files = resolve_files(args)
     config = dict(CPU_MODEL if args.quick else GPU_MODEL)
-    for key in ("epochs", "max_steps_per_epoch", "batch_size", "d_model", "heads", "n_blocks", "chunk_size", "lr"):
+    for key in MODEL_FLAGS:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
-    horizons = args.horizons or ([96] if args.quick else [96, 192, 336, 720])
+    if args.no_cycle:
+        config["cycle_length"] = 0
+    if args.no_linear_path:
+        config["linear_path"] = False
+    horizons = args.horizons or [96, 192, 336, 720]
     results, start = [], time.perf_counter()
     for name, path in files.items():
         wide = read_series(path, allow_irregular=True)  # the protocol uses the rows as they are (Weather has a gap)
@@ -73,15 +83,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU: ETTh1 only, horizon 96, small model")
+    parser.add_argument("--quick", action="store_true", help="CPU: ETTh1 only (unless --datasets), small model")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASET_FILES), help="default: all (ETTh1 with --quick)")
     parser.add_argument("--data", nargs="+", type=Path, help="any CSV(s) instead of the benchmark datasets")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
     parser.add_argument("--horizons", nargs="+", type=int)
     parser.add_argument("--lookback", type=int, default=96)
-    for key, kind in (("epochs", int), ("max_steps_per_epoch", int), ("batch_size", int), ("d_model", int),
-                      ("heads", int), ("n_blocks", int), ("chunk_size", int), ("lr", float)):
+    for key, kind in MODEL_FLAGS.items():
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind)
+    parser.add_argument("--no-cycle", action="store_true", help="cycle_length=0: no learned periodic component")
+    parser.add_argument("--no-linear-path", action="store_true", help="no linear lookback->horizon path")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -120,7 +131,8 @@ def run_one(name: str, path: Path, wide, protocol: str, horizon: int, config: di
         scores = model.evaluate(wide)
         row.update(mse=scores["mse"], mae=scores["mae"], test_windows=scores["windows"],
                    epochs_run=len(model.history_.train_loss), best_epoch=model.history_.best_epoch,
-                   val_loss=model.history_.val_loss)
+                   val_loss=model.history_.val_loss, start_val_loss=model.start_val_loss_,
+                   val_mse=min([model.start_val_loss_, *model.history_.val_loss]))
     except Exception as error:  # keep the other rows of a long GPU run
         row["error"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
@@ -134,10 +146,26 @@ def format_row(row: dict) -> str:
     return (f"{row['dataset']:<8} {row['horizon']:>4}  memory {row['mse']:.3f}/{row['mae']:.3f}  ridge "
             f"{row['ridge_mse']:.3f}/{row['ridge_mae']:.3f}  beats ridge: {beats:<3}  "
             f"trained {row['train_seconds']:.0f} s "
-            f"({row['epochs_run']} epochs, {row['test_windows']} test windows)")
+            f"({row['epochs_run']} epochs, best {row['best_epoch']} (-1: the closed-form start), "
+            f"val MSE {row['val_mse']:.4f}, {row['test_windows']} test windows)")
 
 
 def summary(results: list[dict]) -> str:
+    return per_horizon_table(results) + "\n\n" + average_table(results)
+
+
+def per_horizon_table(results: list[dict]) -> str:
+    lines = [f"{'dataset':<8} {'horizon':>7} {'memory MSE/MAE':>15} {'ridge MSE/MAE':>15} {'beats':>5} {'train s':>8}"]
+    for row in results:
+        if "error" in row:
+            continue
+        beats = "yes" if row["mse"] < row["ridge_mse"] else "no"
+        lines.append(f"{row['dataset']:<8} {row['horizon']:>7} {_pair((row['mse'], row['mae'])):>15} "
+                     f"{_pair((row['ridge_mse'], row['ridge_mae'])):>15} {beats:>5} {row['train_seconds']:>8.0f}")
+    return "\n".join(lines)
+
+
+def average_table(results: list[dict]) -> str:
     lines = [f"{'dataset':<8} {'memory MSE/MAE':>15} {'ridge MSE/MAE':>15} {'paper NM':>12} {'paper Simba':>12} "
              f"{'ridge (refs)':>12} {'train s':>8}"]
     for name in dict.fromkeys(r["dataset"] for r in results):

@@ -345,14 +345,16 @@ class StandardScaler:
 
 # -------------------------------------------------------------------------------------------------- windows
 class WindowDataset(Dataset):
-    """Stride-1 windows over a scaled ``[time, channels]`` array: item i is ``(x[i : i+L], x[i+L : i+L+H])``.
+    """Stride-1 windows over a scaled ``[time, channels]`` array: item i is ``(x[i : i+L], x[i+L : i+L+H])``,
+    followed by ``phases[i]`` (the cycle phase of the window's first row) when ``phases [time]`` is given.
 
     Every window is kept (``len = time - lookback - horizon + 1``): the test loader must see all of them.
     """
 
-    def __init__(self, values: np.ndarray, lookback: int, horizon: int) -> None:
+    def __init__(self, values: np.ndarray, lookback: int, horizon: int, phases: np.ndarray | None = None) -> None:
         self.values = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.float32)
         self.lookback, self.horizon = lookback, horizon
+        self.phases = None if phases is None else torch.as_tensor(np.asarray(phases), dtype=torch.long)
 
     def __len__(self) -> int:
         return max(0, self.values.shape[0] - self.lookback - self.horizon + 1)
@@ -361,7 +363,8 @@ class WindowDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         middle = index + self.lookback
-        return self.values[index:middle], self.values[middle:middle + self.horizon]
+        window = (self.values[index:middle], self.values[middle:middle + self.horizon])
+        return window if self.phases is None else (*window, self.phases[index])
 
 
 @dataclass
@@ -413,3 +416,27 @@ def future_index(index: pd.DatetimeIndex, steps: int) -> pd.DatetimeIndex:
     """The ``steps`` timestamps that follow ``index``."""
     step = infer_step(index)
     return pd.DatetimeIndex([index[-1] + step * (i + 1) for i in range(steps)], name=index.name)
+
+
+# ---------------------------------------------------------------------------------------------------- cycles
+def step_nanoseconds(index: pd.DatetimeIndex) -> int:
+    """The index's time step in nanoseconds; 0 when it has no fixed length (months, business days)."""
+    try:
+        return int(pd.Timedelta(infer_step(index)).value)
+    except (ValueError, TypeError):
+        return 0
+
+
+def default_cycle_length(step_ns: int) -> int:
+    """The number of steps in one day for sub-daily data (24 hourly, 96 for 15 minutes, 144 for 10 minutes), a week
+    for daily data, else 0 (no cycle)."""
+    day = pd.Timedelta("1D").value
+    if 0 < step_ns < day and day % step_ns == 0:
+        return day // step_ns
+    return 7 if step_ns == day else 0
+
+
+def cycle_phases(index: pd.DatetimeIndex, cycle_length: int, step_ns: int) -> np.ndarray:
+    """The phase of each timestamp in a cycle of ``cycle_length`` steps of ``step_ns``: steps since the Unix epoch
+    modulo the cycle (the hour of the day for hourly data and a 24-step cycle)."""
+    return (index.asi8 // step_ns) % cycle_length

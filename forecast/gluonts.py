@@ -67,7 +67,9 @@ class MemoryPredictor(RepresentablePredictor):
         channels = np.array([self._channel_of(item) for item in items])
         windows = np.stack([self._last_window(item, lookback) for item in items])
         mean, scale = model.scaler_.mean[channels, None], model.scaler_.scale[channels, None]
-        scaled = model.forecast_series_scaled((windows - mean) / scale, channels, self.prediction_length)
+        phases = model.phases_at(pd.DatetimeIndex([_window_start(item, lookback) for item in items]))
+        scaled = model.forecast_series_scaled((windows - mean) / scale, channels, self.prediction_length,
+                                              phases=phases)
         forecasts = scaled * scale + mean
         return [SampleForecast(samples=forecast[None].astype(np.float32), start_date=_forecast_start(item),
                                item_id=item.get("item_id"))
@@ -94,6 +96,12 @@ class MemoryPredictor(RepresentablePredictor):
         if not np.isfinite(window).all():
             raise InputError(f"item {item.get('item_id')!r} has NaN/inf in its last {lookback} values")
         return window
+
+
+def _window_start(item: dict, lookback: int) -> pd.Timestamp:
+    """Timestamp of the first value of the item's last ``lookback`` values (where its cycle phase is read)."""
+    start = item["start"] + (len(item["target"]) - lookback)
+    return start.to_timestamp() if isinstance(start, pd.Period) else pd.Timestamp(start)
 
 
 def _forecast_start(item: dict) -> pd.Period:

@@ -1,8 +1,16 @@
-"""The Simba-style forecasting network with Titans neural memory in place of Mamba.
+r"""The Simba-style forecasting network with Titans neural memory in place of Mamba.
 
 Shape legend: b batch, l lookback, h horizon, c channels, n tokens (patches or time steps), d model width.
 
-    x [b, l, c] -> RevIN -> tokens [b', n, d] -> blocks -> flatten -> linear head -> [b, h, c] -> RevIN^-1
+    x [b, l, c] - cycle -> RevIN -> tokens [b', n, d] -> blocks -> flatten -> linear head -> [b, h, c]
+                                 \-> linear path (lookback -> horizon) ------------------------/  + -> RevIN^-1 + cycle
+
+Two parts sit around the Simba backbone because at lookback 96 they are what a linear model gets right and a deep
+one has to relearn: a *linear path*, one lookback -> horizon map shared by the channels on the RevIN-normalised
+window (RLinear); the backbone's head starts at zero, so training starts at the linear forecast and the memory
+blocks learn a residual on it. And a learned *cycle*, a ``[cycle_length, channels]`` table indexed by the phase of
+each step (hour of day for hourly data): it is subtracted from the input window and added back to the forecast
+(CycleNet's residual cycle forecasting, Lin et al. 2024). Either can be switched off in the config.
 
 Each block is ``x + NeuralMemory(LN(x))`` then ``x + EinFFT(LN(x))`` (SiMBA, Patro & Agneeswaran 2024, with the
 Mamba sequence mixer swapped for neural memory as in Titans section 5.5). With ``channels="independent"`` every
@@ -22,6 +30,7 @@ from memorycore import NeuralMemory
 
 EMBEDDINGS = ("patch", "token")
 CHANNEL_MODES = ("independent", "mixing")
+CYCLE_AMPLITUDES = ("window", "fixed")
 
 
 @dataclass
@@ -29,7 +38,12 @@ class ForecastNetConfig:
     """Everything needed to rebuild a :class:`MemoryForecastNet` (stored as JSON in checkpoints).
 
     ``chunk_size`` is the neural memory's chunk: with 12 patches (lookback 96, patch 16, stride 8) a chunk of 8 gives
-    two chunks (8 + 4); with 96 time-step tokens 16 gives six.
+    two chunks (8 + 4); with 96 time-step tokens 16 gives six. ``linear_path`` adds the lookback -> horizon linear
+    map beside the backbone (whose head then starts at zero); ``cycle_length`` > 0 adds the learned cycle table, and
+    the forward pass then needs the phase of each window's first step. ``cycle_amplitude="window"`` scales the cycle
+    of each window by its least-squares amplitude in that window (clipped to [0, 2]): a daily cycle that is weaker
+    in winter than in the training summer is then removed and forecast at its current strength; "fixed" uses the
+    table as it is (CycleNet).
     """
 
     n_channels: int
@@ -47,6 +61,9 @@ class ForecastNetConfig:
     channels: str = "independent"
     fft_blocks: int = 4
     dropout: float = 0.1
+    linear_path: bool = False  # False/0/"fixed" so that checkpoints written before these parts existed still load
+    cycle_length: int = 0
+    cycle_amplitude: str = "fixed"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,8 +185,18 @@ class MemoryForecastNet(nn.Module):
         out_channels = 1 if self.independent else c.n_channels
         self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(c.dropout),
                                   nn.Linear(self.n_tokens * c.d_model, c.horizon * out_channels))
+        self.linear = nn.Linear(c.lookback, c.horizon) if c.linear_path else None
+        if c.linear_path:  # the backbone starts as a zero residual on the linear forecast
+            nn.init.zeros_(self.head[-1].weight)
+            nn.init.zeros_(self.head[-1].bias)
+        self.cycle = nn.Parameter(torch.zeros(c.cycle_length, c.n_channels)) if c.cycle_length else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, phase: Tensor | None = None) -> Tensor:
+        """Forecasts ``[batch, horizon, channels]`` of windows ``x [batch, lookback, channels]``.
+
+        ``phase [batch]`` (integers) is the cycle phase of each window's first step; needed when ``cycle_length``
+        > 0, ignored otherwise.
+        """
         batch, lookback, channels = x.shape
         if lookback != self.config.lookback or channels != self.config.n_channels:
             raise ValueError(f"expected windows [batch, {self.config.lookback}, {self.config.n_channels}], "
@@ -177,19 +204,48 @@ class MemoryForecastNet(nn.Module):
         if self.independent:
             series = x.transpose(1, 2).reshape(batch * channels, lookback)
             channel_index = torch.arange(channels, device=x.device).repeat(batch)
-            return self.forecast_series(series, channel_index).view(batch, channels, -1).transpose(1, 2)
-        x, stats = self.revin.normalize(x)
-        out = self._encode_and_project(x).view(batch, -1, channels)
-        return self.revin.denormalize(out, stats)
+            series_phase = None if phase is None else phase.repeat_interleave(channels)
+            out = self.forecast_series(series, channel_index, series_phase)
+            return out.view(batch, channels, -1).transpose(1, 2)
+        input_cycle, output_cycle = self.cycle_parts(x, phase)
+        x, stats = self.revin.normalize(x - input_cycle)
+        out = self._encode_and_project(x).view(batch, -1, channels) + self._linear_forecast(x)
+        return self.revin.denormalize(out, stats) + output_cycle
 
-    def forecast_series(self, series: Tensor, channel_index: Tensor) -> Tensor:
+    def forecast_series(self, series: Tensor, channel_index: Tensor, phase: Tensor | None = None) -> Tensor:
         """Channel-independent mode only: forecasts ``[n, horizon]`` of single series ``[n, lookback]``, row i being
-        a window of channel ``channel_index[i]`` (used for univariate data such as GluonTS items)."""
+        a window of channel ``channel_index[i]`` starting at cycle phase ``phase[i]`` (used for univariate data such
+        as GluonTS items)."""
         if not self.independent:
             raise ValueError("forecast_series needs channels='independent': a mixing model needs every channel")
-        x, stats = self.revin.normalize(series.unsqueeze(-1), channel_index)
-        out = self._encode_and_project(x).unsqueeze(-1)
-        return self.revin.denormalize(out, stats, channel_index).squeeze(-1)
+        input_cycle, output_cycle = self.cycle_parts(series, phase, channel_index)
+        x, stats = self.revin.normalize((series - input_cycle).unsqueeze(-1), channel_index)
+        out = self._encode_and_project(x).unsqueeze(-1) + self._linear_forecast(x)
+        return self.revin.denormalize(out, stats, channel_index).squeeze(-1) + output_cycle
+
+    def _linear_forecast(self, x: Tensor) -> Tensor | float:
+        """The linear path: [b', l, k] normalised windows -> [b', horizon, k], one map shared by the channels."""
+        if self.linear is None:
+            return 0.0
+        return self.linear(x.transpose(1, 2)).transpose(1, 2)
+
+    def cycle_parts(self, window: Tensor, phase: Tensor | None,
+                    channel_index: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
+        """The cycle over the input ``window`` and over the horizon: ``[rows, lookback(, channels)]`` and
+        ``[rows, horizon(, channels)]``; the channel axis is absent when ``channel_index`` picks one per row
+        (``window [rows, lookback]``). Zeros (0.0) without a cycle."""
+        if self.cycle is None:
+            return 0.0, 0.0
+        if phase is None:
+            raise ValueError(f"this network has a cycle of length {self.config.cycle_length}: "
+                             "pass the phase of each window's first step")
+        c, rows = self.config, window.shape[0]
+        steps = torch.arange(c.lookback + c.horizon, device=self.cycle.device)
+        index = (phase.to(self.cycle.device).long().view(rows, 1) + steps) % c.cycle_length  # [rows, L + H]
+        values = self.cycle[index] if channel_index is None else self.cycle[index, channel_index.view(rows, 1)]
+        if c.cycle_amplitude == "window":
+            values = values * _window_amplitude(window, values[:, :c.lookback])
+        return values[:, :c.lookback], values[:, c.lookback:]
 
     def _encode_and_project(self, x: Tensor) -> Tensor:
         """[b', l, k] normalised windows -> [b', horizon * out_channels]."""
@@ -208,6 +264,15 @@ class MemoryForecastNet(nn.Module):
         return patches.flatten(2)
 
 
+def _window_amplitude(window: Tensor, cycle: Tensor, largest: float = 2.0) -> Tensor:
+    """Least-squares scale of ``cycle`` in ``window`` (both ``[rows, time(, channels)]``, means removed), clipped to
+    ``[0, largest]``: shape ``[rows, 1(, channels)]``. Without detrending, a flat or cycle-free window gives ~0."""
+    centred_window = window - window.mean(dim=1, keepdim=True)
+    centred_cycle = cycle - cycle.mean(dim=1, keepdim=True)
+    fit = (centred_window * centred_cycle).sum(dim=1, keepdim=True)
+    return (fit / (centred_cycle.square().sum(dim=1, keepdim=True) + 1e-6)).clamp(0.0, largest)
+
+
 def _token_count(config: ForecastNetConfig) -> int:
     if config.embedding == "token":
         return config.lookback
@@ -221,3 +286,7 @@ def _check_config(config: ForecastNetConfig) -> None:
         raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {config.channels!r}")
     if config.embedding == "patch" and config.lookback + config.stride < config.patch_len:
         raise ValueError(f"lookback={config.lookback} is shorter than one patch ({config.patch_len})")
+    if config.cycle_amplitude not in CYCLE_AMPLITUDES:
+        raise ValueError(f"cycle_amplitude must be one of {CYCLE_AMPLITUDES}, got {config.cycle_amplitude!r}")
+    if config.cycle_length < 0:
+        raise ValueError(f"cycle_length must be >= 0 (0: no cycle), got {config.cycle_length}")

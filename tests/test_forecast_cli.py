@@ -14,8 +14,10 @@ TINY = ["--lookback", "24", "--horizon", "8", "--epochs", "1", "--max-steps", "8
 
 def write_series(path, n=300, **overrides):
     t = np.arange(n)
+    noise = 0.1 * np.random.default_rng(0).standard_normal((2, n))  # a noiseless daily cycle would score MSE 0
     frame = pd.DataFrame({"date": pd.date_range("2024-01-01", periods=n, freq="h").astype(str),
-                          "load": np.sin(2 * np.pi * t / 24), "temp": np.cos(2 * np.pi * t / 12) + 3})
+                          "load": np.sin(2 * np.pi * t / 24) + noise[0],
+                          "temp": np.cos(2 * np.pi * t / 12) + 3 + noise[1]})
     for column, values in overrides.items():
         frame[column] = values
     frame.to_csv(path, index=False)
@@ -113,6 +115,9 @@ def bad_inputs(folder):
         ("gap.csv", [], "irregular timestamps"),
         ("series.csv", ["--target", "OT"], "unknown target column(s) 'OT'"),
         ("missing.csv", [], "data file not found"),
+        ("series.csv", ["--cycle-length", "daily"], "--cycle-length must be 'auto' or a whole number"),
+        ("series.csv", ["--loss", "l3"], "loss must be one of mse, mae, huber"),
+        ("series.csv", ["--cycle-amplitude", "big"], "cycle_amplitude must be one of auto, window, fixed"),
     ]
 
 
@@ -172,3 +177,14 @@ def test_plot_to_an_unknown_image_format_is_one_clear_line(tmp_path):
     with pytest.raises(InputError, match=r"cannot write a \.jpgx image"):
         plot_forecast(frame, frame, tmp_path / "x.jpgx")
     assert not any(tmp_path.iterdir())
+
+
+def test_fit_without_the_linear_path_and_the_cycle(runner, tmp_path):
+    data = write_series(tmp_path / "series.csv")
+    out = tmp_path / "plain.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(out), "--no-linear-path",
+                                 "--cycle-length", "0", "--init", "random", "--loss", "huber", *TINY])
+    assert result.exit_code == 0, result.stderr
+    from forecast.estimator import MemoryForecaster
+    model = MemoryForecaster.load(out)
+    assert model.network_.linear is None and model.network_.cycle is None and model.cycle_length_ == 0

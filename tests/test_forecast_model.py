@@ -9,7 +9,9 @@ import torch
 from sklearn.base import clone
 
 from forecast import ForecastNetConfig, MemoryForecaster, MemoryForecastNet
-from forecast.data import prepare_protocol
+from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows
+from forecast.data import WindowDataset, cycle_phases, default_cycle_length, prepare_protocol
+from forecast.estimator import _closed_form_init, _loss_function
 from memorycore import CheckpointError, InputError
 from memorycore.training import evaluate_loss
 
@@ -42,29 +44,104 @@ def fitted(_one_thread):
 
 @pytest.mark.parametrize("channels", ["independent", "mixing"])
 @pytest.mark.parametrize("embedding", ["patch", "token"])
-def test_network_shapes_and_single_channel_path(channels, embedding):
+@pytest.mark.parametrize("linear_path, cycle_length", [(True, 6), (False, 0)])
+def test_network_shapes_and_single_channel_path(channels, embedding, linear_path, cycle_length):
     config = ForecastNetConfig(n_channels=3, lookback=16, horizon=8, d_model=16, heads=2, channels=channels,
-                               embedding=embedding, chunk_size=8)
+                               embedding=embedding, chunk_size=8, linear_path=linear_path, cycle_length=cycle_length)
     net = MemoryForecastNet(config).eval()
-    x = torch.randn(2, 16, 3)
-    y = net(x)
+    assert (net.linear is not None) == linear_path and (net.cycle is not None) == bool(cycle_length)
+    if cycle_length:
+        net.cycle.data.normal_()
+    x, phase = torch.randn(2, 16, 3), torch.tensor([0, 4])
+    y = net(x, phase)
     assert y.shape == (2, 8, 3) and torch.isfinite(y).all()
     if channels == "independent":  # channel 1 alone gives the same forecast as inside the batch of channels
-        torch.testing.assert_close(net.forecast_series(x[:, :, 1], torch.tensor([1, 1])), y[:, :, 1])
+        torch.testing.assert_close(net.forecast_series(x[:, :, 1], torch.tensor([1, 1]), phase), y[:, :, 1])
         x_changed = x.clone()
         x_changed[:, :, 0] += 5.0
-        torch.testing.assert_close(net(x_changed)[:, :, 1], y[:, :, 1])  # channels do not mix
+        torch.testing.assert_close(net(x_changed, phase)[:, :, 1], y[:, :, 1])  # channels do not mix
+    if cycle_length:
+        assert not torch.allclose(net(x, phase + 1), y)  # the phase matters
+        with pytest.raises(ValueError, match="pass the phase"):
+            net(x)
 
 
-def test_tiny_fit_lowers_validation_loss(fitted):
+@pytest.mark.parametrize("amplitude, scale", [("fixed", 1.0), ("window", 1.0), ("window", 0.5)])
+def test_cycle_continues_at_the_right_phase(amplitude, scale):
+    """Backbone and linear path silenced: a window that is exactly the cycle (or, with the window amplitude, the cycle
+    at half strength) forecasts the cycle's continuation (at that strength)."""
+    config = ForecastNetConfig(n_channels=2, lookback=16, horizon=8, d_model=16, heads=2, linear_path=True,
+                               cycle_length=6, cycle_amplitude=amplitude)
+    net = MemoryForecastNet(config).eval()
+    net.linear.weight.data.zero_()
+    net.linear.bias.data.zero_()
+    table = torch.randn(6, 2)
+    net.cycle.data.copy_(table)
+    phase = torch.tensor([0, 3, 5])
+    steps = torch.arange(24)
+    series = scale * table[(phase[:, None] + steps) % 6]  # [3, 24, 2]
+    forecast = net(series[:, :16], phase)
+    torch.testing.assert_close(forecast, series[:, 16:], atol=1e-5, rtol=1e-5)
+
+
+def test_default_cycle_length_and_phases():
+    hour, quarter, ten = (pd.Timedelta(f).value for f in ("1h", "15min", "10min"))
+    assert [default_cycle_length(s) for s in (hour, quarter, ten, pd.Timedelta("1D").value)] == [24, 96, 144, 7]
+    assert default_cycle_length(pd.Timedelta("7h").value) == 0 and default_cycle_length(0) == 0
+    index = pd.date_range("2024-03-05 21:00", periods=5, freq="h")
+    np.testing.assert_array_equal(cycle_phases(index, 24, hour), [21, 22, 23, 0, 1])  # the hour of the day
+
+
+def test_closed_form_start_is_the_ridge_baseline():
+    """Without a cycle, the initialised network forecasts exactly what the ridge baseline does."""
     data = prepare_protocol(synthetic(), 24, 8, "ratio")
-    torch.manual_seed(fitted.random_state)  # the initial weights fit started from
-    untrained = MemoryForecastNet(fitted.network_.config)
-    loss = lambda model, batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1])  # noqa: E731
-    before = evaluate_loss(untrained, loss, data.windows("val", 24, 8), device="cpu")
-    after = evaluate_loss(fitted.network_, loss, data.windows("val", 24, 8), device="cpu")
+    config = ForecastNetConfig(n_channels=2, lookback=24, horizon=8, d_model=16, heads=2, linear_path=True)
+    net = MemoryForecastNet(config).eval()
+    _closed_form_init(net, data, {"train": None, "val": None}, 24, 8)
+    windows = torch.as_tensor(data.test[None, :24], dtype=torch.float32)
+    ridge = RidgeBaseline(net.linear.weight.detach().double().numpy().T, alpha=0.0)
+    np.testing.assert_allclose(net(windows).detach().numpy(), ridge.predict(data.test[None, :24]), atol=1e-4)
+    best = min(RidgeBaseline.fit_path(data.train, 24, 8, ALPHAS),
+               key=lambda model: evaluate_windows(model.predict, data.val, 24, 8)[0])  # the alpha best on val
+    np.testing.assert_allclose(net.linear.weight.detach().numpy().T, best.weights, atol=1e-5)
+
+
+def test_cycle_forecaster_predicts_a_clean_cycle_at_any_hour():
+    """A noiseless daily cycle is learnt exactly by the closed-form start: forecasts from histories that end at
+    any hour, rolled out past the horizon, follow it (a phase off by one step would not)."""
+    t = np.arange(500)
+    clean = pd.DataFrame({"a": np.sin(2 * np.pi * t / 24), "b": np.cos(2 * np.pi * t / 24) ** 3},
+                         index=pd.date_range("2024-01-01", periods=500, freq="h", name="date"))
+    model = MemoryForecaster(**dict(TINY, epochs=1)).fit(clean)
+    assert model.cycle_length_ == 24
+    for end in (200, 211, 237):
+        forecast = model.predict(clean.iloc[:end], h=20)
+        np.testing.assert_allclose(forecast.to_numpy(), clean.iloc[end:end + 20].to_numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("loss", ["mse", "mae"])
+def test_tiny_fit_lowers_validation_loss(loss):
+    """From a random start (no closed-form help), training lowers the validation MSE whatever the training loss."""
+    model = MemoryForecaster(**TINY, init="random", loss=loss).fit(synthetic())
+    data = model.prepare(synthetic())
+    phases = model._split_phases(synthetic().index, data)
+    val = WindowDataset(data.val, 24, 8, phases["val"])
+    torch.manual_seed(model.random_state)  # the initial weights fit started from
+    untrained = MemoryForecastNet(model.network_.config)
+    before = evaluate_loss(untrained, _loss_function(loss), val, device="cpu")
+    after = evaluate_loss(model.network_, _loss_function(loss), val, device="cpu")
     assert after < 0.5 * before
-    assert fitted.history_.val_loss and min(fitted.history_.val_loss) == pytest.approx(after, rel=1e-4)
+    assert model.history_.val_loss and min(model.history_.val_loss) == pytest.approx(after, rel=1e-4)
+
+
+def test_training_keeps_the_closed_form_start_unless_it_improves_on_it(fitted):
+    data = fitted.prepare(synthetic())
+    val = WindowDataset(data.val, 24, 8, fitted._split_phases(synthetic().index, data)["val"])
+    kept = evaluate_loss(fitted.network_, _loss_function("mse"), val, device="cpu")
+    start = MemoryForecaster(**dict(TINY, epochs=1, lr=1e-12)).fit(synthetic())  # lr ~0: the start itself
+    start_loss = evaluate_loss(start.network_, _loss_function("mse"), val, device="cpu")
+    assert kept <= start_loss + 1e-6
+    assert (fitted.history_.best_epoch == -1) == (min(fitted.history_.val_loss) >= start_loss)
 
 
 def test_predict_shape_timestamps_and_columns(fitted):
@@ -151,6 +228,12 @@ def test_bad_parameters_and_inputs(fitted):
         MemoryForecaster(d_model=10, heads=4).fit(synthetic())
     with pytest.raises(InputError, match="channels must be one of independent, mixing"):
         MemoryForecaster(channels="both").fit(synthetic())
+    with pytest.raises(InputError, match="loss must be one of mse, mae, huber"):
+        MemoryForecaster(loss="l3").fit(synthetic())
+    with pytest.raises(InputError, match="cycle_length must be 'auto' or an integer"):
+        MemoryForecaster(cycle_length=-1).fit(synthetic())
+    with pytest.raises(InputError, match="pass phases="):
+        fitted.forecast_scaled(np.zeros((1, 24, 2)))
     with pytest.raises(InputError, match="too short"):
         MemoryForecaster(**TINY).fit(synthetic(40))
     with pytest.raises(InputError, match="lacks the fitted column"):
@@ -194,3 +277,12 @@ def test_gluonts_rejects_unknown_items(fitted):
     item = {"start": pd.Period("2024-01-01", freq="h"), "target": np.zeros(30), "item_id": "wind"}
     with pytest.raises(InputError, match="not a fitted column"):
         predictor.predict_item(item)
+
+
+def test_auto_amplitude_keeps_the_start_that_is_better_on_validation():
+    small = dict(TINY, epochs=1, lr=1e-12)  # lr ~0: the fitted networks are their closed-form starts
+    starts = {amplitude: MemoryForecaster(**small, cycle_amplitude=amplitude).fit(synthetic()).start_val_loss_
+              for amplitude in ("window", "fixed")}
+    auto = MemoryForecaster(**small, cycle_amplitude="auto").fit(synthetic())
+    assert auto.network_.config.cycle_amplitude == min(starts, key=starts.get)
+    assert auto.start_val_loss_ == pytest.approx(min(starts.values()), rel=1e-5)
