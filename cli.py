@@ -375,9 +375,12 @@ def _write_predictions(stream, classifier, records, total: int, quiet: bool, bat
     windowed = 0
     with _genomics_progress(quiet) as progress:
         task = progress.add_task("classifying", total=total)
-        stream.write("\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n")
+        header = "\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n"
         for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
                                                        source=source):
+            # The header waits for the first classified batch: input rejected up front leaves stdout empty.
+            stream.write(header)
+            header = ""
             windowed += n_windowed
             predicted = classifier.classes_[proba.argmax(axis=1)]
             for record_id, label, row in zip(ids, predicted, proba):

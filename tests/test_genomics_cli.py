@@ -50,6 +50,7 @@ def assert_clean_error(result, fragment):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
+    assert result.stdout == "", f"rejected input still wrote to stdout: {result.stdout!r}"
 
 
 def test_fit_from_fasta_with_labels_then_classify_and_evaluate(workspace, tmp_path):
