@@ -71,9 +71,14 @@ def run_neural(params, device, seed, verbose, x_train, y_train, x_test, y_test) 
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     predicted = classifier.predict(x_test)
+    predict_seconds = time.perf_counter() - start
     history = classifier.history_
+    # The estimator's own early-stopping split (same seed): the accuracy the defaults were chosen on.
+    _, val_index = classifier._validation_split(np.unique(y_train, return_inverse=True)[1], seed)
+    val_true = np.asarray(y_train, dtype=object)[val_index]
+    val_accuracy = float(np.mean(classifier.predict([x_train[i] for i in val_index]) == val_true))
     return {"model": "DNAClassifier (NeuralMemory)", "device": _device_name(device), "train_seconds": seconds,
-            "predict_seconds": time.perf_counter() - start, "epochs_run": len(history.train_loss),
+            "predict_seconds": predict_seconds, "val_accuracy": val_accuracy, "epochs_run": len(history.train_loss),
             "best_epoch": history.best_epoch + 1, "params": params,
             "best_val_loss": min(history.val_loss) if history.val_loss else None,
             "train_loss": history.train_loss, "val_loss": history.val_loss,
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
               f"{row['train_seconds']:.1f} s | {row['device']} |")
     neural = rows[-1]
     print(f"\nDNAClassifier: {neural['params']}, {neural['weights']:,} weights, {neural['epochs_run']} epochs run "
-          f"(best {neural['best_epoch']}, validation loss {neural['best_val_loss']}), "
+          f"(best {neural['best_epoch']}, validation loss {neural['best_val_loss']}, validation accuracy "
+          f"{neural['val_accuracy']:.3f} on its early-stopping split), "
           f"prediction {neural['predict_seconds']:.1f} s")
     write_text_atomic(args.out, json.dumps({"data": str(args.data), "protocol": protocol, "quick": args.quick,
                                             "rows": rows}, indent=2, default=str))
