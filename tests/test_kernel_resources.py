@@ -1,0 +1,26 @@
+"""bench/kernel_resources.py compiles the neural-memory kernels for an H100 without a GPU and reads their resources."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+tl = pytest.importorskip("triton.language")
+kernel_resources = pytest.importorskip("kernel_resources")
+
+
+def test_registers_and_stack_of_a_small_kernel():
+    small = kernel_resources.resources(kernel_resources.nm._forward_depth1_kernel,
+                                       dict(D=16, CHUNK=16, MM=tl.bfloat16), num_warps=4, num_stages=1)
+    assert 0 < small["registers"] <= 255  # an sm_90 thread has at most 255 registers
+    assert small["stack_bytes"] == 0  # 16 x 16 tiles fit in registers: nothing spills
+    assert small["shared_bytes"] > 0  # tl.dot operands pass through shared memory
+
+
+def test_the_signature_marks_constexprs_and_input_pointers():
+    types, names = kernel_resources.signature(kernel_resources.nm._forward_depth1_kernel, "fp16")
+    assert names[:4] == ["q_ptr", "k_ptr", "v_ptr", "y_ptr"]
+    assert types["q_ptr"] == "*fp16" and types["w_ptr"] == "*fp32"
+    assert types["T"] == "i32" and types["CHUNK"] == "constexpr"
