@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues ask for, in stages that each end inside the device tool's 10-minute limit.
+# Run `bash bench/device/prepare.sh` here first, then through the device tool, carrying .dev/device:
+#
+#     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
+#     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings
+#     bash bench/device/run.sh apps      # issues 4 + 5: forecasting table and DNA classifier training time on the GPU
+#
+# Results (JSON and one log per stage) go to $OUT (the device tool brings them back) or bench/results/device.
+# QUICK=1 runs every step in its --quick form, on a CPU too: a smoke test of this script.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+stage=${1:?usage: bench/device/run.sh kernels|mqar|apps}
+out=${OUT:-bench/results/device}
+prepared=.dev/device
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G "$prepared/whl/*.whl" >/dev/null; then
+  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      "$prepared"/whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else  # e.g. another Python than the 3.12 the wheels are for: the steps run with what is installed
+    echo "could not install the wheels of $prepared/whl; titans-pytorch and gluonts may be missing" >&2
+  fi
+fi
+data=$prepared/data
+[ -d "$data" ] || data=../shared/datasets
+quick=${QUICK:+--quick}
+python=${PYTHON:-python3}
+
+# one step: a name, a time limit in seconds, the command; a step that fails or times out does not stop the stage
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*"
+  timeout "$limit" "$@"
+  echo "=== $name: exit $?"
+}
+
+run_stage() {
+  case $stage in
+  kernels)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+    step neural-memory-op 150 $python bench/neural_memory.py --check --memory-op $quick --out "$out/nm_op.json"
+    step neural-memory-layer 240 $python bench/neural_memory.py $quick --out "$out/nm_layer.json"
+    step ramnet-chunk 80 $python bench/ramnet_throughput.py --kernel chunk $quick --out "$out/ramnet_chunk.json"
+    step ramnet-scan 80 $python bench/ramnet_throughput.py --kernel scan $quick --out "$out/ramnet_scan.json"
+    ;;
+  mqar)
+    local train=${MQAR_SECONDS:-420}
+    [ -n "$quick" ] && train=60
+    step mqar-ramnet-128 $((train + 120)) $python bench/mqar.py --models ramnet --dims 128 $quick \
+      --max-train-seconds "$train" --verbose --out "$out/mqar.json"
+    ;;
+  apps)
+    step genomics 220 $python bench/genomics.py $quick --skip-baseline --quiet \
+      --data "$data/genomic_benchmarks/sequences/human_nontata_promoters/test.csv.gz" --out "$out/genomics.json"
+    step forecast 330 $python bench/forecast.py $quick --data-dir "$data" --time-budget 220 --out "$out/forecast.json"
+    ;;
+  *)
+    echo "unknown stage $stage: use kernels, mqar or apps" >&2
+    return 2
+    ;;
+  esac
+}
+run_stage 2>&1 | tee "$out/$stage.log"
