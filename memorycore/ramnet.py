@@ -26,7 +26,8 @@ class RAMNetState:
         Tokens seen so far: the offset of the CAPE cyclic shift.
 
     A forward pass returns the memory as the rows it touched and builds the full ``slots`` / ``normaliser`` tensors
-    (O(slots) memory) only when one of them is first read, so training that discards the state never allocates them.
+    (O(slots) memory) only when one of them is first read, so training that discards the state never allocates them,
+    and a state passed back to the layer (streaming) is read through its touched rows, not built.
     The state is never changed by a forward pass; :meth:`RAMNet.step` updates ``slots`` / ``normaliser`` in place.
     """
 
@@ -49,6 +50,12 @@ class RAMNetState:
         if self._touched is not None:
             self._slots, self._normaliser = self._touched.materialise()
             self._touched = None
+
+    def _memory(self) -> tuple[Tensor | TouchedRows | None, Tensor | None]:
+        """The memory as :func:`kernels.ramnet.pdma_touched` takes it: still as touched rows if not built yet."""
+        if self._touched is not None:
+            return self._touched, None
+        return self._slots, self._normaliser
 
     def memory_shape(self) -> tuple[int, ...] | None:
         """Shape of ``slots`` without building it (None for a state without memory)."""
@@ -211,8 +218,8 @@ class RAMNet(nn.Module):
         if state is None:  # pdma_touched starts from the empty memory without building it
             state = self._without_memory(x.shape[0], x.device)
         read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
-        out, touched = pdma_touched(
-            v, write_index, write_weight, read_index, read_weight, state.slots, state.normaliser,
+        out, touched = pdma_touched(  # a carried state stays as touched rows: no O(slots) work per call
+            v, write_index, write_weight, read_index, read_weight, *state._memory(),
             gamma=self.gamma, eps=self.eps, num_slots=self.slots, chunk_size=self.chunk_size,
         )
         y = self.to_out(out.transpose(1, 2).flatten(2).to(x.dtype))

@@ -41,6 +41,39 @@ def test_pieces_equal_whole(cape, conv_kernel, gamma):
     assert state.position == whole_state.position == 15
 
 
+@pytest.mark.parametrize("factors", [3, 6], ids=["state-built", "state-kept-as-rows"])
+def test_streamed_pieces_equal_whole_in_values_and_gradients(factors):
+    """With few slots the carried state gets built between pieces; with many it stays as touched rows (merged from
+    call to call). Either way the outputs, the final state and every gradient equal one call on the whole."""
+    layer = small_layer(factors=factors)
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    whole, whole_state = layer(x)
+    state, pieces = None, []
+    for part in (x[:, :6], x[:, 6:7], x[:, 7:12], x[:, 12:]):
+        y, state = layer(part, state)
+        pieces.append(y)
+    if factors == 6:  # 4096 slots: three calls touch at most 2 * 17 * 5 rows per head, so nothing was built
+        assert state._touched is not None and state._touched.base_slots is None
+    streamed = torch.cat(pieces, 1)
+    torch.testing.assert_close(streamed, whole)
+    cotangent, state_cotangent = torch.randn_like(whole), torch.randn_like(whole_state.slots)
+    grads = [torch.autograd.grad((out * cotangent).sum() + (final.slots * state_cotangent).sum(),
+                                 [x, *layer.parameters()])
+             for out, final in ((streamed, state), (whole, whole_state))]
+    for actual, expected in zip(*grads):
+        torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(state.normaliser, whole_state.normaliser)
+
+
+def test_streaming_a_huge_memory_builds_nothing_of_its_size():
+    layer = RAMNet(32, heads=2, factors=10, factor_size=4, top_k=4)  # 2^20 slots per head: 128 MB if built
+    state = None
+    for _ in range(3):
+        _, state = layer(torch.randn(1, 16, 32), state)
+    touched = state._touched
+    assert touched.base_slots is None and touched.rows.shape[2] <= 3 * 2 * 16 * 4
+
+
 def test_chunked_forward_equals_token_by_token_steps():
     layer = small_layer()
     x = torch.randn(2, 13, 32)

@@ -78,6 +78,41 @@ class TouchedRows(NamedTuple):
     base_slots: Tensor | None
     base_normaliser: Tensor | None
 
+    def lookup(self, slot_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows ``[b, h, q, d]`` and normalisers ``[b, h, q]`` of ``slot_ids [b, h, q]`` in this state.
+
+        O((n + q) log n) per (batch, head) for n touched rows: nothing of O(slots) is read or built. Differentiable
+        in the rows (and in the base tensors).
+        """
+        found, rows, norms = self._find(slot_ids)
+        if self.base_slots is None:
+            fallback_rows, fallback_norms = torch.zeros_like(rows), torch.full_like(norms, 1.0 / self.num_slots)
+        else:
+            fallback_rows = self.base_slots.gather(2, slot_ids[..., None].expand_as(rows))
+            fallback_norms = self.base_normaliser.gather(2, slot_ids)
+        return torch.where(found[..., None], rows, fallback_rows), torch.where(found, norms, fallback_norms)
+
+    def followed_by(self, later: "TouchedRows") -> "TouchedRows":
+        """This state updated by ``later`` (rows computed from this state; its base is ignored): one TouchedRows.
+
+        ``later``'s rows come first, then this state's, those that ``later`` touched again taking its values
+        detached: a repeated slot holds one value everywhere and passes its gradient once, through its first entry.
+        """
+        overwritten, newer_rows, newer_norms = later._find(self.slot_ids)
+        rows = torch.where(overwritten[..., None], newer_rows.detach(), self.rows)
+        norms = torch.where(overwritten, newer_norms.detach(), self.norms)
+        return TouchedRows(torch.cat([later.slot_ids, self.slot_ids], -1), torch.cat([later.rows, rows], 2),
+                           torch.cat([later.norms, norms], -1), self.num_slots, self.base_slots, self.base_normaliser)
+
+    def _find(self, slot_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Whether each of ``slot_ids`` is among the touched rows, and its row and normaliser there (any if not)."""
+        sorted_ids, order = self.slot_ids.sort(dim=-1, stable=True)  # a repeated slot: its first entry is found
+        position = torch.searchsorted(sorted_ids, slot_ids).clamp_max(sorted_ids.shape[-1] - 1)
+        found = sorted_ids.gather(-1, position) == slot_ids
+        index = order.gather(-1, position)
+        rows = self.rows.gather(2, index[..., None].expand(*index.shape, self.rows.shape[-1]))
+        return found, rows, self.norms.gather(2, index)
+
     def materialise(self) -> tuple[Tensor, Tensor]:
         """The full state ``slots [b, h, m, d]``, ``normaliser [b, h, m]`` (differentiable in the rows)."""
         row_ids = self.slot_ids[..., None].expand_as(self.rows)
@@ -98,7 +133,7 @@ def pdma_touched(
     write_weight: Tensor,
     read_index: Tensor,
     read_weight: Tensor,
-    slots: Tensor | None,
+    slots: Tensor | TouchedRows | None,
     normaliser: Tensor | None,
     *,
     gamma: float,
@@ -110,11 +145,19 @@ def pdma_touched(
     """:func:`pdma` returning the new state as :class:`TouchedRows`: no O(slots) allocation or copy.
 
     The backends run on the touched slots only (:func:`compact_slots`), so with the state kept as touched rows
-    nothing here depends on the number of slots M. Call ``.materialise()`` for the full state.
+    nothing here depends on the number of slots M. Call ``.materialise()`` for the full state. ``slots`` may also
+    be the :class:`TouchedRows` a previous call returned (``normaliser`` None): streaming then stays free of O(M)
+    work too, except that once the rows touched since the last full state reach a quarter of the slots, that state
+    is built once (amortised O(1) per touched row).
     """
     batch, heads, _, dim = v.shape
     slot_ids, write_local, read_local, is_padding = compact_slots(write_index, read_index)
-    if slots is None:
+    previous = slots if isinstance(slots, TouchedRows) else None
+    if previous is not None:
+        num_slots, slots, normaliser = previous.num_slots, None, None
+        start_rows, start_norms = previous.lookup(slot_ids)
+        state_dtype = start_rows.dtype
+    elif slots is None:
         if num_slots is None:
             raise ValueError("pass num_slots to start from the empty memory (slots=None)")
         state_dtype = torch.promote_types(v.dtype, torch.float32)
@@ -143,7 +186,13 @@ def pdma_touched(
     # the gradient of that slot reaches row 0 once.
     rows = torch.where(is_padding[..., None], rows[..., :1, :].detach(), rows).to(state_dtype)
     norms = torch.where(is_padding, norms[..., :1].detach(), norms).to(state_dtype)
-    return out, TouchedRows(slot_ids, rows, norms, num_slots, slots, normaliser)
+    touched = TouchedRows(slot_ids, rows, norms, num_slots, slots, normaliser)
+    if previous is None:
+        return out, touched
+    if 4 * (previous.slot_ids.shape[-1] + slot_ids.shape[-1]) < num_slots:
+        return out, previous.followed_by(touched)
+    base_slots, base_normaliser = previous.materialise()
+    return out, touched._replace(base_slots=base_slots, base_normaliser=base_normaliser)
 
 
 def pdma(
