@@ -10,7 +10,7 @@ It prints the accuracy of every setting, their mean, and the state each model ke
   layers touch all of it).
 
     python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
-    python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots and K = 4, 300 steps, d_model 64
+    python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots and K = 4, 1000 steps, d_model 64
     python bench/mqar.py --models ramnet --dims 128 --steps 3000
 """
 
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
-    args.steps = args.steps or (300 if quick else 4000)
+    args.steps = args.steps or (1000 if quick else 4000)
     args.lr = args.lr or (3e-3 if quick else 1e-3)
     args.batch_size = args.batch_size or (32 if quick else 128)
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
