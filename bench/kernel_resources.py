@@ -85,6 +85,8 @@ def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_ty
         warnings.simplefilter("ignore")  # Triton's notice about its FP-fusion default
         compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.is_file():
+        sys.exit(f"error: {cuobjdump} not found; this needs the Triton wheel from PyPI, which ships the NVIDIA tools")
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])

@@ -9,6 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 target=.dev/device
 shared=${SHARED_DATASETS:-../shared/datasets}
+if [ ! -d "$shared" ]; then
+  echo "error: benchmark data not found at $shared; set SHARED_DATASETS to the datasets folder" >&2
+  exit 2
+fi
 mkdir -p "$target/whl" "$target/data"
 
 # The GPU image has torch, triton, numpy, pandas, scikit-learn, typer, rich, safetensors, einops, sympy, tqdm and
