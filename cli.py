@@ -449,14 +449,20 @@ def bench_list() -> None:
         typer.echo(f"{name:<20} {doc[0] if doc else ''}")
 
 
-@bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# --help is not an option of `bench run` itself, so that after a script's name it reaches the script
+@bench_app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                            "help_option_names": []})
 @friendly_errors
-def bench_run(ctx: typer.Context, name: str = typer.Argument(..., help="script name from `bench list`")) -> None:
+def bench_run(ctx: typer.Context,
+              name: str = typer.Argument(None, help="script name from `bench list`", show_default=False)) -> None:
     """Run one benchmark script; further arguments go to the script.
 
     Examples: python cli.py bench run neural_memory --quick
               python cli.py bench run neural_memory --help
     """
+    if name in (None, "--help", "-h"):
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
     scripts = _bench_scripts()
     if name not in scripts:
         raise InputError(f"no benchmark named {name!r}; choose one of: {', '.join(scripts) or '(none found)'}")

@@ -25,3 +25,11 @@ def test_unknown_bench_is_one_clear_line():
     assert result.exit_code == 2
     assert "no benchmark named 'no_such_bench'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_help_after_a_bench_name_is_the_scripts_own():
+    own = runner.invoke(app, ["bench", "run", "--help"])
+    assert own.exit_code == 0 and "further arguments go to the script" in own.output
+    script = runner.invoke(app, ["bench", "run", "mqar", "--help"])
+    assert script.exit_code == 0, script.output
+    assert "--slots-exponent" in script.output  # argparse's usage of bench/mqar.py, not the command's help
