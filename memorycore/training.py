@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -111,66 +111,68 @@ def fit_model(
     _check_training_args(epochs=epochs, batch_size=batch_size, devices=devices)
     if len(train_data) == 0:
         raise InputError("no training examples: the training data is empty")
-    distributed = _init_distributed(devices)
-    device = _local_device(device, distributed)
-    model.to(device)
-    trained = nn.parallel.DistributedDataParallel(model) if distributed else model
-    generator = torch.Generator().manual_seed(random_state if random_state is not None else torch.seed())
-    sampler = DistributedSampler(train_data, seed=random_state or 0) if distributed else None
-    loader = DataLoader(train_data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, drop_last=len(train_data) > batch_size)
-    steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
-    optimizer = _adamw(model, lr, weight_decay)
-    schedule = _warmup_cosine(optimizer, steps_per_epoch * epochs, warmup_fraction)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    is_main = not distributed or dist.get_rank() == 0
+    with _process_group(devices) as distributed:
+        device = _local_device(device, distributed)
+        model.to(device)
+        trained = nn.parallel.DistributedDataParallel(model) if distributed else model
+        generator = torch.Generator().manual_seed(random_state if random_state is not None else torch.seed())
+        sampler = DistributedSampler(train_data, seed=random_state or 0) if distributed else None
+        loader = DataLoader(train_data, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                            generator=generator, drop_last=len(train_data) > batch_size)
+        steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
+        optimizer = _adamw(model, lr, weight_decay)
+        schedule = _warmup_cosine(optimizer, steps_per_epoch * epochs, warmup_fraction)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        is_main = not distributed or dist.get_rank() == 0
 
-    history, best_loss, best_state, stale = TrainingHistory(), math.inf, None, 0
-    start = time.perf_counter()
-    with _progress(verbose and is_main, description) as progress:
-        task = progress.add_task(description, total=steps_per_epoch * epochs, status="")
-        for epoch in range(epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            model.train()
-            running, seen = 0.0, 0
-            for step, batch in enumerate(loader):
-                if step >= steps_per_epoch:
-                    break
-                batch = tuple(t.to(device, non_blocking=True) for t in batch)
-                with autocast:
-                    loss = loss_fn(trained, batch)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
-                                             f"{step + 1}; lower lr or check the data for extreme values")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                optimizer.step()
-                schedule.step()
-                running, seen = running + loss.item(), seen + 1
-                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
-            history.train_loss.append(_all_mean(running / max(seen, 1), distributed))
+        history, best_loss, best_state, stale = TrainingHistory(), math.inf, None, 0
+        start = time.perf_counter()
+        with _progress(verbose and is_main, description) as progress:
+            task = progress.add_task(description, total=steps_per_epoch * epochs, status="")
+            for epoch in range(epochs):
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                model.train()
+                running, seen = 0.0, 0
+                for step, batch in enumerate(loader):
+                    if step >= steps_per_epoch:
+                        break
+                    batch = tuple(t.to(device, non_blocking=True) for t in batch)
+                    with autocast:
+                        loss = loss_fn(trained, batch)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
+                                                 f"{step + 1}; lower lr or check the data for extreme values")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip:
+                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    optimizer.step()
+                    schedule.step()
+                    running, seen = running + loss.item(), seen + 1
+                    progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
+                history.train_loss.append(_all_mean(running / max(seen, 1), distributed))
 
-            if val_data is None:
-                history.best_epoch = epoch
-                continue
-            val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
-                                 distributed)
-            history.val_loss.append(val_loss)
-            progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {min(best_loss, val_loss):.4f})")
-            if val_loss < best_loss:
-                best_loss, best_state, stale, history.best_epoch = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
-            else:
-                stale += 1
-                if patience is not None and stale >= patience:
-                    break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    history.seconds = time.perf_counter() - start
-    return history
+                if val_data is None:
+                    history.best_epoch = epoch
+                    continue
+                val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
+                                     distributed)
+                history.val_loss.append(val_loss)
+                best = min(best_loss, val_loss)
+                progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})")
+                if val_loss < best_loss:
+                    best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+                    history.best_epoch = epoch
+                else:
+                    stale += 1
+                    if patience is not None and stale >= patience:
+                        break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        history.seconds = time.perf_counter() - start
+        return history
 
 
 @torch.no_grad()
@@ -274,16 +276,28 @@ def _check_training_args(**values: int) -> None:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _init_distributed(devices: int) -> bool:
+@contextmanager
+def _process_group(devices: int):
+    """Yield whether training is distributed (``devices`` > 1, under torchrun).
+
+    A process group started here is also ended here, so the process is left as it was found; a group the caller
+    started stays open.
+    """
     if devices == 1:
-        return False
+        yield False
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != devices:
         raise InputError(f"devices={devices} trains one process per device: start the script with "
                          f"`torchrun --nproc-per-node {devices} script.py` (found WORLD_SIZE={world})")
-    if not dist.is_initialized():
+    started_here = not dist.is_initialized()
+    if started_here:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    try:
+        yield True
+    finally:
+        if started_here:
+            dist.destroy_process_group()
 
 
 def _local_device(device: str | torch.device, distributed: bool) -> torch.device:

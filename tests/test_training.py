@@ -116,9 +116,16 @@ def test_two_processes_train_one_model_data_parallel(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "ddp_fit.py"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(script), str(tmp_path)], check=True, capture_output=True, timeout=120)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    results = [tmp_path / f"rank{r}.json" for r in (0, 1)]
+    if run.returncode != 0:
+        # torch 2.13's gloo now and then aborts a process at interpreter exit, after all its work is done (a bare
+        # init / DDP / all_reduce / destroy script did it in 1 of 12 runs here): that exit is accepted only with
+        # both ranks' results written, and the results are checked below
+        exit_abort = "terminate called without an active exception" in run.stderr
+        assert exit_abort and all(path.is_file() for path in results), run.stderr[-4000:]
+    ranks = [json.loads(path.read_text()) for path in results]
     assert ranks[0]["weight"] == ranks[1]["weight"]
     assert ranks[0]["val_loss"][-1] < 0.2 * ranks[0]["val_loss"][0]
 
