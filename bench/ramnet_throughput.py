@@ -12,6 +12,7 @@ so the work per token is O(K d_v + U K^2) whatever M; what still changes with M 
     python bench/ramnet_throughput.py                   # GPU: 8 x 2048 tokens, 4 heads, M = 2^10 .. 2^20
     python bench/ramnet_throughput.py --kernel scan     # the same with the token-by-token Triton scan
     python bench/ramnet_throughput.py --quick           # CPU: small sizes, PyTorch reference
+    python bench/ramnet_throughput.py --pieces 8        # stream each sequence in 8 pieces, carrying the state
 """
 
 from __future__ import annotations
@@ -53,12 +54,18 @@ def check_against_reference(device: torch.device) -> float:
     return max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(default, reference))
 
 
-def tokens_per_second(layer: RAMNet, batch: int, time_steps: int, device: torch.device, repeats: int) -> float:
+def tokens_per_second(layer: RAMNet, batch: int, time_steps: int, device: torch.device, repeats: int,
+                      pieces: int = 1) -> float:
+    """Forward + backward tokens/s; with ``pieces`` > 1 the sequence streams through in pieces that carry the state
+    (detached between pieces, as in truncated back-propagation through time)."""
     x = torch.randn(batch, time_steps, layer.dim, device=device, requires_grad=True)
 
     def step():
-        y, _ = layer(x)
-        y.sum().backward()
+        state = None
+        for part in x.chunk(pieces, dim=1):
+            y, state = layer(part, state)
+            y.sum().backward()
+            state = state.detach()
 
     step()  # compile / warm up
     if device.type == "cuda":
@@ -80,11 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-factors", type=int, default=None,
                         help="largest U (M = 4^U slots); default 7 with --quick, 10 otherwise")
+    parser.add_argument("--pieces", type=int, default=1,
+                        help="stream each sequence in this many pieces, carrying the state (default 1: one call)")
     parser.add_argument("--kernel", choices=TRAINING_KERNELS, default=None,
                         help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else chunk)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
                         help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
+    if args.pieces < 1:
+        parser.error(f"--pieces must be at least 1, got {args.pieces}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -99,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     backend = os.environ.get("MEMORYCORE_BACKEND", "auto")
     print(f"RAM-Net throughput on {device} (backend {backend}; Triton kernel on CUDA: {kernel}): "
-          f"batch {batch} x {time_steps} tokens, "
+          f"batch {batch} x {time_steps} tokens in {args.pieces} piece(s), "
           f"{args.heads} heads x value_dim 64, top_k 8, forward + backward")
     difference = check_against_reference(device)
     print(f"check against the PyTorch reference: max relative difference {difference:.2e}")
@@ -108,14 +119,14 @@ def main(argv: list[str] | None = None) -> None:
     for factors in factor_range:
         torch.manual_seed(0)
         layer = RAMNet(64 * args.heads, heads=args.heads, factors=factors, factor_size=4, top_k=8).to(device)
-        speed = tokens_per_second(layer, batch, time_steps, device, repeats)
+        speed = tokens_per_second(layer, batch, time_steps, device, repeats, args.pieces)
         state_mb = layer.state_size()["total"] * 4 / 2**20
         print(f"{layer.slots:>10,d} {factors:>8d} {state_mb:>13.1f} {speed:>12,.0f}", flush=True)
         rows.append({"slots": layer.slots, "factors": factors, "state_mb_per_sequence": state_mb,
                      "tokens_per_s": speed})
         write_json(args.out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                               "backend": backend, "kernel": kernel, "batch": batch, "time": time_steps,
-                              "heads": args.heads,
+                              "heads": args.heads, "pieces": args.pieces,
                               "reference_difference": difference, "rows": rows})
         del layer
         if device.type == "cuda":

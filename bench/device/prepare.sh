@@ -5,6 +5,10 @@
 # Everything goes to .dev/device (git-ignored); name it in the device tool's `carry`.
 #
 #     bash bench/device/prepare.sh
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set /p' "$0" | grep "^#" | cut -c3-
+  exit 0
+fi
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 target=.dev/device

@@ -8,9 +8,14 @@
 #
 # Results (JSON and one log per stage) go to $OUT (the device tool brings them back) or bench/results/device.
 # QUICK=1 runs every step in its --quick form, on a CPU too: a smoke test of this script.
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  sed -n '2,/^set /p' "$0" | grep "^#" | cut -c3-
+  exit 0
+fi
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage=${1:?usage: bench/device/run.sh kernels|mqar|apps}
+case $stage in kernels|mqar|apps) ;; *) echo "unknown stage $stage: use kernels, mqar or apps" >&2; exit 2 ;; esac
 out=${OUT:-bench/results/device}
 prepared=.dev/device
 mkdir -p "$out"
@@ -60,10 +65,6 @@ run_stage() {
     step genomics 220 $python bench/genomics.py $quick --skip-baseline --quiet \
       --data "$data/genomic_benchmarks/sequences/human_nontata_promoters/test.csv.gz" --out "$out/genomics.json"
     step forecast 330 $python bench/forecast.py $quick --data-dir "$data" --time-budget 220 --out "$out/forecast.json"
-    ;;
-  *)
-    echo "unknown stage $stage: use kernels, mqar or apps" >&2
-    return 2
     ;;
   esac
 }
