@@ -54,10 +54,14 @@ def _compilable_kernels():
 nm = _compilable_kernels()
 H100 = GPUTarget("cuda", 90, 32)
 # Pointers to tensors in the input dtype; every other pointer is a float32 buffer (gates, state, gradients of them).
-INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "y_ptr", "dy_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+# The depth-2 kernels write y, dq and dk as float32 shares (one per part); the counter of their in-kernel wait is int32.
+INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr"}
+INPUT_DTYPE_POINTERS_DEPTH1 = {"y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+INT_POINTERS = {"counter_ptr"}
+# kernel name -> the phases it runs in one launch (the GPU's form: every chunk, every phase)
 KERNELS = {
-    1: ("_forward_depth1_kernel", "_backward_depth1_kernel"),
-    2: ("_forward_depth2_kernel", "_backward_depth2_kernel"),
+    1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None},
+    2: {"_forward_depth2_kernel": 0b011, "_backward_depth2_kernel": 0b111},
 }
 
 
@@ -69,8 +73,12 @@ def signature(kernel, input_type: str) -> tuple[dict[str, str], list[str]]:
     for name in names:
         if name in constexprs:
             types[name] = "constexpr"
+        elif name in INT_POINTERS:
+            types[name] = "*i32"
         elif name.endswith("_ptr"):
-            types[name] = f"*{input_type}" if name in INPUT_DTYPE_POINTERS else "*fp32"
+            in_input_dtype = name in INPUT_DTYPE_POINTERS or ("depth1" in kernel.fn.__name__
+                                                              and name in INPUT_DTYPE_POINTERS_DEPTH1)
+            types[name] = f"*{input_type}" if in_input_dtype else "*fp32"
         else:
             types[name] = "i32"
     return types, names
@@ -103,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[nm.NUM_WARPS])
     parser.add_argument("--block-hidden", type=int, nargs="+", default=[nm.BLOCK_HIDDEN],
                         help="hidden-layer columns per tile (depth 2)")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 4],
+                        help="programs per (batch, head) along the hidden units (depth 2; more than 1 compiles the "
+                             "in-kernel wait)")
     parser.add_argument("--stages", type=int, default=nm.NUM_STAGES)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -112,16 +123,21 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Triton {triton.__version__}, target sm_90 (H100), bf16 inputs, head dim {args.head_dim}, chunk {args.chunk}, "
           f"expansion {args.expansion}, {args.stages} stage(s)")
-    print(f"{'kernel':<26} {'warps':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9}")
+    print(f"{'kernel':<26} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9}")
+    hidden = args.head_dim * args.expansion
     for depth in args.depth:
         for warps in args.warps:
-            for block in (args.block_hidden if depth == 2 else [None]):
-                constants = dict(D=args.head_dim, CHUNK=args.chunk, MM=tl.bfloat16,
-                                 HIDDEN=args.head_dim * args.expansion, BLOCK_HIDDEN=block)
-                for name in KERNELS[depth]:
-                    used = resources(getattr(nm, name), constants, warps, args.stages)
-                    print(f"{name.strip('_'):<26} {warps:>5} {block or '-':>5} {used['registers']:>9} "
-                          f"{used['stack_bytes']:>8} {used['shared_bytes'] / 1024:>9.0f}", flush=True)
+            for parts in (args.parts if depth == 2 else [1]):
+                for block in (args.block_hidden if depth == 2 else [None]):
+                    if depth == 2 and (hidden % parts or hidden // parts < block):
+                        continue  # a part narrower than one tile
+                    for name, phases in KERNELS[depth].items():
+                        constants = dict(D=args.head_dim, CHUNK=args.chunk, MM=tl.bfloat16, HIDDEN=hidden,
+                                         BLOCK_HIDDEN=block, PARTS=parts, PHASES=phases, SYNC=parts > 1)
+                        used = resources(getattr(nm, name), constants, warps, args.stages)
+                        print(f"{name.strip('_'):<26} {warps:>5} {parts if depth == 2 else '-':>5} "
+                              f"{block or '-':>5} {used['registers']:>9} {used['stack_bytes']:>8} "
+                              f"{used['shared_bytes'] / 1024:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":

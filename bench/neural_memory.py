@@ -65,18 +65,26 @@ def attention_flops_per_token(time_steps: int, backward: bool) -> float:
     return 3.5 * forward if backward else forward
 
 
+# How the depth-2 Triton kernels share out one (batch, head) (kernels/neural_memory/triton.py, _split): "default" (what
+# a user gets), "p1" (one program per (batch, head)), "split" (on a GPU several programs split its hidden units and
+# wait for each other inside one launch) and "launch" (that split, with one launch per chunk and phase instead).
+SPLITS = {"default": {}, "p1": {"MEMORYCORE_NM_PARTS": "1"}, "split": {"MEMORYCORE_NM_PARTS": "auto"},
+          "launch": {"MEMORYCORE_NM_PARTS": "auto", "MEMORYCORE_NM_SYNC": "launch"}}
+
+
 @contextmanager
-def backend(name: str):
-    """Force the kernel backend (MEMORYCORE_BACKEND) for the duration of a measurement."""
-    old = os.environ.get("MEMORYCORE_BACKEND")
-    os.environ["MEMORYCORE_BACKEND"] = name
+def environment(**variables: str):
+    """Set environment variables (the kernel backend, the split) for the duration of a measurement."""
+    old = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("MEMORYCORE_BACKEND", None)
-        else:
-            os.environ["MEMORYCORE_BACKEND"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def synchronize(device: torch.device) -> None:
@@ -129,18 +137,24 @@ def memory_inputs(batch: int, time_steps: int, device: torch.device, dtype: torc
     return tensors + [weights, momentum]
 
 
-def check_triton(device: torch.device) -> float:
-    """Largest relative error of the Triton path against the float64 reference: outputs, state and every gradient."""
+def check_triton(device: torch.device, splits: list[str]) -> float:
+    """Largest relative error of the Triton path against the float64 reference: outputs, state and every gradient.
+
+    Depth 2 is checked under every split setting in ``splits`` (keys of SPLITS), printed before it runs (so a hang
+    shows where).
+    """
     worst = 0.0
-    for depth in (1, 2):
-        for dtype in (torch.bfloat16, torch.float16):
+    for depth, split, dtype in [(1, "default", dtype) for dtype in (torch.bfloat16, torch.float16)] + [
+            (2, split, dtype) for split in splits for dtype in (torch.bfloat16, torch.float16)]:
+        print(f"check depth {depth} {dtype} split {split}: ", end="", flush=True)
+        with environment(**SPLITS[split]):
             torch.manual_seed(depth)
             inputs = memory_inputs(2, 200, device, dtype, True, depth=depth)
             as_double = [tuple(w.detach().double().requires_grad_() for w in x) if isinstance(x, tuple)
                          else x.detach().double().requires_grad_() for x in inputs]
             results = []
             for fn, args in ((neural_memory_reference, as_double), (neural_memory, inputs)):
-                with backend("triton" if fn is neural_memory else "torch"):
+                with environment(MEMORYCORE_BACKEND="triton" if fn is neural_memory else "torch"):
                     y, weights, momentum = fn(*args, CHUNK)
                 leaves = [t for x in args for t in (x if isinstance(x, tuple) else (x,))]
                 generator = torch.Generator(device).manual_seed(0)
@@ -149,8 +163,7 @@ def check_triton(device: torch.device) -> float:
                            for out in (y, *weights, *momentum))
                 results.append([y, *weights, *momentum, *torch.autograd.grad(loss, leaves)])
             errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results[1], results[0])]
-            print(f"check depth {depth} {dtype}: max relative error {max(errors):.2e} over y, state and "
-                  f"{len(errors) - 1 - 2 * depth} gradients")
+            print(f"max relative error {max(errors):.2e} over y, state and {len(errors) - 1 - 2 * depth} gradients")
             worst = max(worst, max(errors))
     return worst
 
@@ -235,6 +248,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--memory-op", action="store_true",
                         help="time the memory operation alone (q/k/v/gates in, y and state out) instead of the layer")
     parser.add_argument("--check", action="store_true", help="first compare the Triton path with the reference")
+    parser.add_argument("--check-only", action="store_true", help="compare the Triton path with the reference, then stop")
+    parser.add_argument("--triton-splits", default=None,
+                        help="comma list of how the depth-2 kernels share out a (batch, head), each checked and timed "
+                             "as its own backend: default (what a user gets), p1 (one program per batch and head), "
+                             "split (several per batch and head, waiting inside one launch) and launch (that split, "
+                             "one launch per chunk and phase); default: p1,split on CUDA, default on CPU")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "neural_memory.json")
@@ -247,19 +266,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     repeats = args.repeats or (3 if args.quick else 5)
 
-    if args.check:
-        worst = check_triton(device)
+    splits = (args.triton_splits or ("p1,split" if device.type == "cuda" else "default")).split(",")
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        parser.error(f"unknown --triton-splits {', '.join(unknown)}: use {', '.join(SPLITS)}")
+    if args.check or args.check_only:
+        worst = check_triton(device, splits)
         if not worst <= 2e-2:  # NaN fails too
             raise SystemExit(f"the Triton path differs from the reference (relative error {worst:.2e})")
+        if args.check_only:
+            return []
+    # the Triton backend once per split setting: "triton" (default), "triton-p1", "triton-split", "triton-launch"
+    variants = [(name, split) for name in backends for split in (splits if name == "triton" else ["default"])]
 
     rows = []
     print(f"NeuralMemory {'memory op' if args.memory_op else 'layer'}: heads 8 x 64, depth 2, expansion 4, chunk 64, {dtype}, {device}")
-    print(f"{'backend':>8} {'batch x time':>13} {'pass':>8} {'tokens/s':>12} {'peak MiB':>9} {'MFU':>6}")
-    for name in backends:
+    print(f"{'backend':>13} {'batch x time':>13} {'pass':>8} {'tokens/s':>12} {'peak MiB':>9} {'MFU':>6}")
+    for name, split in variants:
+        label = name if split == "default" else f"{name}-{split}"
         for batch, time_steps in shapes:
             for backward in (False, True):
                 implementation = name if name in ("sdpa", "titans") else ("op" if args.memory_op else "layer")
-                with backend(name if name in ("torch", "triton") else "auto"):
+                kernel_backend = name if name in ("torch", "triton") else "auto"
+                with environment(MEMORYCORE_BACKEND=kernel_backend, **SPLITS[split]):
                     try:
                         row = bench_layer(batch, time_steps, device=device, dtype=dtype, backward=backward,
                                           repeats=repeats, warmup=2, implementation=implementation)
@@ -268,10 +297,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                "tokens_per_s": float("nan"), "seconds": float("nan"), "peak_mib": float("inf"),
                                "model_tflops_per_s": float("nan")}
                         torch.cuda.empty_cache()
-                row["backend"] = name
+                row["backend"] = label
                 row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops if device.type == "cuda" else float("nan")
                 rows.append(row)
-                print(f"{name:>8} {f'{batch} x {time_steps}':>13} {row['pass']:>8} "
+                print(f"{label:>13} {f'{batch} x {time_steps}':>13} {row['pass']:>8} "
                       f"{tokens_per_second(row['tokens_per_s']):>12} {row['peak_mib']:>9.0f} {row['mfu']:>6.1%}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,16 @@ def assert_close(actual_list, expected_list, tolerance, what):
         assert error < tolerance, f"{what}[{index}] differs from the reference: relative error {error:.2e}"
 
 
+def assert_gradients_match(actual_grads, expected_grads):
+    """Gradients w.r.t. q, k, v, lr, log_eta, log_keep, initial weights and momentum; with momentum off the reference's
+    gradients of log_eta and of the initial momentum are exactly zero, and so must ours be."""
+    for index, (actual, expected) in enumerate(zip(actual_grads, expected_grads)):
+        if expected.abs().max() == 0:
+            assert torch.equal(actual, expected), f"gradient {index} should be exactly zero"
+        else:
+            assert_close([actual], [expected], 1e-5, f"gradient {index}")
+
+
 CASES = [
     pytest.param(dict(depth=1), id="D1-mom-decay"),
     pytest.param(dict(depth=1, momentum=False, decay=False), id="D1-plain"),
@@ -89,13 +99,58 @@ def test_triton_matches_reference_forward_and_backward(case):
     expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
     actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
     assert_close(actual_out, expected_out, 1e-5, "output/state")
-    # gradients w.r.t. q, k, v, lr, log_eta, log_keep, initial weights and momentum; with momentum off the reference's
-    # gradients of log_eta and of the initial momentum are exactly zero, and so must ours be
-    for index, (actual, expected) in enumerate(zip(actual_grads, expected_grads)):
-        if expected.abs().max() == 0:
-            assert torch.equal(actual, expected), f"gradient {index} should be exactly zero"
-        else:
-            assert_close([actual], [expected], 1e-5, f"gradient {index}")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+SPLITS = [
+    pytest.param(dict(hidden=64), 2, id="H64-2parts"),
+    pytest.param(dict(hidden=64, batch=1, heads=3), 4, id="H64-4parts-B1-H3"),
+    pytest.param(dict(hidden=32, momentum=False, time=32), 2, id="H32-2parts-no-momentum"),
+]
+
+
+@pytest.mark.parametrize("case, parts", SPLITS)
+def test_hidden_units_split_over_several_programs(monkeypatch, case, parts):
+    """Each (batch, head) shared out over several programs gives the reference's outputs, state and gradients.
+
+    The interpreter runs programs one after another, so the parts exchange their shares between launches (one per
+    chunk and phase); on a GPU they wait for each other inside one launch, with the same arithmetic.
+    """
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", str(parts))
+    launches = []
+    original = nm_triton._launch_depth2
+    monkeypatch.setattr(nm_triton, "_launch_depth2", lambda *a: launches.append(a[3:5]) or original(*a))
+    inputs = memory_inputs(depth=2, **case)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    assert launches == [(parts, False), (parts, False)]  # forward and backward, split, one launch per phase
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+def test_split_policy(monkeypatch):
+    """On a GPU the hidden units split into tiles of 64 while the grid fits one program per SM; never on CPU."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(nm_triton, "_sm_count", lambda device: 132 if device.type == "cuda" else 0)
+    monkeypatch.setattr(nm_triton, "SPLIT_BY_DEFAULT", False)
+    assert nm_triton._split(16, 256, cuda) == (1, True)  # not split until checked on a GPU
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", "auto")
+    assert nm_triton._split(16, 256, cuda) == (4, True)  # 2 x 8192 tokens, 8 heads: 64 programs
+    assert nm_triton._split(64, 256, cuda) == (2, True)  # 8 x 2048: 128 programs
+    assert nm_triton._split(256, 256, cuda) == (1, True)
+    assert nm_triton._split(16, 64, cuda) == (1, True)  # one tile of 64 cannot split
+    assert nm_triton._split(16, 256, torch.device("cpu")) == (1, True)
+    monkeypatch.setenv("MEMORYCORE_NM_SYNC", "launch")
+    assert nm_triton._split(16, 256, cuda) == (4, False)
+    monkeypatch.delenv("MEMORYCORE_NM_SYNC")
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", "8")
+    assert nm_triton._split(64, 256, cuda) == (8, False)  # forced past one program per SM: launches per phase
+
+
+def test_a_split_that_does_not_fit_the_hidden_width_is_refused(monkeypatch):
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", "4")
+    with pytest.raises(ValueError, match="MEMORYCORE_NM_PARTS=4 must be 'auto' or divide the memory's hidden width 32"):
+        neural_memory_triton(*memory_inputs(depth=2, hidden=32, time=16), 16)
 
 
 def test_chunk_of_32_and_head_dim_32():
