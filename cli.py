@@ -175,12 +175,17 @@ def forecast_predict(
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the training data."),
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
     out: Optional[Path] = typer.Option(None, help="CSV to write; default stdout."),
+    quantiles: Optional[str] = typer.Option(
+        None, help="Comma-separated levels in [0.01, 0.99] (e.g. 0.1,0.9 for an 80% interval): adds a column "
+                   "<channel>_q<level> per level, calibrated on the validation split's residuals."),
 ) -> None:
     """Forecast the steps after the end of the data, as CSV (timestamps, then one column per channel).
 
     Examples:
 
         python cli.py forecast predict --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.csv
+
+        python cli.py forecast predict --model runs/forecast/model.safetensors --quantiles 0.1,0.9
     """
     from forecast.data import is_long_format
     from forecast.estimator import MemoryForecaster
@@ -188,7 +193,8 @@ def forecast_predict(
     model = MemoryForecaster.load(model_path)
     if out is not None:
         _refuse_overwriting_input(out, data, model_path)
-    forecast = model.predict(data, h=horizon)
+    levels = None if quantiles is None else [level.strip() for level in quantiles.split(",")]
+    forecast = model.predict(data, h=horizon, quantiles=levels)
     text = forecast.to_csv(index=not is_long_format(forecast))
     if out is None:
         typer.echo(text, nl=False)
@@ -217,6 +223,9 @@ def forecast_evaluate(
     rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
     typer.echo(_metrics_table(rows, f"test split of {data.name} ({scores['windows']} windows, horizon "
                                     f"{model.horizon}, scaled values)"))
+    if "interval_coverage" in scores:
+        typer.echo(f"80% interval (predict --quantiles 0.1,0.9): {scores['interval_coverage']:.1%} of the test "
+                   "values inside")
 
 
 @forecast_app.command("plot")
@@ -240,7 +249,10 @@ def forecast_plot(
     model = MemoryForecaster.load(model_path)
     _refuse_overwriting_input(out, data, model_path)
     past = model.last_window_ if data is None else model.read_like_fit(data)
-    forecast = model.predict(past, h=horizon)
+    steps = horizon or model.horizon
+    # an 80% interval where the model has calibrated quantiles for these steps
+    band = getattr(model, "residual_quantiles_", None) is not None and steps <= model.horizon
+    forecast = model.predict(past, h=horizon, quantiles=[0.1, 0.9] if band else None)
     shown = past.iloc[-(history or 2 * model.lookback):]
     plot_forecast(shown, forecast, out, title=f"{model.horizon}-step forecast from {shown.index[-1]}")
     typer.echo(f"plot written to {out}", err=True)

@@ -133,6 +133,7 @@ def run_one(name: str, path: Path, wide, protocol: str, horizon: int, config: di
         row["train_seconds"] = time.perf_counter() - start
         scores = model.evaluate(wide)
         row.update(mse=scores["mse"], mae=scores["mae"], test_windows=scores["windows"],
+                   coverage_80=scores["interval_coverage"],
                    epochs_run=len(model.history_.train_loss), best_epoch=model.history_.best_epoch,
                    val_loss=model.history_.val_loss, start_val_loss=model.start_val_loss_,
                    val_mse=min([model.start_val_loss_, *model.history_.val_loss]))
@@ -163,7 +164,7 @@ def format_row(row: dict) -> str:
     return (f"{row['dataset']:<8} {row['horizon']:>4}  memory {row['mse']:.3f}/{row['mae']:.3f}  ridge "
             f"{row['ridge_mse']:.3f}/{row['ridge_mae']:.3f}  beats ridge: {beats:<3}  "
             f"without backbone {row['no_backbone_mse']:.3f}/{row['no_backbone_mae']:.3f}  "
-            f"trained {row['train_seconds']:.0f} s "
+            f"80% interval covers {row['coverage_80']:.1%}  trained {row['train_seconds']:.0f} s "
             f"({row['epochs_run']} epochs, best {row['best_epoch']} (-1: the closed-form start), "
             f"val MSE {row['val_mse']:.4f}, {row['test_windows']} test windows)")
 
@@ -174,14 +175,15 @@ def summary(results: list[dict]) -> str:
 
 def per_horizon_table(results: list[dict]) -> str:
     lines = [f"{'dataset':<8} {'horizon':>7} {'memory MSE/MAE':>15} {'ridge MSE/MAE':>15} {'beats':>5} "
-             f"{'no-backbone':>15} {'train s':>8}"]
+             f"{'no-backbone':>15} {'cover 80%':>9} {'train s':>8}"]
     for row in results:
         if "error" in row:
             continue
         beats = "yes" if row["mse"] < row["ridge_mse"] else "no"
         lines.append(f"{row['dataset']:<8} {row['horizon']:>7} {_pair((row['mse'], row['mae'])):>15} "
                      f"{_pair((row['ridge_mse'], row['ridge_mae'])):>15} {beats:>5} "
-                     f"{_pair((row['no_backbone_mse'], row['no_backbone_mae'])):>15} {row['train_seconds']:>8.0f}")
+                     f"{_pair((row['no_backbone_mse'], row['no_backbone_mae'])):>15} {row['coverage_80']:>9.1%} "
+                     f"{row['train_seconds']:>8.0f}")
     return "\n".join(lines)
 
 

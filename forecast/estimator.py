@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
+from torch.utils.data import Subset
 
 from forecast.baseline import ALPHAS
 from forecast.data import (ProtocolData, StandardScaler, WindowDataset, cycle_phases, dataset_name,
@@ -24,6 +25,11 @@ from memorycore.training import TrainingHistory, evaluate_loss, fit_model, predi
 
 CHECKPOINT_CLASS = "MemoryForecaster"
 _HISTORY_KEY = "__last_window__"  # tensor name of the stored lookback window in checkpoints
+_QUANTILES_KEY = "__residual_quantiles__"  # tensor name of the calibrated residual quantiles in checkpoints
+# Levels at which fit stores the quantiles of the validation residuals (per horizon step and channel); predict
+# interpolates between them, so any level in [0.01, 0.99] can be asked for.
+QUANTILE_LEVELS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99)
+CALIBRATION_WINDOWS = 1000  # validation windows (evenly spaced) whose residuals calibrate the quantiles
 LOSSES = ("mse", "mae", "huber")
 INITS = ("closed_form", "random")
 _TRAINING_LOSSES = {"mse": torch.nn.functional.mse_loss, "mae": torch.nn.functional.l1_loss,
@@ -128,12 +134,17 @@ class MemoryForecaster(BaseEstimator):
     last_window_ : DataFrame
         The last ``lookback`` rows seen by ``fit``: what ``predict()`` without data forecasts from.
     input_format_ : {"wide", "long"}
+    residual_quantiles_ : ndarray [len(QUANTILE_LEVELS), horizon, n_features_in_]
+        Quantiles of the forecast residuals (truth - forecast, on the scaled values) over up to CALIBRATION_WINDOWS
+        validation windows, per horizon step and channel: what ``predict(quantiles=...)`` adds to the forecast.
 
     Examples
     --------
     >>> model = MemoryForecaster(horizon=24, epochs=1, verbose=False)  # doctest: +SKIP
     >>> model.fit("datasets/ETTh1/ETTh1.csv.gz").predict().shape       # doctest: +SKIP
     (24, 7)
+    >>> model.predict(quantiles=[0.1, 0.9]).columns[-2:].tolist()      # doctest: +SKIP
+    ['OT_q0.1', 'OT_q0.9']
     """
 
     def __init__(self, *, lookback: int = 96, horizon: int = 96, d_model: int = 32, n_blocks: int = 1,
@@ -228,6 +239,8 @@ class MemoryForecaster(BaseEstimator):
         self.input_format_ = "long" if isinstance(data, pd.DataFrame) and is_long_format(data) else "wide"
         self.read_options_ = {k: v for k, v in read_options.items() if k != "target"}
         self.last_window_ = wide.iloc[-self.lookback:].copy()
+        residuals = -self._split_errors(prepared.val, phases["val"], max_windows=CALIBRATION_WINDOWS)
+        self.residual_quantiles_ = np.quantile(residuals, QUANTILE_LEVELS, axis=0).astype(np.float32)
         return self
 
     def _closed_form_start(self, prepared: ProtocolData, phases: dict) -> None:
@@ -303,7 +316,8 @@ class MemoryForecaster(BaseEstimator):
             cycle_amplitude="window" if self.cycle_amplitude == "auto" else self.cycle_amplitude)
 
     # --------------------------------------------------------------------------------------------- predicting
-    def predict(self, data: str | Path | pd.DataFrame | None = None, h: int | None = None) -> pd.DataFrame:
+    def predict(self, data: str | Path | pd.DataFrame | None = None, h: int | None = None, *,
+                quantiles: list[float] | None = None) -> pd.DataFrame:
         """Forecast the ``h`` steps after the end of ``data`` (default: after the data seen by ``fit``).
 
         Parameters
@@ -312,12 +326,18 @@ class MemoryForecaster(BaseEstimator):
             A series with the fitted columns and at least ``lookback`` rows; its last ``lookback`` rows are used.
         h : int, optional
             Steps to forecast; default ``horizon``. Longer horizons are rolled out by feeding forecasts back.
+        quantiles : list of float, optional
+            Levels in [0.01, 0.99] (e.g. ``[0.1, 0.9]`` for an 80% interval) to add beside the point forecast: the
+            forecast plus that quantile of the validation residuals at the same horizon step and channel (split
+            conformal calibration; the validation split also chose the epoch, so intervals can be slightly narrow).
+            Needs ``h <= horizon``.
 
         Returns
         -------
         DataFrame
-            Wide input: indexed by the future timestamps, one column per fitted column. Long input: the long format
-            (``unique_id, ds, y``) with the forecasts in ``y``.
+            Wide input: indexed by the future timestamps, one column per fitted column, then ``<column>_q<level>``
+            per level. Long input: the long format (``unique_id, ds, y``) with the forecasts in ``y`` and the
+            quantiles in ``y_q<level>``.
         """
         check_is_fitted(self, "network_")
         steps = self.horizon if h is None else h
@@ -329,11 +349,43 @@ class MemoryForecaster(BaseEstimator):
         window = self.scaler_.transform(history.to_numpy()[-self.lookback:])
         phase = self.phases_at(history.index[-self.lookback:][:1])
         scaled = self.forecast_scaled(window[None], steps, phases=phase)[0]
-        forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_,
-                                index=future_index(history.index, steps))
+        index = future_index(history.index, steps)
+        forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_, index=index)
+        levels = [] if quantiles is None else self._check_quantile_levels(quantiles, steps)
+        bounds = {level: pd.DataFrame(self.scaler_.inverse_transform(scaled + offset), columns=self.columns_,
+                                      index=index)
+                  for level, offset in zip(levels, self.residual_quantiles(levels)[:, :steps])}
         long_input = self.input_format_ == "long" if data is None else (
             isinstance(data, pd.DataFrame) and is_long_format(data))
-        return wide_to_long(forecast) if long_input else forecast
+        if long_input:
+            return wide_to_long(forecast).assign(**{f"y_q{level:g}": wide_to_long(bound)["y"].to_numpy()
+                                                    for level, bound in bounds.items()})
+        return pd.concat([forecast] + [bound.add_suffix(f"_q{level:g}") for level, bound in bounds.items()], axis=1)
+
+    def residual_quantiles(self, levels: list[float]) -> np.ndarray:
+        """Quantiles ``[len(levels), horizon, channels]`` of the validation residuals on the scaled values,
+        interpolated linearly between the stored QUANTILE_LEVELS."""
+        check_is_fitted(self, "network_")
+        if getattr(self, "residual_quantiles_", None) is None:
+            raise InputError("this model has no calibrated quantiles (its file predates them): refit it")
+        stored = np.asarray(QUANTILE_LEVELS)
+        upper = np.clip(np.searchsorted(stored, levels), 1, len(stored) - 1)
+        weight = ((np.asarray(levels) - stored[upper - 1]) / (stored[upper] - stored[upper - 1]))[:, None, None]
+        table = self.residual_quantiles_.astype(np.float64)
+        return (1 - weight) * table[upper - 1] + weight * table[upper]
+
+    def _check_quantile_levels(self, quantiles, steps: int) -> list[float]:
+        try:
+            levels = [float(level) for level in quantiles]
+        except (TypeError, ValueError):
+            raise InputError(f"quantiles must be numbers in [0.01, 0.99], got {quantiles!r}") from None
+        outside = [level for level in levels if not QUANTILE_LEVELS[0] <= level <= QUANTILE_LEVELS[-1]]
+        if outside or not levels:
+            raise InputError(f"quantile levels must lie in [0.01, 0.99] (e.g. 0.1,0.9), got {quantiles!r}")
+        if steps > self.horizon:
+            raise InputError(f"quantiles are calibrated for up to horizon = {self.horizon} steps, not {steps}: "
+                             "ask for fewer steps or no quantiles")
+        return levels
 
     def read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
         """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order."""
@@ -402,26 +454,51 @@ class MemoryForecaster(BaseEstimator):
             self.network_.to("cpu")
 
     # --------------------------------------------------------------------------------------------- evaluating
-    def evaluate(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None) -> dict[str, float]:
+    def evaluate(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None,
+                 interval: float | None = 0.8) -> dict[str, float]:
         """MSE and MAE on every window of the protocol's test split, on the scaled values (as published tables).
 
         The split is the one ``fit`` used (or ``protocol``); the scaler is the fitted one (fit on the training rows).
 
+        Parameters
+        ----------
+        data : path or DataFrame
+        protocol : str, optional
+        interval : float or None, default 0.8
+            Also report how often the test values fall inside this central interval of the calibrated quantiles
+            (0.8: between the 0.1 and 0.9 quantiles); ideally about ``interval``. Skipped when None or when the
+            model has no calibrated quantiles.
+
         Returns
         -------
         dict
-            ``{"mse": ..., "mae": ..., "windows": n_test_windows}``
+            ``{"mse": ..., "mae": ..., "windows": n_test_windows}`` and ``"interval_coverage"`` when measured.
         """
         check_is_fitted(self, "network_")
         wide = self.read_like_fit(data)
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
         prepared = self.prepare(wide, protocol=chosen)
-        phases = self._split_phases(wide.index, prepared)["test"]
-        test = WindowDataset(prepared.test, self.lookback, self.horizon, phases)
-        predictions = self._predict_dataset(test, lambda batch: self.network_(batch[0], *batch[2:]))
-        targets = test.values[self.lookback:].numpy().astype(np.float64)
-        error = _window_errors(predictions, targets)
-        return {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(test)}
+        error = self._split_errors(prepared.test, self._split_phases(wide.index, prepared)["test"])
+        scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
+        if interval is not None and getattr(self, "residual_quantiles_", None) is not None:
+            low, high = self.residual_quantiles(self._check_quantile_levels(
+                [(1 - interval) / 2, (1 + interval) / 2], self.horizon))
+            scores["interval_coverage"] = float(((-error >= low) & (-error <= high)).mean())
+        return scores
+
+    def _split_errors(self, values: np.ndarray, phases: np.ndarray | None,
+                      max_windows: int | None = None) -> np.ndarray:
+        """Errors (forecast - truth) ``[n, horizon, c]`` of the stride-1 windows of a scaled split: every window,
+        or at most ``max_windows`` evenly spaced ones."""
+        windows = WindowDataset(values, self.lookback, self.horizon, phases)
+        chosen = np.arange(len(windows))
+        if max_windows is not None and len(windows) > max_windows:
+            chosen = np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))
+        subset = windows if len(chosen) == len(windows) else Subset(windows, chosen.tolist())
+        predictions = self._predict_dataset(subset, lambda batch: self.network_(batch[0], *batch[2:]))
+        future = windows.values[self.lookback:].numpy().astype(np.float64)
+        targets = np.lib.stride_tricks.sliding_window_view(future, self.horizon, axis=0)[chosen]  # [n, c, horizon]
+        return predictions - targets.transpose(0, 2, 1)
 
     def prepare(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None) -> ProtocolData:
         """Read ``data`` like ``fit`` did and cut it by the protocol, scaled with the fitted scaler."""
@@ -439,6 +516,8 @@ class MemoryForecaster(BaseEstimator):
         check_is_fitted(self, "network_")
         tensors = {f"network.{k}": v for k, v in self.network_.state_dict().items()}
         tensors[_HISTORY_KEY] = torch.as_tensor(self.last_window_.to_numpy(), dtype=torch.float64)
+        if getattr(self, "residual_quantiles_", None) is not None:
+            tensors[_QUANTILES_KEY] = torch.as_tensor(self.residual_quantiles_)
         config = {
             "class": CHECKPOINT_CLASS,
             "params": self.get_params(),
@@ -449,6 +528,7 @@ class MemoryForecaster(BaseEstimator):
             "cycle_length": self.cycle_length_,
             "step_ns": self.step_ns_,
             "start_val_loss": self.start_val_loss_,
+            "quantile_levels": list(QUANTILE_LEVELS),
             "input_format": self.input_format_,
             "read_options": self.read_options_,
             "last_window_index": [t.isoformat() for t in self.last_window_.index],
@@ -473,6 +553,9 @@ class MemoryForecaster(BaseEstimator):
                                      name=config["last_window_index_name"])
             last_window = pd.DataFrame(tensors[_HISTORY_KEY].numpy(), index=index, columns=config["columns"])
             history = TrainingHistory(**config["history"])
+            quantiles = tensors.get(_QUANTILES_KEY)  # files written before the calibration have none
+            if quantiles is not None and tuple(config["quantile_levels"]) != QUANTILE_LEVELS:
+                raise ValueError("its quantile levels differ from this version's")
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} is a MemoryForecaster file but its contents are corrupt "
                                   f"({str(error).splitlines()[0][:200]})") from None
@@ -484,14 +567,8 @@ class MemoryForecaster(BaseEstimator):
         model.cycle_length_, model.step_ns_ = config.get("cycle_length", 0), config.get("step_ns", 0)
         model.start_val_loss_ = config.get("start_val_loss", math.nan)
         model.read_options_, model.last_window_, model.history_ = config["read_options"], last_window, history
+        model.residual_quantiles_ = None if quantiles is None else quantiles.numpy()
         return model
-
-
-def _window_errors(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Errors of forecasts ``[n, horizon, c]`` against the stride-1 targets ``targets[i : i + horizon]`` of a split."""
-    horizon = predictions.shape[1]
-    view = np.lib.stride_tricks.sliding_window_view(targets, horizon, axis=0)  # [n, c, horizon]
-    return predictions - view.transpose(0, 2, 1)[: len(predictions)]
 
 
 def _roll_out(one_shot, windows: np.ndarray, steps: int, horizon: int,

@@ -2,23 +2,28 @@
 on a fitted :class:`~forecast.estimator.MemoryForecaster`.
 
 Each GluonTS item is one channel: a univariate ``target`` whose ``item_id`` names a fitted column (a model fit on one
-column accepts any id). The forecaster is a point forecaster, so every forecast is a :class:`SampleForecast` with a
-single sample: its mean and all its quantiles are the point forecast (quantile losses then equal 2 x absolute error).
+column accepts any id). Forecasts are :class:`QuantileForecast`: the point forecast as ``mean`` and, per quantile
+level, the point forecast plus that quantile of the model's validation residuals at the same step and channel (see
+``MemoryForecaster.predict(quantiles=...)``), so gluonts' quantile losses and coverage measure real intervals. Past
+the model's horizon (rolled-out forecasts) and for models without calibrated quantiles the forecast is a
+:class:`SampleForecast` with a single sample (every quantile is then the point forecast).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 from gluonts.dataset.common import ListDataset
-from gluonts.model.forecast import SampleForecast
+from gluonts.model.forecast import Forecast, QuantileForecast, SampleForecast
 from gluonts.model.predictor import RepresentablePredictor
 from sklearn.utils.validation import check_is_fitted
 
 from forecast.estimator import MemoryForecaster
 from memorycore.errors import InputError
+
+DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class MemoryPredictor(RepresentablePredictor):
@@ -32,6 +37,8 @@ class MemoryPredictor(RepresentablePredictor):
         Default: the forecaster's horizon; longer lengths are rolled out.
     batch_size : int, default 256
         Items forecast together.
+    quantiles : sequence of float, default 0.1, 0.2, ..., 0.9
+        Levels of the QuantileForecast (the levels gluonts' Evaluator scores by default); None for point forecasts.
 
     Examples
     --------
@@ -41,15 +48,20 @@ class MemoryPredictor(RepresentablePredictor):
     """
 
     def __init__(self, forecaster: MemoryForecaster, prediction_length: int | None = None,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, quantiles: Sequence[float] | None = DEFAULT_QUANTILES) -> None:
         check_is_fitted(forecaster, "network_")
         if forecaster.channels != "independent":
             raise InputError("the GluonTS adapter forecasts one channel per item: fit with channels='independent'")
         super().__init__(prediction_length=prediction_length or forecaster.horizon)
         self.forecaster = forecaster
         self.batch_size = batch_size
+        calibrated = getattr(forecaster, "residual_quantiles_", None) is not None
+        self.quantiles = (list(quantiles) if quantiles and calibrated and self.prediction_length <= forecaster.horizon
+                          else None)
+        if self.quantiles:
+            forecaster._check_quantile_levels(self.quantiles, self.prediction_length)  # clear error on bad levels
 
-    def predict(self, dataset: Iterable[dict], **kwargs) -> Iterator[SampleForecast]:
+    def predict(self, dataset: Iterable[dict], **kwargs) -> Iterator[Forecast]:
         batch: list[dict] = []
         for item in dataset:
             batch.append(item)
@@ -59,10 +71,10 @@ class MemoryPredictor(RepresentablePredictor):
         if batch:
             yield from self._forecast_batch(batch)
 
-    def predict_item(self, item: dict) -> SampleForecast:
+    def predict_item(self, item: dict) -> Forecast:
         return next(iter(self._forecast_batch([item])))
 
-    def _forecast_batch(self, items: list[dict]) -> list[SampleForecast]:
+    def _forecast_batch(self, items: list[dict]) -> list[Forecast]:
         model, lookback = self.forecaster, self.forecaster.lookback
         channels = np.array([self._channel_of(item) for item in items])
         windows = np.stack([self._last_window(item, lookback) for item in items])
@@ -71,9 +83,17 @@ class MemoryPredictor(RepresentablePredictor):
         scaled = model.forecast_series_scaled((windows - mean) / scale, channels, self.prediction_length,
                                               phases=phases)
         forecasts = scaled * scale + mean
-        return [SampleForecast(samples=forecast[None].astype(np.float32), start_date=_forecast_start(item),
-                               item_id=item.get("item_id"))
-                for item, forecast in zip(items, forecasts)]
+        if self.quantiles is None:
+            return [SampleForecast(samples=forecast[None].astype(np.float32), start_date=_forecast_start(item),
+                                   item_id=item.get("item_id"))
+                    for item, forecast in zip(items, forecasts)]
+        # [levels, steps, channels] residual quantiles -> per item [levels, steps] on its channel's scale
+        offsets = model.residual_quantiles(self.quantiles)[:, :self.prediction_length]
+        bounds = forecasts[None] + offsets[:, :, channels].transpose(0, 2, 1) * scale[None]
+        keys = [str(level) for level in self.quantiles] + ["mean"]
+        return [QuantileForecast(np.concatenate([bounds[:, i], forecasts[i][None]]).astype(np.float32),
+                                 start_date=_forecast_start(item), forecast_keys=keys, item_id=item.get("item_id"))
+                for i, item in enumerate(items)]
 
     def _channel_of(self, item: dict) -> int:
         columns = self.forecaster.columns_

@@ -17,7 +17,8 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     Parameters
     ----------
     history, forecast : DataFrame
-        Wide frames indexed by time with the same columns.
+        Wide frames indexed by time with the same columns; ``forecast`` may also hold ``<column>_q0.1`` and
+        ``<column>_q0.9`` (``MemoryForecaster.predict(quantiles=[0.1, 0.9])``), drawn as a shaded 80% interval.
     path : path-like
         Output image (the format follows the suffix, e.g. ``.png``, ``.pdf``); written atomically.
     title : str, optional
@@ -38,12 +39,15 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     if image_format not in supported:
         raise InputError(f"cannot write a .{image_format} image; use one of: "
                          f"{', '.join('.' + name for name in sorted(supported))}")
-    columns = list(forecast.columns)
+    columns = list(history.columns)
     figure, axes = plt.subplots(len(columns), 1, figsize=(10, 1.8 * len(columns) + 0.8), sharex=True, squeeze=False)
     for axis, column in zip(axes[:, 0], columns):
         axis.plot(history.index, history[column], color="tab:blue", linewidth=1, label="history")
         joined = pd.concat([history[column].iloc[-1:], forecast[column]])  # connect the forecast to the last value
         axis.plot(joined.index, joined.values, color="tab:orange", linewidth=1.2, label="forecast")
+        if f"{column}_q0.1" in forecast and f"{column}_q0.9" in forecast:
+            axis.fill_between(forecast.index, forecast[f"{column}_q0.1"], forecast[f"{column}_q0.9"],
+                              color="tab:orange", alpha=0.2, linewidth=0, label="80% interval")
         axis.axvline(history.index[-1], color="grey", linewidth=0.6, linestyle="--")
         axis.set_ylabel(str(column), rotation=0, ha="right", fontsize=8)
         axis.tick_params(labelsize=7)

@@ -61,6 +61,23 @@ def test_predict_to_csv_and_stdout(trained, runner, tmp_path):
     assert result.exit_code == 0 and len(result.stdout.strip().splitlines()) == 13
 
 
+def test_predict_with_quantiles(trained, runner, tmp_path):
+    data, model, _ = trained
+    out = tmp_path / "bands.csv"
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(data), "--out", str(out),
+                                 "--quantiles", "0.1, 0.9"])
+    assert result.exit_code == 0, result.stderr
+    forecast = pd.read_csv(out, index_col=0)
+    assert list(forecast.columns) == ["load", "temp", "load_q0.1", "temp_q0.1", "load_q0.9", "temp_q0.9"]
+    assert (forecast["load_q0.1"] <= forecast["load_q0.9"]).all()
+    for levels, expected in (("0.1,1.5", "must lie in [0.01, 0.99]"), ("low,high", "must be numbers")):
+        result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--quantiles", levels])
+        assert_one_line_error(result, expected)
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--quantiles", "0.5",
+                                 "--horizon", "12"])
+    assert_one_line_error(result, "calibrated for up to horizon = 8 steps")
+
+
 def test_evaluate_prints_mse_and_mae(trained, runner):
     data, model, _ = trained
     result = runner.invoke(app, ["forecast", "evaluate", "--model", str(model), "--data", str(data)])

@@ -1,5 +1,6 @@
 """The network and the estimator: learning, predict, save/load, sklearn conventions, GluonTS."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.base import clone
 from forecast import ForecastNetConfig, MemoryForecaster, MemoryForecastNet
 from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows
 from forecast.data import WindowDataset, cycle_phases, default_cycle_length, prepare_protocol
-from forecast.estimator import _closed_form_init, _loss_function
+from forecast.estimator import QUANTILE_LEVELS, _closed_form_init, _loss_function
 from memorycore import CheckpointError, InputError
 from memorycore.training import evaluate_loss
 
@@ -170,6 +171,44 @@ def test_forecast_follows_the_seasonality(fitted):
     assert error < naive
 
 
+def test_quantile_forecasts_are_calibrated_on_validation(fitted):
+    forecast = fitted.predict(quantiles=[0.1, 0.15, 0.2, 0.9])
+    assert list(forecast.columns) == ["load", "temp"] + [f"{c}_q{q}" for q in (0.1, 0.15, 0.2, 0.9)
+                                                         for c in ("load", "temp")]
+    pd.testing.assert_frame_equal(forecast[["load", "temp"]], fitted.predict())
+    # bound = point + the residual quantile of that step and channel, in the data's units
+    scale = fitted.scaler_.scale
+    offset = forecast["temp_q0.9"] - forecast["temp"]
+    np.testing.assert_allclose(offset, fitted.residual_quantiles_[QUANTILE_LEVELS.index(0.9), :, 1] * scale[1],
+                               rtol=1e-4, atol=1e-6)
+    middle = (forecast["load_q0.1"] + forecast["load_q0.2"]) / 2  # 0.15 lies halfway between stored levels
+    np.testing.assert_allclose(forecast["load_q0.15"], middle, rtol=1e-6)
+    assert (forecast["load_q0.1"] <= forecast["load_q0.9"]).all()
+    # on the calibration windows 80% of the residuals fall between the 0.1 and 0.9 quantiles, step by step
+    wide = synthetic()
+    prepared = fitted.prepare(wide)
+    residuals = -fitted._split_errors(prepared.val, fitted._split_phases(wide.index, prepared)["val"])
+    low, high = fitted.residual_quantiles([0.1, 0.9])
+    inside = ((residuals >= low) & (residuals <= high)).mean(axis=0)
+    assert inside.shape == (8, 2) and np.all(np.abs(inside - 0.8) < 0.05)
+
+
+def test_quantile_forecasts_in_long_format_and_bad_levels(fitted):
+    long = synthetic().rename_axis("ds").reset_index().melt(id_vars="ds", var_name="unique_id", value_name="y")
+    forecast = fitted.predict(long, quantiles=[0.25, 0.75])
+    assert list(forecast.columns) == ["unique_id", "ds", "y", "y_q0.25", "y_q0.75"]
+    wide = fitted.predict(quantiles=[0.25])
+    np.testing.assert_allclose(forecast.loc[forecast.unique_id == "temp", "y_q0.25"], wide["temp_q0.25"], rtol=1e-5)
+    with pytest.raises(InputError, match=r"must lie in \[0.01, 0.99\]"):
+        fitted.predict(quantiles=[0.5, 1.0])
+    with pytest.raises(InputError, match="calibrated for up to horizon = 8 steps, not 9"):
+        fitted.predict(h=9, quantiles=[0.5])
+    old = copy.copy(fitted)
+    old.residual_quantiles_ = None  # a model file saved before the calibration existed
+    with pytest.raises(InputError, match="refit it"):
+        old.predict(quantiles=[0.5])
+
+
 def test_evaluate_scores_every_test_window(fitted):
     scores = fitted.evaluate(synthetic())
     assert scores["windows"] == 80 + 24 - 24 - 8 + 1
@@ -181,6 +220,7 @@ def test_save_load_gives_identical_predictions(fitted, tmp_path):
     loaded = MemoryForecaster.load(path)
     pd.testing.assert_frame_equal(loaded.predict(), fitted.predict())
     pd.testing.assert_frame_equal(loaded.predict(synthetic(), h=12), fitted.predict(synthetic(), h=12))
+    pd.testing.assert_frame_equal(loaded.predict(quantiles=[0.1, 0.9]), fitted.predict(quantiles=[0.1, 0.9]))
     assert loaded.get_params() == fitted.get_params() and loaded.columns_ == fitted.columns_
     assert b"pickle" not in path.read_bytes()[:64]
 
@@ -247,7 +287,7 @@ def test_gluonts_evaluation_runs_on_our_model(fitted):
     from gluonts.ev.metrics import MAE, MSE
     from gluonts.evaluation import Evaluator, make_evaluation_predictions
     from gluonts.model import evaluate_model
-    from gluonts.model.forecast import SampleForecast
+    from gluonts.model.forecast import QuantileForecast, SampleForecast
 
     from forecast.gluonts import MemoryPredictor, to_gluonts
 
@@ -256,13 +296,20 @@ def test_gluonts_evaluation_runs_on_our_model(fitted):
     predictor = MemoryPredictor(fitted)
     forecasts, truths = make_evaluation_predictions(dataset, predictor)
     forecasts, truths = list(forecasts), list(truths)
-    assert all(isinstance(f, SampleForecast) for f in forecasts) and [f.item_id for f in forecasts] == ["load", "temp"]
-    expected = fitted.predict(series.iloc[:-8])
+    assert all(isinstance(f, QuantileForecast) for f in forecasts)
+    assert [f.item_id for f in forecasts] == ["load", "temp"]
+    expected = fitted.predict(series.iloc[:-8], quantiles=[0.1, 0.9])
     np.testing.assert_allclose(forecasts[1].mean, expected["temp"], rtol=1e-4)
+    np.testing.assert_allclose(forecasts[1].quantile(0.1), expected["temp_q0.1"], rtol=1e-4)
+    np.testing.assert_allclose(forecasts[0].quantile(0.9), expected["load_q0.9"], rtol=1e-4)
     assert forecasts[0].start_date == pd.Period(expected.index[0], freq="h")
     aggregate, per_item = Evaluator()(truths, forecasts)
     manual_mse = np.mean([(f.mean - series[f.item_id].iloc[-8:].to_numpy()) ** 2 for f in forecasts])
     assert aggregate["MSE"] == pytest.approx(manual_mse, rel=1e-4) and len(per_item) == 2
+    assert 0 < aggregate["Coverage[0.9]"] <= 1 and aggregate["mean_wQuantileLoss"] > 0
+    # point forecasts on request, and past the calibrated horizon
+    assert isinstance(MemoryPredictor(fitted, quantiles=None).predict_item(dataset[0]), SampleForecast)
+    assert isinstance(MemoryPredictor(fitted, prediction_length=12).predict_item(dataset[0]), SampleForecast)
 
     _, template = split(dataset, offset=-24)
     metrics = evaluate_model(predictor, test_data=template.generate_instances(prediction_length=8, windows=3),
