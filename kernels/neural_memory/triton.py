@@ -94,6 +94,14 @@ def _store_rows(ptr, value, chunk, T, rows, cols, D: tl.constexpr):
 
 
 @triton.jit
+def _add_rows(ptr, value, chunk, T, rows, cols, D: tl.constexpr):
+    """Add to the chunk's rows of a zeroed fp32 [T, D] matrix that the parts of a (batch, head) sum into."""
+    tok = chunk * rows.shape[0] + rows
+    mask = (tok < T)[:, None]
+    tl.atomic_add(ptr + tok[:, None].to(tl.int64) * D + cols[None, :], value, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D: tl.constexpr, MM: tl.constexpr):
     """The chunk's q and k in the matmul dtype (they only feed dots) and v in fp32."""
     q = _load_rows(q_ptr + seq, chunk, T, rows, cols, D).to(MM)
@@ -103,20 +111,30 @@ def _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D: tl.constexpr, M
 
 
 @triton.jit
+def _put(ptr, value, ADD: tl.constexpr):
+    """Store, or add to a zeroed buffer that several programs sum into."""
+    if ADD:
+        tl.atomic_add(ptr, value, sem="relaxed")
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
 def _store_gate_grads(
     dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr, row_offset, rows,
     d_keep, d_carry, d_coef, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end, CHUNK: tl.constexpr,
+    ADD: tl.constexpr,
 ):
-    """Write one chunk's gradients of its gate coefficients (the layout of _load_gates)."""
-    tl.store(dkeep_ptr + row_offset + rows, d_keep)
-    tl.store(dcarry_ptr + row_offset + rows, d_carry)
-    tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
-    tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
-    tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
+    """Write (or, with ADD, add) one chunk's gradients of its gate coefficients (the layout of _load_gates)."""
+    _put(dkeep_ptr + row_offset + rows, d_keep, ADD)
+    _put(dcarry_ptr + row_offset + rows, d_carry, ADD)
+    _put(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef, ADD)
+    _put(dcoef_last_ptr + row_offset + rows, d_coef_last, ADD)
+    _put(dmcoef_ptr + row_offset + rows, d_mcoef, ADD)
     end = row_offset // CHUNK * 3
-    tl.store(dends_ptr + end, d_keep_end)
-    tl.store(dends_ptr + end + 1, d_carry_end)
-    tl.store(dends_ptr + end + 2, d_eta_end)
+    _put(dends_ptr + end, d_keep_end, ADD)
+    _put(dends_ptr + end + 1, d_carry_end, ADD)
+    _put(dends_ptr + end + 2, d_eta_end, ADD)
 
 
 @triton.jit
@@ -239,7 +257,7 @@ def _backward_depth1_kernel(
         _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
         _store_gate_grads(dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr, row_offset, rows,
                           d_keep, d_carry, d_coef, d_coef_last, d_mcoef,
-                          tl.sum(dw_next * w), tl.sum(dw_next * s), tl.sum(ds_next * s), CHUNK)
+                          tl.sum(dw_next * w), tl.sum(dw_next * s), tl.sum(ds_next * s), CHUNK, False)
         tl.debug_barrier()  # every thread has read the incoming state gradient before it is overwritten
         tl.store(dw_ptr + grad_state + mat, dw)
         tl.store(ds_ptr + grad_state + mat, ds)
@@ -252,11 +270,13 @@ def _backward_depth1_kernel(
 #
 # The grid is (batch * heads, PARTS). Part p owns the hidden units [p, p + 1) * HIDDEN / PARTS: those columns of W_1
 # and S_1, those rows of W_2 and S_2, and the same slices of their gradients, which it walks in tiles of BLOCK_HIDDEN.
-# Almost everything a chunk computes is then local to a part or a sum over parts that the host adds up after the kernel
-# (y, dq, dk, the gate gradients). Only two [CHUNK, D] matrices need every hidden unit before a part can go on: the
-# output error err = 2 (M(k) - v) (forward and backward) and, in the backward, d loss / d err. Each part writes its
-# share of them to an exchange buffer, waits for the other parts of its (batch, head) (_sync_parts), and sums the
-# shares. At small batch this puts PARTS times as many SMs to work, and each program holds a PARTS-th of the state.
+# Almost everything a chunk computes is then local to a part or a sum over parts that the parts add into zeroed fp32
+# buffers (y, dq, dk, the gate gradients: relaxed atomic adds, so memory does not grow with PARTS; with one part the
+# result is deterministic, with several the order of the additions is not). Only two [CHUNK, D] matrices need every
+# hidden unit before a part can go on: the output error err = 2 (M(k) - v) (forward and backward) and, in the
+# backward, d loss / d err. Each part writes its share of them to an exchange buffer, waits for the other parts of its
+# (batch, head) (_sync_parts), and sums the shares. At small batch this puts PARTS times as many SMs to work, and each
+# program holds a PARTS-th of the state.
 #
 # PHASES says which phases of a chunk a launch runs (bit 0: the share of M(k); bit 1: the rest of the forward, or the
 # backward's first visit of the tiles; bit 2: the backward's second visit). All phases in one launch (the GPU) need
@@ -311,7 +331,7 @@ def _forward_depth2_kernel(
     D: tl.constexpr, HIDDEN: tl.constexpr, PARTS: tl.constexpr, BLOCK_HIDDEN: tl.constexpr, CHUNK: tl.constexpr,
     MM: tl.constexpr, PHASES: tl.constexpr, SYNC: tl.constexpr,
 ):
-    """Chunks [chunk_begin, chunk_end) of one part; y_ptr receives the part's share of y ([PARTS, bh, T, D], fp32)."""
+    """Chunks [chunk_begin, chunk_end) of one part; the parts add their shares of y into y_ptr (zeroed fp32)."""
     pid = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     PART_HIDDEN: tl.constexpr = HIDDEN // PARTS
@@ -319,7 +339,6 @@ def _forward_depth2_kernel(
     cols = tl.arange(0, D)
     blk = part * PART_HIDDEN + tl.arange(0, BLOCK_HIDDEN)  # the part's first tile of hidden units
     seq = pid * T * D
-    y_share = (part * tl.num_programs(0)) * T * D
     tile_1 = cols[:, None] * HIDDEN + blk[None, :]  # a [D, BLOCK_HIDDEN] tile of a [D, HIDDEN] matrix
     tile_2 = blk[:, None] * D + cols[None, :]  # a [BLOCK_HIDDEN, D] tile of a [HIDDEN, D] matrix
     for step in range(chunk_end - chunk_begin):
@@ -365,7 +384,7 @@ def _forward_depth2_kernel(
             # the layer-2 score correction is linear in hq a1^T, so each part subtracts its own share
             coef = tl.load(coef_ptr + (pid * n_chunks + chunk) * CHUNK * CHUNK + rows[:, None] * CHUNK + rows[None, :])
             y -= _mm(hq_a1 * coef, err, MM)
-            _store_rows(y_ptr + y_share + seq, y, chunk, T, rows, cols, D)
+            _add_rows(y_ptr + seq, y, chunk, T, rows, cols, D)
         tl.debug_barrier()  # the next chunk reads the state tiles this one wrote
 
 
@@ -381,8 +400,8 @@ def _backward_depth2_kernel(
 ):
     """Chunks chunk_end - 1 down to chunk_begin of one part.
 
-    dq_ptr, dk_ptr and the gate gradients receive the part's share ([PARTS, ...], fp32, summed by the host); dv is
-    written by part 0. The state gradients and the scratch are [bh, ...] and each part touches only its own slices.
+    The parts add their shares of dq, dk and the gate gradients into zeroed fp32 buffers; dv is written by part 0.
+    The state gradients and the scratch are [bh, ...] and each part touches only its own slices.
     """
     pid = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -391,8 +410,6 @@ def _backward_depth2_kernel(
     cols = tl.arange(0, D)
     blk = part * PART_HIDDEN + tl.arange(0, BLOCK_HIDDEN)  # the part's first tile of hidden units
     seq = pid * T * D
-    token_share = (part * tl.num_programs(0)) * T * D
-    gate_share = (part * tl.num_programs(0)) * n_chunks * CHUNK  # rows of [PARTS, bh, n, CHUNK]
     tile_1 = cols[:, None] * HIDDEN + blk[None, :]
     tile_2 = blk[:, None] * D + cols[None, :]
     tile_c = rows[:, None] * HIDDEN + blk[None, :]  # a [CHUNK, BLOCK_HIDDEN] tile of the [CHUNK, HIDDEN] scratch
@@ -515,11 +532,11 @@ def _backward_depth2_kernel(
             d_qk = d_qk * coef
             dq += _mm(d_qk, k, MM)
             dk += _mm(tl.trans(d_qk), q, MM)
-            _store_rows(dq_ptr + token_share + seq, dq, chunk, T, rows, cols, D)
-            _store_rows(dk_ptr + token_share + seq, dk, chunk, T, rows, cols, D)
+            _add_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
+            _add_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
             _store_gate_grads(dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr,
-                              gate_share + row_offset, rows, d_keep, d_carry, d_coef, d_coef_last, d_mcoef,
-                              d_keep_end, d_carry_end, d_eta_end, CHUNK)
+                              row_offset, rows, d_keep, d_carry, d_coef, d_coef_last, d_mcoef,
+                              d_keep_end, d_carry_end, d_eta_end, CHUNK, True)
         _sync_parts(counter_ptr + pid, PARTS * (2 * step + 2), SYNC)
 
         # phase 3: second visit, once d loss / d err is complete: finish the key path z1 = k w1, a1 = silu(z1),
@@ -538,8 +555,7 @@ def _backward_depth2_kernel(
                 dw2 = tl.load(dw2_ptr + grad_state + j * D + tile_2) + _mm(tl.trans(a1), d_pred, MM)
                 tl.store(dw1_ptr + grad_state + j + tile_1, dw1)
                 tl.store(dw2_ptr + grad_state + j * D + tile_2, dw2)
-            dk += _load_rows(dk_ptr + token_share + seq, chunk, T, rows, cols, D)
-            _store_rows(dk_ptr + token_share + seq, dk, chunk, T, rows, cols, D)
+            _add_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
             if part == 0:
                 _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
         tl.debug_barrier()
@@ -693,13 +709,13 @@ def _forward(
                                       **_launch_options(q, state, chunk_size))
     else:
         parts, whole = _split(bh, state[0].shape[-1], q.device)
-        y_shares = _empty((parts, *q.shape), torch.float32, q.device)
+        y_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # the parts add their shares
         exchange = _empty((bh, 2, parts, chunk_size, dim), torch.float32, q.device)
         counter = torch.zeros(bh, dtype=torch.int32, device=q.device)
-        args = (q, k, v, y_shares, *gates, *buffers, exchange, counter, time, n_chunks, n_slots)
+        args = (q, k, v, y_sum, *gates, *buffers, exchange, counter, time, n_chunks, n_slots)
         _launch_depth2(_forward_depth2_kernel, args, n_chunks, parts, whole, 0b011, False,
                        _launch_options(q, state, chunk_size, parts))
-        y = y_shares.sum(0).to(q.dtype)
+        y = y_sum.to(q.dtype)
     final = tuple(b[:, n_chunks % n_slots].reshape(batch, heads, *b.shape[-2:]).clone() for b in buffers)
     return y, final, tuple(buffers)
 
@@ -722,10 +738,10 @@ def _backward(
     else:
         hidden = buffers[0].shape[-1]
         parts, whole = _split(bh, hidden, q.device)
-        # dq, dk and the gate gradients come as one share per part, added up below
-        dq, dk = (_empty((parts, *q.shape), torch.float32, q.device) for _ in range(2))
+        # the parts add their shares of dq, dk and the gate gradients into zeroed fp32 buffers
+        dq, dk = (torch.zeros(q.shape, dtype=torch.float32, device=q.device) for _ in range(2))
         dv = _empty(q.shape, q.dtype, q.device)
-        d_gates = [_empty((parts, *g.shape), torch.float32, q.device) for g in gates]
+        d_gates = [torch.zeros(g.shape, dtype=torch.float32, device=q.device) for g in gates]
         scratch = _empty((bh, chunk_size, hidden), torch.float32, q.device)
         exchange = _empty((bh, 2, parts, chunk_size, dim), torch.float32, q.device)
         counter = torch.zeros(bh, dtype=torch.int32, device=q.device)
@@ -733,8 +749,7 @@ def _backward(
                 time, n_chunks)
         _launch_depth2(_backward_depth2_kernel, args, n_chunks, parts, whole, 0b111, True,
                        _launch_options(q, buffers, chunk_size, parts))
-        dq, dk = dq.sum(0).to(q.dtype), dk.sum(0).to(q.dtype)
-        d_gates = [g.sum(0) for g in d_gates]
+        dq, dk = dq.to(q.dtype), dk.to(q.dtype)
     d_initial = tuple(g.reshape(batch, heads, *g.shape[-2:]) for g in d_state)
     return (dq, dk, dv, *d_gates, *d_initial)
 
