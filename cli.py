@@ -456,9 +456,11 @@ def bench_list() -> None:
 
     Example: python cli.py bench list
     """
-    for name, path in _bench_scripts().items():
+    scripts = _bench_scripts()
+    width = max(map(len, scripts), default=0)
+    for name, path in scripts.items():
         doc = (ast.get_docstring(ast.parse(path.read_text())) or "").strip().splitlines()
-        typer.echo(f"{name:<20} {doc[0] if doc else ''}")
+        typer.echo(f"{name:<{width}}  {doc[0] if doc else ''}")
 
 
 # --help is not an option of `bench run` itself, so that after a script's name it reaches the script
