@@ -4,6 +4,8 @@ Run on CPU through the Triton interpreter (TRITON_INTERPRET=1, set below before 
 """
 
 import os
+import threading
+from contextlib import contextmanager
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -113,8 +115,8 @@ SPLITS = [
 def test_hidden_units_split_over_several_programs(monkeypatch, case, parts):
     """Each (batch, head) shared out over several programs gives the reference's outputs, state and gradients.
 
-    The interpreter runs programs one after another, so the parts exchange their shares between launches (one per
-    chunk and phase); on a GPU they wait for each other inside one launch, with the same arithmetic.
+    Here the parts exchange their shares between launches (one per chunk and phase: the interpreter runs programs one
+    after another); the GPU form, one launch with the parts waiting for each other, is the next test.
     """
     monkeypatch.setenv("MEMORYCORE_NM_PARTS", str(parts))
     launches = []
@@ -124,6 +126,92 @@ def test_hidden_units_split_over_several_programs(monkeypatch, case, parts):
     expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
     actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
     assert launches == [(parts, False), (parts, False)]  # forward and backward, split, one launch per phase
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+@contextmanager
+def programs_run_concurrently(timeout: float = 300.0):
+    """Run the programs of each interpreter launch side by side, one thread each, as a GPU runs resident programs.
+
+    The interpreter runs a launch's programs one after another and keeps the program id on one shared builder,
+    so programs that wait for each other inside a launch would wait forever. Here the program id is thread-local
+    and a launch starts all its programs at once; the interpreter's atomics are C++ atomics. A launch whose programs
+    are still waiting after ``timeout`` seconds fails the test.
+    """
+    from triton.runtime import interpreter
+
+    local = threading.local()
+    builder_class, executor_call = interpreter.InterpreterBuilder, interpreter.GridExecutor.__call__
+    builder = interpreter.interpreter_builder
+
+    def run_side_by_side(executor, *args, **kwargs):
+        program, launched = executor.fn, []
+
+        def collect(**program_args):  # called once per program, in order, by the interpreter's loop
+            launched.append(builder.grid_idx)
+            if len(launched) < builder.grid_dim[0] * builder.grid_dim[1] * builder.grid_dim[2]:
+                return
+            errors = []
+
+            def run(index):
+                local.grid_idx = index
+                try:
+                    program(**program_args)
+                except BaseException as error:  # noqa: BLE001  (reported below)
+                    errors.append(error)
+
+            threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in launched]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout)
+            if any(thread.is_alive() for thread in threads):
+                raise TimeoutError(f"programs of a {builder.grid_dim} launch still waiting after {timeout} s")
+            if errors:
+                raise errors[0]
+
+        def set_grid_dim(*dims):  # the interpreter's last step before its loop over programs
+            builder_class.set_grid_dim(builder, *dims)
+            executor.fn = collect
+
+        builder.set_grid_dim = set_grid_dim
+        try:
+            return executor_call(executor, *args, **kwargs)
+        finally:
+            executor.fn = program
+            del builder.set_grid_dim
+
+    builder_class.grid_idx = property(lambda self: getattr(local, "grid_idx", None),
+                                      lambda self, value: setattr(local, "grid_idx", value))
+    interpreter.GridExecutor.__call__ = run_side_by_side
+    try:
+        yield
+    finally:
+        interpreter.GridExecutor.__call__ = executor_call
+        del builder_class.grid_idx
+
+
+@pytest.mark.parametrize("case, parts", [
+    pytest.param(dict(hidden=64, batch=1, heads=2, time=40), 4, id="H64-4parts"),
+    pytest.param(dict(hidden=32, batch=2, heads=1, time=48), 2, id="H32-2parts"),
+])
+def test_split_parts_waiting_for_each_other_inside_one_launch(monkeypatch, case, parts):
+    """The GPU form of the split: every chunk in one launch, the parts waiting on the atomic counter (SYNC).
+
+    Run with the programs side by side, it tests the waiting protocol itself (counter targets, the double-buffered
+    exchange, the phase order); what it cannot test is the GPU memory model (release/acquire, L1 bypass).
+    """
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", str(parts))
+    monkeypatch.setattr(nm_triton, "_sm_count", lambda device: 132)  # as on an H100: one launch, in-kernel wait
+    launches = []
+    original = nm_triton._launch_depth2
+    monkeypatch.setattr(nm_triton, "_launch_depth2", lambda *a: launches.append(a[3:5]) or original(*a))
+    inputs = memory_inputs(depth=2, **case)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
+    with programs_run_concurrently():
+        actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    assert launches == [(parts, True), (parts, True)]
     assert_close(actual_out, expected_out, 1e-5, "output/state")
     assert_gradients_match(actual_grads, expected_grads)
 

@@ -49,8 +49,9 @@ run_stage() {
   kernels)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
     # the depth-2 kernels split each (batch, head) over several programs that wait for each other inside one launch;
-    # that wait is the one part no CPU test can run, so check it first (one program per (batch, head) and one launch
-    # per phase first, the in-kernel wait last) and, should it fail or hang, time the rest with launches per phase
+    # the CPU tests run that wait with threads, not with the GPU's memory model, so check it first (one program per
+    # (batch, head) and one launch per phase first, the in-kernel wait last) and, should it fail or hang, time the
+    # rest with launches per phase
     # (without a GPU, the QUICK=1 smoke test, the check runs the kernels in the Triton interpreter)
     local interpret=""
     command -v nvidia-smi >/dev/null || interpret="env TRITON_INTERPRET=1"
