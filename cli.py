@@ -79,6 +79,16 @@ def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
     return "\n".join(lines)
 
 
+def _test_report(model, data, scores: dict, title: str) -> str:
+    """The test-split table of a fitted forecaster beside the ridge baseline, and its 80% interval's coverage."""
+    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
+    report = _metrics_table(rows, title)
+    if "interval_coverage" in scores:
+        report += (f"\n80% interval (predict --quantiles 0.1,0.9): {scores['interval_coverage']:.1%} of the test "
+                   "values inside")
+    return report
+
+
 def _ridge_row(model, data) -> tuple[str, float, float]:
     from forecast.baseline import ridge_benchmark
 
@@ -161,10 +171,9 @@ def forecast_fit(
     seconds = time.perf_counter() - start
     model.save(out)
     scores = model.evaluate(data)
-    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
-    typer.echo(_metrics_table(rows, f"{Path(data).name}: test split ({model.protocol_} protocol, {scores['windows']} "
-                                    f"windows, lookback {lookback}, horizon {horizon}, scaled values), "
-                                    f"trained in {seconds:.0f} s"))
+    typer.echo(_test_report(model, data, scores, f"{Path(data).name}: test split ({model.protocol_} protocol, "
+                                                 f"{scores['windows']} windows, lookback {lookback}, horizon "
+                                                 f"{horizon}, scaled values), trained in {seconds:.0f} s"))
     typer.echo(f"model written to {out}")
 
 
@@ -220,12 +229,8 @@ def forecast_evaluate(
 
     model = MemoryForecaster.load(model_path)
     scores = model.evaluate(data, protocol=protocol)
-    rows = [("memory forecaster", scores["mse"], scores["mae"]), _ridge_row(model, data)]
-    typer.echo(_metrics_table(rows, f"test split of {data.name} ({scores['windows']} windows, horizon "
-                                    f"{model.horizon}, scaled values)"))
-    if "interval_coverage" in scores:
-        typer.echo(f"80% interval (predict --quantiles 0.1,0.9): {scores['interval_coverage']:.1%} of the test "
-                   "values inside")
+    typer.echo(_test_report(model, data, scores, f"test split of {data.name} ({scores['windows']} windows, horizon "
+                                                 f"{model.horizon}, scaled values)"))
 
 
 @forecast_app.command("plot")

@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--memory-op", action="store_true",
                         help="time the memory operation alone (q/k/v/gates in, y and state out) instead of the layer")
     parser.add_argument("--check", action="store_true", help="first compare the Triton path with the reference")
-    parser.add_argument("--check-only", action="store_true", help="compare the Triton path with the reference, then stop")
+    parser.add_argument("--check-only", action="store_true",
+                        help="compare the Triton path with the reference, then stop")
     parser.add_argument("--triton-splits", default=None,
                         help="comma list of how the depth-2 kernels share out a (batch, head), each checked and timed "
                              "as its own backend: default (what a user gets), p1 (one program per batch and head), "

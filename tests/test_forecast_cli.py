@@ -47,6 +47,8 @@ def test_fit_writes_a_model_and_prints_the_table(trained):
     assert model.is_file()
     assert "memory forecaster" in result.stdout and "ridge baseline" in result.stdout
     assert "test split (ratio protocol, 53 windows" in result.stdout  # 60 test rows + 24 - 24 - 8 + 1
+    coverage = [line for line in result.stdout.splitlines() if line.startswith("80% interval")]
+    assert len(coverage) == 1 and coverage[0].endswith("of the test values inside")
 
 
 def test_predict_to_csv_and_stdout(trained, runner, tmp_path):
