@@ -68,7 +68,8 @@ run_stage() {
   mqar)
     # the default (content addressing in both layers) and CAPE in the first layer: on CPU at d_model 128 the
     # default lost what it had learned after ~1000 steps while CAPE-first was still improving (on --quick the
-    # default did better), so the GPU run measures both
+    # default did better; a full CPU rerun of CAPE-first did not recall either: training there is fragile), so the
+    # GPU run measures both
     local train=${MQAR_SECONDS:-200}
     [ -n "$quick" ] && train=30
     for cape in none first; do
