@@ -97,7 +97,7 @@ def parse_args(argv):
     parser.add_argument("--no-cycle", action="store_true", help="cycle_length=0: no learned periodic component")
     parser.add_argument("--no-linear-path", action="store_true", help="no linear lookback->horizon path")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: see forecast fit --help)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress bars")
     parser.add_argument("--time-budget", type=float, help="seconds after which the remaining rows are skipped")
