@@ -3,7 +3,8 @@
 # Run `bash bench/device/prepare.sh` here first, then through the device tool, carrying .dev/device:
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
-#     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 variants)
+#     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 variants;
+#                                        # MQAR_SEED, MQAR_LR, MQAR_CAPE, MQAR_SECONDS change the runs)
 #     bash bench/device/run.sh apps      # issues 4 + 5: forecasting table and DNA classifier training time on the GPU
 #
 # Results (JSON and one log per stage) go to $OUT (the device tool brings them back) or bench/results/device.
@@ -69,12 +70,14 @@ run_stage() {
     # the default (content addressing in both layers) and CAPE in the first layer: on CPU at d_model 128 the
     # default lost what it had learned after ~1000 steps while CAPE-first was still improving (on --quick the
     # default did better; a full CPU rerun of CAPE-first did not recall either: training there is fragile), so the
-    # GPU run measures both
-    local train=${MQAR_SECONDS:-200}
+    # GPU measures both. Because one run can miss recall by chance, a second call can change the seed, the lr or
+    # the variants: MQAR_SEED=1 MQAR_LR=3e-3 MQAR_CAPE="first" bash bench/device/run.sh mqar
+    local train=${MQAR_SECONDS:-200} seed=${MQAR_SEED:-0} lr=${MQAR_LR:-default}
     [ -n "$quick" ] && train=30
-    for cape in none first; do
-      step "mqar-ramnet-128-cape-$cape" $((train + 80)) $python bench/mqar.py --models ramnet --dims 128 $quick \
-        --ramnet-cape "$cape" --max-train-seconds "$train" --verbose --out "$out/mqar_cape_$cape.json"
+    for cape in ${MQAR_CAPE:-none first}; do
+      step "mqar-ramnet-128-cape-$cape-seed-$seed-lr-$lr" $((train + 80)) $python bench/mqar.py --models ramnet \
+        --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" ${MQAR_LR:+--lr "$MQAR_LR"} \
+        --max-train-seconds "$train" --verbose --out "$out/mqar_cape_${cape}_seed${seed}_lr${lr}.json"
     done
     ;;
   apps)
