@@ -351,10 +351,12 @@ class MemoryForecaster(BaseEstimator):
         scaled = self.forecast_scaled(window[None], steps, phases=phase)[0]
         index = future_index(history.index, steps)
         forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_, index=index)
-        levels = [] if quantiles is None else self._check_quantile_levels(quantiles, steps)
-        bounds = {level: pd.DataFrame(self.scaler_.inverse_transform(scaled + offset), columns=self.columns_,
-                                      index=index)
-                  for level, offset in zip(levels, self.residual_quantiles(levels)[:, :steps])}
+        bounds = {}  # level -> the forecast plus that residual quantile
+        if quantiles is not None:
+            offsets = self.residual_quantiles(quantiles, steps)
+            bounds = {float(level): pd.DataFrame(self.scaler_.inverse_transform(scaled + offset),
+                                                 columns=self.columns_, index=index)
+                      for level, offset in zip(quantiles, offsets)}
         long_input = self.input_format_ == "long" if data is None else (
             isinstance(data, pd.DataFrame) and is_long_format(data))
         if long_input:
@@ -362,30 +364,28 @@ class MemoryForecaster(BaseEstimator):
                                                     for level, bound in bounds.items()})
         return pd.concat([forecast] + [bound.add_suffix(f"_q{level:g}") for level, bound in bounds.items()], axis=1)
 
-    def residual_quantiles(self, levels: list[float]) -> np.ndarray:
-        """Quantiles ``[len(levels), horizon, channels]`` of the validation residuals on the scaled values,
-        interpolated linearly between the stored QUANTILE_LEVELS."""
+    def residual_quantiles(self, quantiles, steps: int | None = None) -> np.ndarray:
+        """Quantiles ``[len(quantiles), steps, channels]`` of the validation residuals on the scaled values, at
+        levels in [0.01, 0.99] interpolated linearly between the stored QUANTILE_LEVELS; ``steps`` (default
+        ``horizon``) may not exceed ``horizon``. Raises InputError naming what is wrong."""
         check_is_fitted(self, "network_")
+        try:
+            levels = np.array([float(level) for level in quantiles])
+        except (TypeError, ValueError):
+            raise InputError(f"quantiles must be numbers in [0.01, 0.99], got {quantiles!r}") from None
+        if not len(levels) or ((levels < QUANTILE_LEVELS[0]) | (levels > QUANTILE_LEVELS[-1])).any():
+            raise InputError(f"quantile levels must lie in [0.01, 0.99] (e.g. 0.1,0.9), got {quantiles!r}")
+        steps = self.horizon if steps is None else steps
+        if steps > self.horizon:
+            raise InputError(f"quantiles are calibrated for up to horizon = {self.horizon} steps, not {steps}: "
+                             "ask for fewer steps or no quantiles")
         if getattr(self, "residual_quantiles_", None) is None:
             raise InputError("this model has no calibrated quantiles (its file predates them): refit it")
         stored = np.asarray(QUANTILE_LEVELS)
         upper = np.clip(np.searchsorted(stored, levels), 1, len(stored) - 1)
-        weight = ((np.asarray(levels) - stored[upper - 1]) / (stored[upper] - stored[upper - 1]))[:, None, None]
-        table = self.residual_quantiles_.astype(np.float64)
+        weight = ((levels - stored[upper - 1]) / (stored[upper] - stored[upper - 1]))[:, None, None]
+        table = self.residual_quantiles_[:, :steps].astype(np.float64)
         return (1 - weight) * table[upper - 1] + weight * table[upper]
-
-    def _check_quantile_levels(self, quantiles, steps: int) -> list[float]:
-        try:
-            levels = [float(level) for level in quantiles]
-        except (TypeError, ValueError):
-            raise InputError(f"quantiles must be numbers in [0.01, 0.99], got {quantiles!r}") from None
-        outside = [level for level in levels if not QUANTILE_LEVELS[0] <= level <= QUANTILE_LEVELS[-1]]
-        if outside or not levels:
-            raise InputError(f"quantile levels must lie in [0.01, 0.99] (e.g. 0.1,0.9), got {quantiles!r}")
-        if steps > self.horizon:
-            raise InputError(f"quantiles are calibrated for up to horizon = {self.horizon} steps, not {steps}: "
-                             "ask for fewer steps or no quantiles")
-        return levels
 
     def read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
         """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order."""
@@ -481,8 +481,7 @@ class MemoryForecaster(BaseEstimator):
         error = self._split_errors(prepared.test, self._split_phases(wide.index, prepared)["test"])
         scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
         if interval is not None and getattr(self, "residual_quantiles_", None) is not None:
-            low, high = self.residual_quantiles(self._check_quantile_levels(
-                [(1 - interval) / 2, (1 + interval) / 2], self.horizon))
+            low, high = self.residual_quantiles([(1 - interval) / 2, (1 + interval) / 2])
             scores["interval_coverage"] = float(((-error >= low) & (-error <= high)).mean())
         return scores
 

@@ -58,8 +58,9 @@ class MemoryPredictor(RepresentablePredictor):
         calibrated = getattr(forecaster, "residual_quantiles_", None) is not None
         self.quantiles = (list(quantiles) if quantiles and calibrated and self.prediction_length <= forecaster.horizon
                           else None)
-        if self.quantiles:
-            forecaster._check_quantile_levels(self.quantiles, self.prediction_length)  # clear error on bad levels
+        # [levels, steps, channels] on the scaled values; a clear error on bad levels now rather than mid-evaluation
+        self._offsets = (forecaster.residual_quantiles(self.quantiles, self.prediction_length) if self.quantiles
+                         else None)
 
     def predict(self, dataset: Iterable[dict], **kwargs) -> Iterator[Forecast]:
         batch: list[dict] = []
@@ -87,9 +88,8 @@ class MemoryPredictor(RepresentablePredictor):
             return [SampleForecast(samples=forecast[None].astype(np.float32), start_date=_forecast_start(item),
                                    item_id=item.get("item_id"))
                     for item, forecast in zip(items, forecasts)]
-        # [levels, steps, channels] residual quantiles -> per item [levels, steps] on its channel's scale
-        offsets = model.residual_quantiles(self.quantiles)[:, :self.prediction_length]
-        bounds = forecasts[None] + offsets[:, :, channels].transpose(0, 2, 1) * scale[None]
+        # per item [levels, steps]: the residual quantiles of its channel, on its scale
+        bounds = forecasts[None] + self._offsets[:, :, channels].transpose(0, 2, 1) * scale[None]
         keys = [str(level) for level in self.quantiles] + ["mean"]
         return [QuantileForecast(np.concatenate([bounds[:, i], forecasts[i][None]]).astype(np.float32),
                                  start_date=_forecast_start(item), forecast_keys=keys, item_id=item.get("item_id"))
