@@ -13,6 +13,7 @@ so the work per token is O(K d_v + U K^2) whatever M; what still changes with M 
     python bench/ramnet_throughput.py --kernel scan     # the same with the token-by-token Triton scan
     python bench/ramnet_throughput.py --quick           # CPU: small sizes, PyTorch reference
     python bench/ramnet_throughput.py --pieces 8        # stream each sequence in 8 pieces, carrying the state
+    python bench/ramnet_throughput.py --plot runs/ramnet_throughput.png   # also draw tokens/s against slots
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
+from memorycore.files import atomic_path  # noqa: E402
 from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else chunk)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
                         help="JSON file for the results (written atomically)")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw tokens/s against slots into this PNG")
     args = parser.parse_args(argv)
     if args.pieces < 1:
         parser.error(f"--pieces must be at least 1, got {args.pieces}")
@@ -132,6 +135,43 @@ def main(argv: list[str] | None = None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"wrote {args.out}")
+    if args.plot:
+        where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        plot_throughput(rows, f"RAMNet forward + backward, {where}, {batch} x {time_steps} tokens, "
+                              f"{args.heads} heads, K = 8, {args.pieces} piece(s)", args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
+    """Tokens/s against slots per head (log scale), each point labelled with the state it stands for, beside the
+    flat line that the per-token cost promises."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    slots = [row["slots"] for row in rows]
+    speed = [row["tokens_per_s"] for row in rows]
+    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    axis.plot(slots, speed, marker="o", color="tab:blue", label="measured")
+    axis.axhline(speed[0], color="grey", linestyle="--", linewidth=0.8, label="flat (the speed at the fewest slots)")
+    for row in rows:
+        state = row["state_mb_per_sequence"]
+        label = f"{state / 1024:.1f} GB" if state >= 1024 else f"{state:.0f} MB"
+        axis.annotate(label, (row["slots"], row["tokens_per_s"]), textcoords="offset points", xytext=(0, 7),
+                      ha="center", fontsize=7)
+    axis.set_xscale("log", base=2)
+    axis.set_ylim(0, max(speed) * 1.2)
+    axis.set_xlabel("slots per head (labels: state per sequence)")
+    axis.set_ylabel("training tokens / s")
+    axis.set_title(title, fontsize=8)
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ run_stage() {
     fi
     step neural-memory-op 120 $python bench/neural_memory.py --memory-op $quick --out "$out/nm_op.json"
     step neural-memory-layer 200 $python bench/neural_memory.py $quick --out "$out/nm_layer.json"
-    step ramnet-chunk 75 $python bench/ramnet_throughput.py --kernel chunk $quick --out "$out/ramnet_chunk.json"
+    step ramnet-chunk 75 $python bench/ramnet_throughput.py --kernel chunk $quick --out "$out/ramnet_chunk.json" \
+      --plot "$out/ramnet_chunk.png"
     step ramnet-scan 75 $python bench/ramnet_throughput.py --kernel scan $quick --out "$out/ramnet_scan.json"
     ;;
   mqar)
