@@ -231,8 +231,12 @@ def test_split_policy(monkeypatch):
     monkeypatch.setenv("MEMORYCORE_NM_SYNC", "launch")
     assert nm_triton._split(16, 256, cuda) == (4, False)
     monkeypatch.delenv("MEMORYCORE_NM_SYNC")
+    monkeypatch.setenv("MEMORYCORE_NM_PARTS", "4")
+    assert nm_triton._split(64, 256, cuda) == (4, False)  # forced past one program per SM: launches per phase
     monkeypatch.setenv("MEMORYCORE_NM_PARTS", "8")
-    assert nm_triton._split(64, 256, cuda) == (8, False)  # forced past one program per SM: launches per phase
+    assert nm_triton._split(64, 256, torch.device("cpu")) == (8, False)  # 32-unit tiles run in the interpreter
+    with pytest.raises(ValueError, match="slices of 32 hidden units; on a GPU they must be at least 64"):
+        nm_triton._split(64, 256, cuda)
 
 
 def test_a_split_that_does_not_fit_the_hidden_width_is_refused(monkeypatch):

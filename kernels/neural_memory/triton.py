@@ -672,6 +672,9 @@ def _split(batch_heads: int, hidden: int, device: torch.device) -> tuple[int, bo
         if parts < 1 or hidden % parts or not _is_tile_size(hidden // parts):
             raise ValueError(f"MEMORYCORE_NM_PARTS={forced} must be 'auto' or divide the memory's hidden width "
                              f"{hidden} into power-of-two slices of at least 16 units")
+        if device.type == "cuda" and hidden // parts < BLOCK_HIDDEN:
+            raise ValueError(f"MEMORYCORE_NM_PARTS={forced} would give slices of {hidden // parts} hidden units; on a "
+                             f"GPU they must be at least {BLOCK_HIDDEN} (narrower tiles were miscompiled by Triton 3.6)")
     in_kernel_wait = batch_heads * parts <= sms
     whole = parts == 1 or (in_kernel_wait and os.environ.get("MEMORYCORE_NM_SYNC") != "launch")
     return parts, whole
