@@ -211,8 +211,11 @@ def test_split_parts_waiting_for_each_other_inside_one_launch(monkeypatch, case,
     expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
     with programs_run_concurrently():
         actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
-    assert launches == [(parts, True), (parts, True)]
+        with torch.no_grad():  # inference: two state slots, ping-ponged, instead of one per chunk boundary
+            y, weights, momentum = neural_memory_triton(*inputs, 16)
+    assert launches == [(parts, True), (parts, True), (parts, True)]
     assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_close([y, *weights, *momentum], expected_out, 1e-5, "inference output/state")
     assert_gradients_match(actual_grads, expected_grads)
 
 
