@@ -482,7 +482,7 @@ class MemoryForecaster(BaseEstimator):
         scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
         if interval is not None and getattr(self, "residual_quantiles_", None) is not None:
             low, high = self.residual_quantiles([(1 - interval) / 2, (1 + interval) / 2])
-            scores["interval_coverage"] = float(((-error >= low) & (-error <= high)).mean())
+            scores["interval_coverage"] = float(((error <= -low) & (error >= -high)).mean())  # low <= -error <= high
         return scores
 
     def _split_errors(self, values: np.ndarray, phases: np.ndarray | None,
@@ -490,14 +490,13 @@ class MemoryForecaster(BaseEstimator):
         """Errors (forecast - truth) ``[n, horizon, c]`` of the stride-1 windows of a scaled split: every window,
         or at most ``max_windows`` evenly spaced ones."""
         windows = WindowDataset(values, self.lookback, self.horizon, phases)
-        chosen = np.arange(len(windows))
+        future = windows.values[self.lookback:].numpy().astype(np.float64)
+        targets = np.lib.stride_tricks.sliding_window_view(future, self.horizon, axis=0)  # a view: [n, c, horizon]
         if max_windows is not None and len(windows) > max_windows:
             chosen = np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))
-        subset = windows if len(chosen) == len(windows) else Subset(windows, chosen.tolist())
-        predictions = self._predict_dataset(subset, lambda batch: self.network_(batch[0], *batch[2:]))
-        future = windows.values[self.lookback:].numpy().astype(np.float64)
-        targets = np.lib.stride_tricks.sliding_window_view(future, self.horizon, axis=0)[chosen]  # [n, c, horizon]
-        return predictions - targets.transpose(0, 2, 1)
+            windows, targets = Subset(windows, chosen.tolist()), targets[chosen]
+        predictions = self._predict_dataset(windows, lambda batch: self.network_(batch[0], *batch[2:]))
+        return predictions - targets[:len(predictions)].transpose(0, 2, 1)
 
     def prepare(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None) -> ProtocolData:
         """Read ``data`` like ``fit`` did and cut it by the protocol, scaled with the fitted scaler."""
