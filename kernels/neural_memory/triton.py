@@ -32,7 +32,8 @@ Design
   the chunk-wide sums (``d loss / d err``, the score gradients); the second one, once the parts have exchanged their
   shares of ``d loss / d err``, finishes the key path (``d k``, ``d W_1``, ``d W_2``) from a scratch tile.
 * Splitting. How the parts wait for each other, and how many there are, is in the comment above the depth-2 kernels
-  and in :func:`_split`; the CPU tests run the same arithmetic with one launch per chunk and phase.
+  and in :func:`_split`; the CPU tests run it with one launch per chunk and phase, and in one launch with the
+  interpreter's programs run side by side as threads (tests/test_neural_memory_triton.py).
 
 Supported: depth 1 or 2, head dim and hidden width powers of two >= 16, chunk a power of two >= 16, float32 /
 bfloat16 / float16 inputs (the interpreter runs all of these). On a GPU only what was checked on an H100 runs the
