@@ -54,7 +54,7 @@ def _compilable_kernels():
 nm = _compilable_kernels()
 H100 = GPUTarget("cuda", 90, 32)
 # Pointers to tensors in the input dtype; every other pointer is a float32 buffer (gates, state, gradients of them).
-# The depth-2 kernels write y, dq and dk as float32 shares (one per part); the counter of their in-kernel wait is int32.
+# The depth-2 kernels add y, dq and dk into float32 sums (the parts' shares); the counter of their in-kernel wait is int32.
 INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr"}
 INPUT_DTYPE_POINTERS_DEPTH1 = {"y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 INT_POINTERS = {"counter_ptr"}

@@ -92,10 +92,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(measure_one(args.one, args.batch, args.time)))
         return []
 
+    chosen = args.implementations.split(",")
+    unknown = sorted(set(chosen) - {"ours", "titans"})
+    if unknown:
+        parser.error(f"unknown --implementations {', '.join(unknown)}: use ours and/or titans")
     rows = []
     print(f"NeuralMemory layer, heads 8 x 64, depth 2, x4, chunk 64, float32 on CPU: peak RSS rise over one forward + "
           f"backward at {args.batch} x {args.time}")
-    for which in args.implementations.split(","):
+    for which in chosen:
         if which == "titans" and importlib.util.find_spec("titans_pytorch") is None:
             print("titans   not installed (pip install -e '.[bench]')")
             continue
