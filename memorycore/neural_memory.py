@@ -195,7 +195,11 @@ class NeuralMemory(nn.Module):
         y, weights, momentum = neural_memory(
             q, k, v, lr, log_eta, log_keep, state.weights, state.momentum, self.chunk_size
         )
-        y = self.out_norm(y).transpose(1, 2).reshape(batch, time, -1)
+        # the norm's weight in the read's dtype: under bf16 autocast a float32 weight sends torch.rms_norm to its slow
+        # unfused path (with a warning on every call)
+        norm = self.out_norm
+        y = F.rms_norm(y, norm.normalized_shape, norm.weight.to(y.dtype), norm.eps)
+        y = y.transpose(1, 2).reshape(batch, time, -1)
         y = y * F.silu(self.to_out_gate(x))
         return self.to_out(y), NeuralMemoryState(weights, momentum, conv_tail)
 

@@ -223,10 +223,13 @@ def test_split_policy(monkeypatch):
     """On a GPU the hidden units split into tiles of 64 while the grid fits one program per SM; never on CPU."""
     cuda = torch.device("cuda")
     monkeypatch.setattr(nm_triton, "_sm_count", lambda device: 132 if device.type == "cuda" else 0)
+    monkeypatch.delenv("MEMORYCORE_NM_PARTS", raising=False)
+    monkeypatch.delenv("MEMORYCORE_NM_SYNC", raising=False)
+    assert nm_triton._split(16, 256, cuda) == (4, True)  # the default: 2 x 8192 tokens, 8 heads: 64 programs
     monkeypatch.setattr(nm_triton, "SPLIT_BY_DEFAULT", False)
-    assert nm_triton._split(16, 256, cuda) == (1, True)  # not split until checked on a GPU
+    assert nm_triton._split(16, 256, cuda) == (1, True)
     monkeypatch.setenv("MEMORYCORE_NM_PARTS", "auto")
-    assert nm_triton._split(16, 256, cuda) == (4, True)  # 2 x 8192 tokens, 8 heads: 64 programs
+    assert nm_triton._split(16, 256, cuda) == (4, True)
     assert nm_triton._split(64, 256, cuda) == (2, True)  # 8 x 2048: 128 programs
     assert nm_triton._split(256, 256, cuda) == (1, True)
     assert nm_triton._split(16, 64, cuda) == (1, True)  # one tile of 64 cannot split

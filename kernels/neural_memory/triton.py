@@ -569,10 +569,10 @@ def _backward_depth2_kernel(
 NUM_WARPS = 8  # warps per program
 NUM_STAGES = 1  # software pipelining of the tile loops (deeper costs shared memory and registers)
 BLOCK_HIDDEN = 64  # hidden-layer columns per tile of the depth-2 kernels (32 was miscompiled by Triton 3.6 on H100)
-# Whether the depth-2 kernels split a (batch, head) over several programs by default (see _split). Off until the
-# split, written without a GPU, has been checked and timed on an H100 (`bash bench/device/run.sh kernels`); until then
-# MEMORYCORE_NM_PARTS=auto turns it on.
-SPLIT_BY_DEFAULT = False
+# Whether the depth-2 kernels split a (batch, head) over several programs by default (see _split). Checked against
+# the reference and timed on an H100 on 2026-11-23 (PERFORMANCE.md): as exact as one program, and 1.3x (8 x 2048) to
+# 2.1x (1 x 32768) faster forward + backward. MEMORYCORE_NM_PARTS=1 turns it off.
+SPLIT_BY_DEFAULT = True
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -658,8 +658,8 @@ def _split(batch_heads: int, hidden: int, device: torch.device) -> tuple[int, bo
     ``parts`` programs split its hidden units; ``whole`` runs every chunk in one launch (the parts wait for each other
     inside the kernel), otherwise each chunk runs as one launch per phase. The automatic split doubles the parts, down
     to tiles of BLOCK_HIDDEN units, while the grid still fits one program per SM (the in-kernel wait needs every part
-    resident); it is the default on a GPU once SPLIT_BY_DEFAULT is set. ``MEMORYCORE_NM_PARTS`` overrides: ``auto``
-    or a number of parts; ``MEMORYCORE_NM_SYNC=launch`` forces launches per phase (a fallback should the in-kernel
+    resident); it is the default on a GPU (SPLIT_BY_DEFAULT). ``MEMORYCORE_NM_PARTS`` overrides: ``auto`` or a
+    number of parts (``1``: no split); ``MEMORYCORE_NM_SYNC=launch`` forces launches per phase (a fallback should the in-kernel
     wait ever hang).
     """
     sms = _sm_count(device)
