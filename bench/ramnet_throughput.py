@@ -10,7 +10,7 @@ so the work per token is O(K d_v + U K^2) whatever M; what still changes with M 
 (up to 2 t K), i.e. the working set.
 
     python bench/ramnet_throughput.py                   # GPU: 8 x 2048 tokens, 4 heads, M = 2^10 .. 2^20
-    python bench/ramnet_throughput.py --kernel scan     # the same with the token-by-token Triton scan
+    python bench/ramnet_throughput.py --kernel chunk    # the same with the chunk-form Triton kernel
     python bench/ramnet_throughput.py --quick           # CPU: small sizes, PyTorch reference
     python bench/ramnet_throughput.py --pieces 8        # stream each sequence in 8 pieces, carrying the state
     python bench/ramnet_throughput.py --plot runs/ramnet_throughput.png   # also draw tokens/s against slots
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pieces", type=int, default=1,
                         help="stream each sequence in this many pieces, carrying the state (default 1: one call)")
     parser.add_argument("--kernel", choices=TRAINING_KERNELS, default=None,
-                        help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else chunk)")
+                        help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else scan)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
                         help="JSON file for the results (written atomically)")
     parser.add_argument("--plot", type=Path, default=None, help="also draw tokens/s against slots into this PNG")

@@ -103,12 +103,12 @@ def test_dispatch_runs_either_kernel_on_touched_slots(chunk_kernel, kernel):
     assert_all_close(actual + actual_grads, expected + expected_grads, rtol=1e-4, atol=1e-5)
 
 
-def test_kernel_choice_defaults_to_chunk_and_rejects_unknown(monkeypatch):
+def test_kernel_choice_defaults_to_scan_and_rejects_unknown(monkeypatch):
     monkeypatch.delenv("MEMORYCORE_RAMNET_KERNEL", raising=False)
-    assert training_kernel() == "chunk"
-    monkeypatch.setenv("MEMORYCORE_RAMNET_KERNEL", "scan")
     assert training_kernel() == "scan"
-    assert training_kernel("chunk") == "chunk"
+    monkeypatch.setenv("MEMORYCORE_RAMNET_KERNEL", "chunk")
+    assert training_kernel() == "chunk"
+    assert training_kernel("scan") == "scan"
     with pytest.raises(ValueError, match="chunk, scan"):
         training_kernel("fused")
 
