@@ -1,13 +1,15 @@
-"""Registers and spilled stack of the neural-memory Triton kernels, compiled for an H100 on any machine (no GPU).
+"""Registers and spilled stack of the Triton kernels, compiled for an H100 on any machine (no GPU).
 
 Spills are the first suspect when these kernels run far below the tensor cores' rate (kernels/neural_memory/
 PERFORMANCE.md). Triton's NVIDIA backend compiles for a target without a GPU, and its bundled cuobjdump reads the
 registers per thread and the stack (spilled values) from the cubin, so a change meant to cut register pressure can be
-checked here before it is timed on a GPU. The figures come from the Triton installed here; the GPU machine may run
+checked here before it is timed on a GPU; the compile time is printed too (a kernel that takes minutes to compile
+costs every training run those minutes). The figures come from the Triton installed here; the GPU machine may run
 another version, whose compiler can allocate differently.
 
     python bench/kernel_resources.py                                  # the launch settings the kernels use
     python bench/kernel_resources.py --warps 4 8 --block-hidden 32 64   # a sweep
+    python bench/kernel_resources.py --ramnet                         # the RAM-Net kernels (chunk and scan)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -32,15 +35,15 @@ from triton.compiler import ASTSource  # noqa: E402
 
 
 
-def _compilable_kernels():
-    """kernels/neural_memory/triton.py loaded with the interpreter off, so its kernels can be compiled even in a
-    process (the test suite) that runs them through TRITON_INTERPRET=1."""
-    import kernels.neural_memory.triton as module
+def _compilable_kernels(name: str = "kernels.neural_memory.triton"):
+    """The kernel module ``name`` loaded with the interpreter off, so its kernels can be compiled even in a process
+    (the test suite) that runs them through TRITON_INTERPRET=1."""
+    module = importlib.import_module(name)
 
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        spec = importlib.util.spec_from_file_location("_neural_memory_kernels_compiled", module.__file__)
+        spec = importlib.util.spec_from_file_location("_compiled_" + name.replace(".", "_"), module.__file__)
         compiled = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(compiled)
     finally:
@@ -58,6 +61,9 @@ H100 = GPUTarget("cuda", 90, 32)
 INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr"}
 INPUT_DTYPE_POINTERS_DEPTH1 = {"y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 INT_POINTERS = {"counter_ptr"}
+# RAM-Net: slot indices are int64; its float scalar arguments
+INT64_POINTERS = {"write_index_ptr", "read_index_ptr"}
+FLOAT_SCALARS = {"gamma", "eps", "decay_floor", "proxy_eps"}
 # kernel name -> the phases it runs in one launch (the GPU's form: every chunk, every phase)
 KERNELS = {
     1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None},
@@ -75,6 +81,10 @@ def signature(kernel, input_type: str) -> tuple[dict[str, str], list[str]]:
             types[name] = "constexpr"
         elif name in INT_POINTERS:
             types[name] = "*i32"
+        elif name in INT64_POINTERS:
+            types[name] = "*i64"
+        elif name in FLOAT_SCALARS:
+            types[name] = "fp32"
         elif name.endswith("_ptr"):
             in_input_dtype = name in INPUT_DTYPE_POINTERS or ("depth1" in kernel.fn.__name__
                                                               and name in INPUT_DTYPE_POINTERS_DEPTH1)
@@ -85,13 +95,24 @@ def signature(kernel, input_type: str) -> tuple[dict[str, str], list[str]]:
 
 
 def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_type: str = "bf16") -> dict:
-    """Compile ``kernel`` for an H100 and return its registers per thread, stack bytes and shared memory bytes."""
+    """Compile ``kernel`` for an H100 and return its registers per thread, stack bytes, shared memory bytes and
+    compile seconds (on this machine, bypassing Triton's cache)."""
     types, names = signature(kernel, input_type)
     constants = {name: value for name, value in constants.items() if name in types}
     source = ASTSource(fn=kernel, signature=types, constexprs={(names.index(k),): v for k, v in constants.items()})
-    with warnings.catch_warnings():
+    start = time.perf_counter()
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as cache:
         warnings.simplefilter("ignore")  # Triton's notice about its FP-fusion default
-        compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
+        previous = os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = cache  # a cold cache: the compile time is real
+        try:
+            compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
+        finally:
+            if previous is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = previous
+    seconds = time.perf_counter() - start
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.is_file():
         sys.exit(f"error: {cuobjdump} not found; this needs the Triton wheel from PyPI, which ships the NVIDIA tools")
@@ -102,7 +123,24 @@ def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_ty
                                text=True, check=True).stdout
     found = dict(re.findall(r"(REG|STACK):(\d+)", usage))
     return {"registers": int(found["REG"]), "stack_bytes": int(found["STACK"]),
-            "shared_bytes": int(compiled.metadata.shared)}
+            "shared_bytes": int(compiled.metadata.shared), "compile_seconds": seconds}
+
+
+def ramnet_rows(top_k: int, chunk_size: int, value_dim: int) -> None:
+    """Print the resources of the RAM-Net kernels at the blocks their launchers pick (float32 tensors)."""
+    chunk = _compilable_kernels("kernels.ramnet.chunk")
+    scan = _compilable_kernels("kernels.ramnet.triton")
+    block_c, block_k, block_d = chunk.chunk_blocks(top_k, value_dim, chunk_size)
+    print(f"RAM-Net, top_k {top_k}, chunk {chunk_size} ({block_c * block_k} (token, slot) pairs per chunk), "
+          f"value dim {value_dim}, float32")
+    print(f"{'kernel':<28} {'warps':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9} {'compile s':>9}")
+    kernels = [(chunk, "_pdma_chunk_forward_kernel", {"SAVE": True}), (chunk, "_pdma_chunk_backward_kernel", {}),
+               (scan, "_pdma_forward_kernel", {"SAVE": True}), (scan, "_pdma_backward_kernel", {})]
+    for module, name, extra in kernels:
+        constants = dict(K=top_k, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_D=block_d, **extra)
+        used = resources(getattr(module, name), constants, module.NUM_WARPS, 1, input_type="fp32")
+        print(f"{name.strip('_'):<28} {module.NUM_WARPS:>5} {used['registers']:>9} {used['stack_bytes']:>8} "
+              f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,12 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--expansion", type=int, default=4)
+    parser.add_argument("--ramnet", action="store_true",
+                        help="the RAM-Net kernels instead (chunk form and scan; --top-k, --ramnet-chunk)")
+    parser.add_argument("--top-k", type=int, default=8, help="RAM-Net slots per token")
+    parser.add_argument("--ramnet-chunk", type=int, default=16, help="RAM-Net tokens per chunk (RAMNet's default)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.ramnet:
+        ramnet_rows(args.top_k, args.ramnet_chunk, value_dim=64)
+        return
 
     print(f"Triton {triton.__version__}, target sm_90 (H100), bf16 inputs, head dim {args.head_dim}, chunk {args.chunk}, "
           f"expansion {args.expansion}, {args.stages} stage(s)")
-    print(f"{'kernel':<26} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9}")
+    print(f"{'kernel':<26} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9} "
+          f"{'compile s':>9}")
     hidden = args.head_dim * args.expansion
     for depth in args.depth:
         for warps in args.warps:
@@ -137,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                         used = resources(getattr(nm, name), constants, warps, args.stages)
                         print(f"{name.strip('_'):<26} {warps:>5} {parts if depth == 2 else '-':>5} "
                               f"{block or '-':>5} {used['registers']:>9} {used['stack_bytes']:>8} "
-                              f"{used['shared_bytes'] / 1024:>9.0f}", flush=True)
+                              f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def test_registers_and_stack_of_a_small_kernel():
     assert 0 < small["registers"] <= 255  # an sm_90 thread has at most 255 registers
     assert small["stack_bytes"] == 0  # 16 x 16 tiles fit in registers: nothing spills
     assert small["shared_bytes"] > 0  # tl.dot operands pass through shared memory
+    assert small["compile_seconds"] > 0
 
 
 def test_the_signature_marks_constexprs_and_input_pointers():
@@ -41,3 +42,11 @@ def test_the_signature_marks_constexprs_and_input_pointers():
     assert names[:4] == ["q_ptr", "k_ptr", "v_ptr", "y_ptr"]
     assert types["q_ptr"] == "*fp16" and types["w_ptr"] == "*fp32"
     assert types["T"] == "i32" and types["CHUNK"] == "constexpr"
+
+
+def test_the_ramnet_signature_marks_int64_indices_and_float_scalars():
+    chunk = kernel_resources._compilable_kernels("kernels.ramnet.chunk")
+    types, names = kernel_resources.signature(chunk._pdma_chunk_backward_kernel, "fp32")
+    assert types["write_index_ptr"] == types["read_index_ptr"] == "*i64"
+    assert types["gamma"] == types["proxy_eps"] == "fp32"
+    assert types["T"] == "i32" and types["BLOCK_C"] == "constexpr" and types["dv_ptr"] == "*fp32"

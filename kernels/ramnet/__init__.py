@@ -7,9 +7,10 @@ Triton kernels or the PyTorch reference by the rule in :mod:`kernels`.
 Two Triton training kernels exist: ``scan`` (:mod:`kernels.ramnet.triton`, a fused token-by-token scan, the default)
 and ``chunk`` (:mod:`kernels.ramnet.chunk`, the exact chunk form). Pick one with ``pdma(..., kernel=...)`` or the
 environment variable ``MEMORYCORE_RAMNET_KERNEL=scan|chunk``; both give the same result up to rounding. The scan is
-the default because it is the one measured on a GPU: on an H100 with Triton 3.6 the chunk kernels took 12 s
-(forward) and 37 s (backward) to compile at 64 (token, slot) pairs per chunk, and minutes at the 128 pairs of
-``top_k=8``, so a training run spends its first minutes compiling (2026-11-23, kernels/ramnet/chunk.py).
+the default because it is the one measured on a GPU: on an H100 with Triton 3.6 the chunk kernels, then with
+full-precision float32 matmuls, took 12 s (forward) and 37 s (backward) to compile at 64 (token, slot) pairs per
+chunk and minutes at the 128 pairs of ``top_k=8``; with tf32x3 matmuls they compile faster but still spill heavily,
+and have not run on a GPU since (2026-11-23; see :mod:`kernels.ramnet.chunk`).
 """
 
 from __future__ import annotations

@@ -24,12 +24,19 @@ slot) together with the gradients of v, w, r.
 
 Threads of one program touch rows chosen by data, so a barrier separates each phase that stores rows from the next
 phase that loads them. Inputs may be float32, bfloat16 or float16; every product is accumulated in float32 and the
-state is float32. Matmuls use ``input_precision="ieee"`` (no tf32) because the log-decays need full precision.
-Index arithmetic is 64-bit and every load is masked.
+state is float32. Matmuls use ``input_precision="tf32x3"`` (three tf32 tensor-core products per fp32 product, close
+to fp32 accuracy; plain tf32 would not do, as the log-decays need full precision). Index arithmetic is 64-bit and
+every load is masked.
 
-Not the default training kernel (see :mod:`kernels.ramnet`): with Triton 3.6 on an H100 it compiled in 12 s (forward)
-and 37 s (backward) at BLOCK_P = 64 and did not finish compiling within minutes at BLOCK_P = 128 (top_k 8, chunks
-of 16). Lowering MAX_PAIRS shortens compilation but is untimed on a GPU.
+Not the default training kernel (see :mod:`kernels.ramnet`). Until 2026-11-23 the matmuls were ``"ieee"``, which
+Triton lowers to unrolled fp32 FMAs (4,152 in the forward at 64 pairs): on an H100 with Triton 3.6 that compiled in
+12 s (forward) and 37 s (backward) at BLOCK_P = 64 and not within minutes at BLOCK_P = 128 (top_k 8, chunks of 16).
+Compiled for sm_90 on a CPU (``python bench/kernel_resources.py --ramnet``, Triton 3.9), "ieee" at 128 pairs had not
+finished the forward after 11 minutes. With tf32x3 and at most 64 pairs per chunk (MAX_PAIRS; top_k 8 then gives
+chunks of 8 tokens) the forward and backward compile in 4 s and 9 s there and need 80 / 160 KB of shared memory, but
+still spill 1.8 / 4.7 KB per thread, as [BLOCK_P, BLOCK_P] float32 tiles do not fit in registers. Their accuracy and
+speed on a GPU are not yet measured (``bench/ramnet_throughput.py --kernel chunk`` checks against the reference
+before timing).
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ from kernels.ramnet.triton import flat_heads
 new_buffer = torch.empty
 NUM_WARPS = 4
 MIN_PAIRS = 16  # tl.dot needs every dimension >= 16
-MAX_PAIRS = 128  # BLOCK_P x BLOCK_P float32 tiles live in registers: keep them small (not tuned on a GPU yet)
+MAX_PAIRS = 64  # BLOCK_P x BLOCK_P float32 tiles: at 128 pairs the tf32x3 kernels ask for 256 / 512 KB of shared
+# memory (an H100 has 227 KB per block) and spill 6.6 / 11 KB per thread; at 64, 80 / 160 KB (bench/kernel_resources.py)
 
 
 @triton.jit
@@ -78,7 +86,7 @@ def _decays(query_slot, query_time, query_valid, write_slot, write_time, write_v
              & query_valid[:, None] & write_valid[None, :])
     match_f = match.to(tl.float32)
     weighted = match_f * log_decay[None, :]
-    segment = tl.dot(weighted, later, input_precision="ieee")
+    segment = tl.dot(weighted, later, input_precision="tf32x3")
     from_start = tl.sum(weighted, axis=1)
     decay = tl.where(match, tl.exp(segment), 0.0)
     return match_f, decay, from_start
@@ -88,12 +96,12 @@ def _decays(query_slot, query_time, query_valid, write_slot, write_time, write_v
 def _decays_backward(match_f, decay, from_start, write_weight, values, later, dvalue, dnorm, start_rows, start_norms):
     """Gradients of v (per pair), w (direct) and log-decay (per pair) from the adjoints of S_t and z_t of queries."""
     coef = decay * write_weight[None, :]
-    dcoef = tl.dot(dvalue, tl.trans(values), input_precision="ieee") + dnorm[:, None]
-    dvalues = tl.dot(tl.trans(coef), dvalue, input_precision="ieee")
+    dcoef = tl.dot(dvalue, tl.trans(values), input_precision="tf32x3") + dnorm[:, None]
+    dvalues = tl.dot(tl.trans(coef), dvalue, input_precision="tf32x3")
     dweight = tl.sum(dcoef * decay, axis=0)
     dsegment = dcoef * coef
     dfrom_start = tl.exp(from_start) * (tl.sum(start_rows * dvalue, axis=1) + start_norms * dnorm)
-    dweighted = tl.dot(dsegment, tl.trans(later), input_precision="ieee") + dfrom_start[:, None]
+    dweighted = tl.dot(dsegment, tl.trans(later), input_precision="tf32x3") + dfrom_start[:, None]
     dlog_decay = tl.sum(match_f * dweighted, axis=0)
     return dvalues, dweight, dlog_decay
 
@@ -141,7 +149,7 @@ def _pdma_chunk_forward_kernel(
         _, decay, from_start = _decays(r_slot, r_time, r_valid, w_slot, w_time, w_valid, log_decay, later)
         coef = decay * w_weight[None, :]
         start = tl.exp(from_start)
-        read = start[:, None] * r_rows + tl.dot(coef, values, input_precision="ieee")
+        read = start[:, None] * r_rows + tl.dot(coef, values, input_precision="tf32x3")
         read_norm = start * r_norms + tl.sum(coef, axis=1)
         scaled = (r_weight / (read_norm + eps))[:, None] * read
         out = tl.sum(tl.reshape(scaled, (BLOCK_C, BLOCK_K, BLOCK_D)), axis=1)
@@ -153,7 +161,7 @@ def _pdma_chunk_forward_kernel(
         _, decay, from_start = _decays(w_slot, w_time + BLOCK_C, w_valid, w_slot, w_time, w_valid, log_decay, later)
         coef = decay * w_weight[None, :]
         start = tl.exp(from_start)
-        end_rows = start[:, None] * w_rows + tl.dot(coef, values, input_precision="ieee")
+        end_rows = start[:, None] * w_rows + tl.dot(coef, values, input_precision="tf32x3")
         end_norms = start * w_norms + tl.sum(coef, axis=1)
         tl.debug_barrier()
         tl.store(slots_base + w_slot[:, None] * D + offs_d[None, :], end_rows, mask=is_last[:, None] & mask_d[None, :])
@@ -207,7 +215,7 @@ def _pdma_chunk_backward_kernel(
         r_match, r_decay, r_from_start = _decays(r_slot, r_time, r_valid, w_slot, w_time, w_valid, log_decay, later)
         coef = r_decay * w_weight[None, :]
         r_start = tl.exp(r_from_start)
-        read = r_start[:, None] * r_rows + tl.dot(coef, values, input_precision="ieee")
+        read = r_start[:, None] * r_rows + tl.dot(coef, values, input_precision="tf32x3")
         denom = r_start * r_norms + tl.sum(coef, axis=1) + eps
         scale = r_weight / denom
         dscale = tl.sum(read * dout, axis=1)
@@ -246,7 +254,7 @@ def _pdma_chunk_backward_kernel(
         seen_before = same_slot & (offs_p[None, :] < offs_p[:, None])
         is_first = r_valid & (tl.sum(seen_before.to(tl.int32), axis=1) == 0)
         same_f = same_slot.to(tl.float32)
-        drows = tl.dot(same_f, r_start[:, None] * dread, input_precision="ieee")
+        drows = tl.dot(same_f, r_start[:, None] * dread, input_precision="tf32x3")
         dnorms = tl.sum(same_f * (r_start * dread_norm)[None, :], axis=1)
         dread_ptrs = dslots_base + r_slot[:, None] * D + offs_d[None, :]
         first_mask = is_first[:, None] & mask_d[None, :]
