@@ -659,8 +659,8 @@ def _split(batch_heads: int, hidden: int, device: torch.device) -> tuple[int, bo
     inside the kernel), otherwise each chunk runs as one launch per phase. The automatic split doubles the parts, down
     to tiles of BLOCK_HIDDEN units, while the grid still fits one program per SM (the in-kernel wait needs every part
     resident); it is the default on a GPU (SPLIT_BY_DEFAULT). ``MEMORYCORE_NM_PARTS`` overrides: ``auto`` or a
-    number of parts (``1``: no split); ``MEMORYCORE_NM_SYNC=launch`` forces launches per phase (a fallback should the in-kernel
-    wait ever hang).
+    number of parts (``1``: no split); ``MEMORYCORE_NM_SYNC=launch`` forces launches per phase (a fallback should
+    the in-kernel wait ever hang).
     """
     sms = _sm_count(device)
     forced = os.environ.get("MEMORYCORE_NM_PARTS", "auto" if SPLIT_BY_DEFAULT else "1")
