@@ -15,6 +15,7 @@ another version, whose compiler can allocate differently.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import inspect
 import os
@@ -35,22 +36,28 @@ from triton.compiler import ASTSource  # noqa: E402
 
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """Set the environment variable ``name`` to ``value`` for the duration of the block."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
 def _compilable_kernels(name: str = "kernels.neural_memory.triton"):
     """The kernel module ``name`` loaded with the interpreter off, so its kernels can be compiled even in a process
     (the test suite) that runs them through TRITON_INTERPRET=1."""
     module = importlib.import_module(name)
-
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
+    with _environment("TRITON_INTERPRET", "0"):
         spec = importlib.util.spec_from_file_location("_compiled_" + name.replace(".", "_"), module.__file__)
         compiled = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(compiled)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
     return compiled
 
 
@@ -101,17 +108,10 @@ def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_ty
     constants = {name: value for name, value in constants.items() if name in types}
     source = ASTSource(fn=kernel, signature=types, constexprs={(names.index(k),): v for k, v in constants.items()})
     start = time.perf_counter()
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as cache:
+    # a cold cache, so that the compile time is real
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as cache, _environment("TRITON_CACHE_DIR", cache):
         warnings.simplefilter("ignore")  # Triton's notice about its FP-fusion default
-        previous = os.environ.get("TRITON_CACHE_DIR")
-        os.environ["TRITON_CACHE_DIR"] = cache  # a cold cache: the compile time is real
-        try:
-            compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
-        finally:
-            if previous is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = previous
+        compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
     seconds = time.perf_counter() - start
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.is_file():
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=8, help="RAM-Net slots per token")
     parser.add_argument("--ramnet-chunk", type=int, default=16, help="RAM-Net tokens per chunk (RAMNet's default)")
     args = parser.parse_args(argv)
+    if args.top_k < 1 or args.ramnet_chunk < 1:
+        parser.error("--top-k and --ramnet-chunk must be positive")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.ramnet:
         ramnet_rows(args.top_k, args.ramnet_chunk, value_dim=64)
