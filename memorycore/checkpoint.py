@@ -19,7 +19,8 @@ from memorycore.errors import CheckpointError
 from memorycore.files import atomic_path
 
 METADATA_KEY = "memorycore"
-FORMAT_VERSION = 1
+# 2: NeuralMemory's theta carries the factor 1 - eta (memorycore 0.2); a format-1 model would load and predict wrongly
+FORMAT_VERSION = 2
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
@@ -69,6 +70,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has corrupt memorycore metadata (not valid JSON)") from None
     if not isinstance(config, dict) or "class" not in config:
         raise CheckpointError(f"{path} has memorycore metadata without a model class; the file is corrupt")
+    if config.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} was saved by memorycore {config.get('version', '?')} (file format "
+                              f"{config.get('format', '?')}), which this version ({FORMAT_VERSION}) cannot read "
+                              "faithfully; train the model again")
     return config
 
 

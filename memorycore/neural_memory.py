@@ -43,8 +43,8 @@ class NeuralMemory(nn.Module):
 
     Each token writes ``(k_t, v_t)`` into the memory by one step of gradient descent with momentum and weight decay on
     ``||M(k_t) - v_t||^2``, with data-dependent learning rate theta_t, momentum eta_t and decay alpha_t (per token and
-    head: ``theta = max_lr * sigmoid(.)``, ``eta = sigmoid(.)``, ``alpha = sigmoid(.)`` of linear maps of x_t), and reads
-    ``y_t = M_t(q_t)`` (causal: a token sees itself and earlier tokens only). q, k and v are linear projections each
+    head: ``eta = sigmoid(.)``, ``alpha = sigmoid(.)`` and ``theta = max_lr * sigmoid(.) * (1 - eta)`` of linear maps
+    of x_t), and reads ``y_t = M_t(q_t)`` (causal: a token sees itself and earlier tokens only). q, k and v are linear projections each
     followed by a causal depthwise convolution and SiLU; q and k are L2-normalised. The read is RMS-normalised per head,
     gated by ``silu(x W_g)`` and projected back to ``dim``. Training is chunk-wise parallel: inside a chunk of
     ``chunk_size`` tokens every gradient is taken at the chunk's start weights (Titans section 3.2); with
@@ -71,15 +71,16 @@ class NeuralMemory(nn.Module):
     conv_kernel : int, default 4
         Width of the causal depthwise convolution after the q/k/v projections; 0 disables it.
     max_lr : float, optional
-        Upper bound of the inner learning rate theta. Default ``min(0.1, 1 / chunk_size)``: the gradients of a chunk
-        are all taken at the same weights and add up, so on correlated keys the chunk's step grows with its size;
-        bounding ``theta * chunk_size`` keeps a long sequence from blowing the memory up (at chunk 64 a bound of 0.1
-        overflows within a few hundred tokens).
+        Upper bound of the total step one gradient takes, ``theta / (1 - eta)`` (with momentum off: of theta).
+        Default ``min(0.1, 1 / chunk_size)``: the gradients of a chunk are all taken at the same weights and add up,
+        so on correlated keys the chunk's step grows with its size; bounding it by ``1 / chunk_size`` keeps a long
+        sequence from blowing the memory up (at chunk 64 a bound of 0.1 overflows within a few hundred tokens).
+        The momentum replays each gradient ``1 / (1 - eta)`` times, hence the factor ``1 - eta`` in theta: without
+        it a memory whose outer training raised eta to ~0.9 overflowed within a sequence (weights past 1e19, then
+        NaN; seen on DNA promoters and on MQAR).
     max_momentum : float, optional
-        Opt-in upper bound of the momentum eta (``eta = max_momentum * sigmoid(.)``). The momentum multiplies the
-        inner step by up to ``1 / (1 - eta)``; a depth-2 memory trained to eta ~0.99 has an effective step of
-        ``theta / (1 - eta)`` > 1 and its weights overflow within a sequence (seen on DNA promoters). Default None:
-        ``eta = sigmoid(.)``, unbounded below 1.
+        Opt-in upper bound of the momentum eta (``eta = max_momentum * sigmoid(.)``): how long a gradient keeps
+        acting. Default None: ``eta = sigmoid(.)``, unbounded below 1.
 
     Examples
     --------
@@ -142,9 +143,9 @@ class NeuralMemory(nn.Module):
         self._init_gates()
 
     def _init_gates(self) -> None:
-        # Start from a memory that learns at half its maximum rate, keeps half of its momentum and forgets 1% a token;
-        # zero weights make the gates start input-independent, the outer loop then learns what to make of x.
-        # (A deep memory with eta near 1 at the start overshoots: the momentum multiplies the step ~1/(1-eta) times.)
+        # Start from a memory whose gradients take half the maximum total step (theta = max_lr / 4, eta = 0.5) and
+        # that forgets 1% a token; zero weights make the gates start input-independent, the outer loop then learns
+        # what to make of x.
         nn.init.zeros_(self.to_gates.weight)
         bias = self.to_gates.bias.detach().view(3, self.heads)
         bias[0].fill_(0.0)
@@ -212,6 +213,8 @@ class NeuralMemory(nn.Module):
             log_eta = torch.full_like(eta, float("-inf"))
         else:
             log_eta = F.logsigmoid(eta) + (math.log(self.max_momentum) if self.max_momentum is not None else 0.0)
+            # the momentum replays a gradient 1 / (1 - eta) times: scale theta so that its total step stays <= max_lr
+            lr = lr * -torch.expm1(log_eta)
         log_keep = F.logsigmoid(-alpha) if self.use_weight_decay else torch.zeros_like(alpha)
         return lr, log_eta, log_keep
 

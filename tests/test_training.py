@@ -1,5 +1,7 @@
 """The shared fit loop, checkpoints and device resolution."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -96,6 +98,11 @@ def test_checkpoint_errors_are_clear(tmp_path):
     truncated.write_bytes(ours.read_bytes()[:-4])
     with pytest.raises(CheckpointError):
         load_checkpoint(truncated, "Other")
+    older = tmp_path / "older.safetensors"  # format 1: NeuralMemory's gates meant something else then
+    save_file({"w": torch.zeros(2)}, str(older),
+              metadata={"memorycore": json.dumps({"format": 1, "version": "0.1.0", "class": "Demo"})})
+    with pytest.raises(CheckpointError, match="saved by memorycore 0.1.0 .*train the model again"):
+        load_checkpoint(older, "Demo")
 
 
 def test_resolve_device():
