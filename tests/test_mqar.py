@@ -114,3 +114,21 @@ def test_tiny_mqar_run_learns_well_above_chance(one_thread):
     chance = 1 / (vocab // 2)
     print(f"tiny MQAR accuracy {accuracy:.3f} (chance {chance:.3f})")
     assert accuracy > 0.4 > 10 * chance, accuracy
+
+
+def test_bench_attention_scores_depend_on_relative_position_only():
+    """The reference attention of bench/mqar.py has rotary positions: q_i . k_j is a function of i - j."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from mqar import rotary
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    queries, keys = rotary(q.expand(1, 1, 12, 8)), rotary(k.expand(1, 1, 12, 8))
+    scores = (queries @ keys.transpose(-1, -2))[0, 0]
+    torch.testing.assert_close(scores[5, 2], scores[9, 6])  # both 3 apart
+    torch.testing.assert_close(scores[7, 7], scores[0, 0])
+    assert not torch.isclose(scores[5, 2], scores[5, 4])  # and position does matter
+    torch.testing.assert_close(queries.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 12))  # a rotation
