@@ -1,7 +1,7 @@
 """The forecasting table: the memory forecaster against the ridge baseline and the Titans paper, on the TSLib protocol.
 
     python bench/forecast.py                    # GPU: ETTh1, ETTm1, Weather x horizons 96/192/336/720, lookback 96
-    python bench/forecast.py --quick            # CPU: ETTh1 x 96/192/336/720, the small `forecast fit` configuration
+    python bench/forecast.py --quick            # CPU: ETTh1 x 96/192/336/720
     python bench/forecast.py --quick --datasets ETTm1 Weather --max-steps-per-epoch 200  # time-capped CPU
     python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path   # ablations
     python bench/forecast.py --data my.csv --horizons 96 192
@@ -41,10 +41,11 @@ PAPER = {"ETTh1": ((0.420, 0.421), (0.441, 0.432)), "ETTm1": ((0.358, 0.387), (0
 # the ridge baseline as measured when the project's references were written (same protocol, all test windows)
 REFERENCE_RIDGE = {"ETTh1": (0.441, 0.429), "ETTm1": (0.413, 0.406), "Weather": (0.274, 0.292)}
 
-GPU_MODEL = dict(d_model=64, heads=4, n_blocks=2, chunk_size=8, batch_size=256, lr=1e-3, dropout=0.1, epochs=5,
-                 patience=2, max_steps_per_epoch=40)
-CPU_MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=1e-4, dropout=0.3, epochs=5,
-                 patience=3, max_steps_per_epoch=None)
+# the `forecast fit` defaults, chosen on CPU (ETTh1 validation), on every machine: a GPU run only adds datasets and
+# leaves out no training window. (The GPU configuration of 2026-11-22, d_model 64 / 2 blocks / batch 256 / lr 1e-3
+# / at most 40 steps x 5 epochs, trained far less and lost to ridge on ETTh1: 0.449 against 0.438.)
+MODEL = dict(d_model=32, heads=2, n_blocks=1, chunk_size=8, batch_size=32, lr=1e-4, dropout=0.3, epochs=5,
+             patience=3, max_steps_per_epoch=None)
 # command-line flags that override MemoryForecaster parameters: name -> type
 MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_model": int, "heads": int,
                "n_blocks": int, "chunk_size": int, "lr": float, "dropout": float, "weight_decay": float,
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     files = resolve_files(args)
-    config = dict(CPU_MODEL if args.quick else GPU_MODEL)
+    config = dict(MODEL)
     for key in MODEL_FLAGS:
         if getattr(args, key) is not None:
             config[key] = getattr(args, key)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU: ETTh1 only (unless --datasets), small model")
+    parser.add_argument("--quick", action="store_true", help="CPU: ETTh1 only (unless --datasets)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASET_FILES), help="default: all (ETTh1 with --quick)")
     parser.add_argument("--data", nargs="+", type=Path, help="any CSV(s) instead of the benchmark datasets")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
