@@ -43,8 +43,9 @@ class CausalAttention(nn.Module):
     """Softmax attention with rotary positions, the reference mixer (its state is the KV cache: 2 x time x dim).
 
     Recall needs to know which token follows a key; the memory layers see that through their short convolution,
-    attention needs positions (without them it scored 0.24 on ``--quick``). Zoology gives its attention learned
-    absolute positions; rotary ones also cover the test lengths (512, 1024) that training never shows.
+    attention needs positions. Zoology gives its attention learned absolute positions; rotary ones also cover the
+    test lengths (512, 1024) that training never shows. (On ``--quick`` it still scores ~1 / pairs after 1000 steps,
+    with or without positions, and 1.000 in every setting after 4000.)
     """
 
     def __init__(self, dim: int, heads: int) -> None:
