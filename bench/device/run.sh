@@ -4,7 +4,8 @@
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
 #     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 variants;
-#                                        # MQAR_SEED, MQAR_LR, MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS change the runs)
+#                                        # MQAR_SEED, MQAR_LR, MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS, MQAR_MODELS change
+#                                        # the runs)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
 #
@@ -80,12 +81,16 @@ run_stage() {
     # kernel, 2026-11-23) 4000 steps took ~90 s and ~80 s more to score; at lr 3e-4 CAPE-first reached a mean of 0.38
     # and was still improving, so this stage trains longer. Another call can change the seed, the lr, the steps or
     # the variants: MQAR_SEED=1 MQAR_LR=2e-4 MQAR_STEPS=6000 MQAR_CAPE="first" bash bench/device/run.sh mqar
+    # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention MQAR_CAPE=none (CAPE is RAM-Net's).
     local train=${MQAR_SECONDS:-150} seed=${MQAR_SEED:-0} lr=${MQAR_LR:-default} steps=${MQAR_STEPS:-6000}
+    local models=${MQAR_MODELS:-ramnet}
+    local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
     [ -n "$quick" ] && { train=30; steps=1000; }
     for cape in ${MQAR_CAPE:-first none}; do
-      step "mqar-ramnet-128-cape-$cape-seed-$seed-lr-$lr" $((train + 120)) $python bench/mqar.py --models ramnet \
-        --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" ${MQAR_LR:+--lr "$MQAR_LR"} --steps "$steps" \
-        --max-train-seconds "$train" --verbose --out "$out/mqar_cape_${cape}_seed${seed}_lr${lr}.json"
+      step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr" $((count * (train + 120))) $python bench/mqar.py \
+        --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" ${MQAR_LR:+--lr "$MQAR_LR"} \
+        --steps "$steps" --max-train-seconds "$train" --verbose \
+        --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}.json"
     done
     ;;
   forecast)
