@@ -53,11 +53,13 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     chunk_size : int, default 16
         NeuralMemory chunk: tokens (stem positions) whose gradients share one set of base weights.
     memory_lr : float, default 0.02
-        Upper bound of the memory's inner (test-time) learning rate. Larger values let a depth-2 memory diverge
-        within a sequence (seen from ~0.03 on NonTATA promoters: NaN gradients after a few steps).
+        Upper bound of the memory's inner (test-time) step ``theta / (1 - eta)`` (NeuralMemory's ``max_lr``).
+        Chosen when theta had no factor ``1 - eta`` (before memorycore 0.2): then larger values let a depth-2 memory
+        diverge within a sequence (seen from ~0.03 on NonTATA promoters: NaN gradients after a few steps).
     memory_momentum : float or None, default 0.5
-        Upper bound of the memory's momentum eta. A memory that learnt eta ~0.99 had an inner step
-        ``theta / (1 - eta)`` above 1 and overflowed (NaN loss in epoch 3 on NonTATA promoters); None: unbounded.
+        Upper bound of the memory's momentum eta. Before memorycore 0.2 a memory that learnt eta ~0.99 had an inner
+        step ``theta / (1 - eta)`` above 1 and overflowed (NaN loss in epoch 3 on NonTATA promoters); NeuralMemory
+        now bounds that step itself, and 0.5 stays the measured default. None: unbounded.
     stem_kernel, stem_stride : int, default 12, 4
         Width (bases) of the stem convolution and the max-pool that shortens the sequence for the memory.
     bidirectional : bool, default True

@@ -118,13 +118,10 @@ class DNANetwork(nn.Module):
     heads, memory_depth, chunk_size : int
         NeuralMemory settings (``memory_depth`` is the depth of each head's memory MLP).
     memory_lr : float
-        Upper bound of the memory's inner learning rate theta (NeuralMemory's ``max_lr``). A depth-2 memory whose
-        inner step reaches ~0.03-0.06 can diverge within one sequence (weights beyond 1e18, then NaN gradients), so
-        the default keeps theta at or below 0.02.
+        NeuralMemory's ``max_lr``: the bound of the memory's inner step ``theta / (1 - eta)`` (why 0.02: see
+        :class:`genomics.estimator.DNAClassifier`).
     memory_momentum : float or None
-        Upper bound of the memory's momentum eta (NeuralMemory's ``max_momentum``). The momentum multiplies the
-        inner step by up to ``1 / (1 - eta)``: a memory that learnt eta ~0.99 overflowed (weights past 1e20, NaN loss
-        in epoch 3 on NonTATA promoters); 0.5 keeps ``theta / (1 - eta)`` at or below 0.04. None: unbounded.
+        NeuralMemory's ``max_momentum``: the bound of the momentum eta (None: unbounded).
     stem_kernel, stem_stride : int
         The stem is a convolution ``stem_kernel`` bases wide at every base (a motif detector that does not care
         where the motif sits), then a max-pool over ``stem_stride`` bases that shortens what the memory must read.
