@@ -255,6 +255,27 @@ class RAMNet(nn.Module):
         y = self.to_out(out.flatten(1).to(x.dtype))
         return y, RAMNetState(state.slots, state.normaliser, conv, state.position + 1)
 
+    @torch.no_grad()
+    def addresses(self, x: Tensor, state: RAMNetState | None = None) -> dict[str, Tensor]:
+        """The slots each token reads and writes, and their weights: to inspect what the layer learnt to address.
+
+        Parameters
+        ----------
+        x : Tensor [batch, time, dim]
+        state : RAMNetState, optional
+            As in :meth:`forward` (its position shifts CAPE addresses, its history feeds the convolution).
+
+        Returns
+        -------
+        dict of str to Tensor [batch, heads, time, top_k]
+            ``read_slots``, ``read_weights``, ``write_slots``, ``write_weights`` (slots as int64 indices).
+        """
+        self._check_input(x, state, time_axis=True)
+        state = state or self._without_memory(x.shape[0], x.device)
+        read_slots, read_weights, write_slots, write_weights, _, _ = self._addresses(x, state)
+        return {"read_slots": read_slots, "read_weights": read_weights, "write_slots": write_slots,
+                "write_weights": write_weights}
+
     def _addresses(self, x: Tensor, state: RAMNetState) -> tuple[Tensor, ...]:
         """Read and write slots and weights [b, h, t, k], values [b, h, t, d] and the new convolution history."""
         batch, time, _ = x.shape

@@ -236,3 +236,20 @@ def test_explicit_initial_state_equals_none():
     actual, state = layer(x, layer.initial_state(2))
     torch.testing.assert_close(actual, expected)
     torch.testing.assert_close(state.normaliser, expected_state.normaliser)
+
+
+def test_addresses_tell_which_reads_find_a_written_slot():
+    """A token whose read slots miss every slot written so far reads zeros; one that hits reads something."""
+    torch.manual_seed(0)
+    layer = small_layer(cape=False, top_k=2)  # 64 slots, 2 per token: both outcomes occur in 16 tokens
+    with torch.no_grad():
+        layer.to_out.weight.copy_(torch.eye(32))  # y = the heads' reads side by side
+    x = torch.randn(3, 16, 32)
+    found = layer.addresses(x)
+    assert all(t.shape == (3, 2, 16, 2) for t in found.values())
+    assert found["read_slots"].dtype == torch.int64 and (found["write_weights"] <= 1).all()
+    written = torch.zeros(3, 2, 16, layer.slots).scatter_(-1, found["write_slots"], 1.0).cummax(dim=2).values
+    hit = written.gather(-1, found["read_slots"]).amax(-1).bool()  # [batch, heads, time]
+    reads = layer(x)[0].view(3, 16, 2, 16).transpose(1, 2).norm(dim=-1)  # [batch, heads, time]
+    assert hit.any() and not hit.all()
+    assert (reads[~hit] == 0).all() and (reads[hit] > 0).all()
