@@ -4,8 +4,8 @@
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
 #     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 variants;
-#                                        # MQAR_SEED, MQAR_LR, MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS, MQAR_MODELS change
-#                                        # the runs)
+#                                        # MQAR_SEED, MQAR_LR, MQAR_WD, MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS,
+#                                        # MQAR_MODELS change the runs)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
 #
@@ -89,8 +89,8 @@ run_stage() {
     for cape in ${MQAR_CAPE:-first none}; do
       step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr" $((count * (train + 120))) $python bench/mqar.py \
         --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" ${MQAR_LR:+--lr "$MQAR_LR"} \
-        --steps "$steps" --max-train-seconds "$train" --verbose \
-        --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}.json"
+        ${MQAR_WD:+--weight-decay "$MQAR_WD"} --steps "$steps" --max-train-seconds "$train" --verbose \
+        --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-default}.json"
     done
     ;;
   forecast)
