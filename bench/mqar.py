@@ -303,10 +303,16 @@ def main(argv: list[str] | None = None) -> None:
             mean = sum(accuracies) / len(accuracies)
             print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
                   f"{mean:7.3f} {steps:6d}  {seconds:7.1f}", flush=True)
-            rows.append({"model": kind, "d_model": dim, "state_total": state["total"],
-                         "state_per_token": state["per_token"], "mean_accuracy": mean, "steps": steps,
-                         "train_seconds": seconds,
-                         "accuracy": {f"{n}/{p}": a for (n, p), a in zip(settings, accuracies)}})
+            row = {"model": kind, "d_model": dim, "state_total": state["total"],
+                   "state_per_token": state["per_token"], "mean_accuracy": mean, "steps": steps,
+                   "train_seconds": seconds, "accuracy": {f"{n}/{p}": a for (n, p), a in zip(settings, accuracies)}}
+            if kind == "ramnet":  # a layer near 0% has collapsed (see reads_finding_writes)
+                seq_len, pairs = settings[-1]
+                inputs, _ = mqar_batch(4, seq_len, pairs, vocab_size=args.vocab_size, random_state=0)
+                row["reads_finding_writes"] = reads_finding_writes(model, inputs.to(device))
+                print("    reads finding a written slot, per layer, on " + f"{seq_len}/{pairs}: " +
+                      ", ".join(f"{share:.0%}" for share in row["reads_finding_writes"]), flush=True)
+            rows.append(row)
             write_json(args.out, {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                                   "rows": rows})
     print(f"wrote {args.out}")

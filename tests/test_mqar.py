@@ -1,4 +1,8 @@
-"""MQAR generator (Zoology protocol) and a tiny RAMNet model that learns it."""
+"""MQAR generator (Zoology protocol), a tiny RAMNet model that learns it, and bench/mqar.py."""
+
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,14 +120,17 @@ def test_tiny_mqar_run_learns_well_above_chance(one_thread):
     assert accuracy > 0.4 > 10 * chance, accuracy
 
 
+def bench_mqar():
+    """bench/mqar.py as a module (bench/ is a folder of scripts, not a package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import mqar
+
+    return mqar
+
+
 def test_bench_attention_scores_depend_on_relative_position_only():
     """The reference attention of bench/mqar.py has rotary positions: q_i . k_j is a function of i - j."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from mqar import rotary
-
+    rotary = bench_mqar().rotary
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
     queries, keys = rotary(q.expand(1, 1, 12, 8)), rotary(k.expand(1, 1, 12, 8))
@@ -132,3 +139,15 @@ def test_bench_attention_scores_depend_on_relative_position_only():
     torch.testing.assert_close(scores[7, 7], scores[0, 0])
     assert not torch.isclose(scores[5, 2], scores[5, 4])  # and position does matter
     torch.testing.assert_close(queries.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 12))  # a rotation
+
+
+def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thread):
+    """bench/mqar.py --quick with a few steps: a JSON row per model, RAM-Net's with the share of reads finding writes."""
+    out = tmp_path / "mqar.json"
+    bench_mqar().main(["--quick", "--models", "ramnet,attention", "--steps", "3", "--test-examples", "4",
+               "--eval-batch-size", "4", "--verbose", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["model"] for row in rows] == ["ramnet", "attention"]
+    shares = rows[0]["reads_finding_writes"]
+    assert len(shares) == 2 and all(0 <= share <= 1 for share in shares)
+    assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
