@@ -71,9 +71,11 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict) or "class" not in config:
         raise CheckpointError(f"{path} has memorycore metadata without a model class; the file is corrupt")
     if config.get("format") != FORMAT_VERSION:
+        from memorycore import __version__
+
         raise CheckpointError(f"{path} was saved by memorycore {config.get('version', '?')} (file format "
-                              f"{config.get('format', '?')}), which this version ({FORMAT_VERSION}) cannot read "
-                              "faithfully; train the model again")
+                              f"{config.get('format', '?')}); memorycore {__version__} (format {FORMAT_VERSION}) would "
+                              "not predict with it as it was trained: train the model again")
     return config
 
 

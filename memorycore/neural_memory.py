@@ -44,11 +44,11 @@ class NeuralMemory(nn.Module):
     Each token writes ``(k_t, v_t)`` into the memory by one step of gradient descent with momentum and weight decay on
     ``||M(k_t) - v_t||^2``, with data-dependent learning rate theta_t, momentum eta_t and decay alpha_t (per token and
     head: ``eta = sigmoid(.)``, ``alpha = sigmoid(.)`` and ``theta = max_lr * sigmoid(.) * (1 - eta)`` of linear maps
-    of x_t), and reads ``y_t = M_t(q_t)`` (causal: a token sees itself and earlier tokens only). q, k and v are linear projections each
-    followed by a causal depthwise convolution and SiLU; q and k are L2-normalised. The read is RMS-normalised per head,
-    gated by ``silu(x W_g)`` and projected back to ``dim``. Training is chunk-wise parallel: inside a chunk of
-    ``chunk_size`` tokens every gradient is taken at the chunk's start weights (Titans section 3.2); with
-    ``chunk_size=1`` the layer is the exact token-by-token recurrence.
+    of x_t), and reads ``y_t = M_t(q_t)`` (causal: a token sees itself and earlier tokens only). q, k and v are linear
+    projections each followed by a causal depthwise convolution and SiLU; q and k are L2-normalised. The read is
+    RMS-normalised per head, gated by ``silu(x W_g)`` and projected back to ``dim``. Training is chunk-wise parallel:
+    inside a chunk of ``chunk_size`` tokens every gradient is taken at the chunk's start weights (Titans section 3.2);
+    with ``chunk_size=1`` the layer is the exact token-by-token recurrence.
 
     Parameters
     ----------

@@ -271,7 +271,8 @@ class RAMNet(nn.Module):
             ``read_slots``, ``read_weights``, ``write_slots``, ``write_weights`` (slots as int64 indices).
         """
         self._check_input(x, state, time_axis=True)
-        state = state or self._without_memory(x.shape[0], x.device)
+        if state is None:
+            state = self._without_memory(x.shape[0], x.device)
         read_slots, read_weights, write_slots, write_weights, _, _ = self._addresses(x, state)
         return {"read_slots": read_slots, "read_weights": read_weights, "write_slots": write_slots,
                 "write_weights": write_weights}

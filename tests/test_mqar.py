@@ -142,7 +142,7 @@ def test_bench_attention_scores_depend_on_relative_position_only():
 
 
 def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thread):
-    """bench/mqar.py --quick with a few steps: a JSON row per model, RAM-Net's with the share of reads finding writes."""
+    """bench/mqar.py --quick for a few steps: a JSON row per model, RAM-Net's with its share of reads finding writes."""
     out = tmp_path / "mqar.json"
     bench_mqar().main(["--quick", "--models", "ramnet,attention", "--steps", "3", "--test-examples", "4",
                "--eval-batch-size", "4", "--verbose", "--out", str(out)])
