@@ -217,9 +217,13 @@ def reads_finding_writes(model: nn.Module, inputs: Tensor) -> list[float]:
     shares = []
     for i, layer in enumerate(layers):
         found = layer.addresses(layer_inputs[i])
-        written = torch.zeros(*found["write_slots"].shape[:3], layer.slots, device=inputs.device)
-        written = written.scatter_(-1, found["write_slots"], 1.0).cummax(dim=2).values  # written at or before t
-        shares.append(written.gather(-1, found["read_slots"]).amax(-1).mean().item())
+        batch, heads, time, top_k = found["write_slots"].shape
+        token_time = torch.arange(time, device=inputs.device).view(1, 1, time, 1).expand(batch, heads, time, top_k)
+        # the first time each slot is written (time if never): O(slots) per sequence and head, not O(slots x time)
+        first_write = torch.full((batch, heads, layer.slots), time, device=inputs.device)
+        first_write.scatter_reduce_(-1, found["write_slots"].flatten(2), token_time.flatten(2), reduce="amin")
+        read_first_write = first_write.gather(-1, found["read_slots"].flatten(2)).view(batch, heads, time, top_k)
+        shares.append((read_first_write <= token_time).any(-1).float().mean().item())
     return shares
 
 
@@ -310,8 +314,8 @@ def main(argv: list[str] | None = None) -> None:
                 seq_len, pairs = settings[-1]
                 inputs, _ = mqar_batch(4, seq_len, pairs, vocab_size=args.vocab_size, random_state=0)
                 row["reads_finding_writes"] = reads_finding_writes(model, inputs.to(device))
-                print("    reads finding a written slot, per layer, on " + f"{seq_len}/{pairs}: " +
-                      ", ".join(f"{share:.0%}" for share in row["reads_finding_writes"]), flush=True)
+                shares = ", ".join(f"{share:.0%}" for share in row["reads_finding_writes"])
+                print(f"    reads finding a written slot, per layer, on {seq_len}/{pairs}: {shares}", flush=True)
             rows.append(row)
             write_json(args.out, {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
                                   "rows": rows})
