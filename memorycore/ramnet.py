@@ -128,7 +128,10 @@ class RAMNet(nn.Module):
     -----
     A read whose K slots hold nothing written yet returns zero and passes no gradient to its address, so a layer whose
     reads drift away from its writes cannot find them again. On MQAR (``bench/mqar.py --quick``, 4000 steps) this
-    ended 2 of 5 runs with AdamW weight decay 0.1 on every weight, and none of 5 without weight decay.
+    ended 2 of 5 runs with AdamW weight decay 0.1 on every weight and none of 5 without weight decay; exempting only
+    the q/k/v projection, convolution and temperature from decay rescued both, but in another run the second layer
+    still lost its reads (the first layer then did the recall). Weight decay makes it likelier; it is not its only
+    cause.
     :meth:`addresses` shows which slots are read and written; ``bench/mqar.py`` reports the share of reads that find
     a written slot.
 
