@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mqar.json",
                         help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
+    if args.weight_decay < 0:
+        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
     args.steps = args.steps or 4000  # --quick: at 1000 steps attention had not learnt recall yet (~1 / pairs)

@@ -151,3 +151,10 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     shares = rows[0]["reads_finding_writes"]
     assert len(shares) == 2 and all(0 <= share <= 1 for share in shares)
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
+
+
+def test_bench_rejects_negative_weight_decay(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_mqar().main(["--quick", "--weight-decay", "-0.1"])
+    assert exit_info.value.code == 2
+    assert "--weight-decay must be >= 0" in capsys.readouterr().err
