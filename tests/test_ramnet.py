@@ -7,6 +7,7 @@ import torch
 
 from kernels.ramnet.reference import pdma_recurrent_reference
 from memorycore import InputError, RAMNet, RAMNetState
+from memorycore.ramnet import slot_imbalance
 
 
 def small_layer(**overrides) -> RAMNet:
@@ -44,8 +45,9 @@ def test_pieces_equal_whole(cape, conv_kernel, gamma):
 @pytest.mark.parametrize("factors", [3, 6], ids=["state-built", "state-kept-as-rows"])
 def test_streamed_pieces_equal_whole_in_values_and_gradients(factors):
     """With few slots the carried state gets built between pieces; with many it stays as touched rows (merged from
-    call to call). Either way the outputs, the final state and every gradient equal one call on the whole."""
-    layer = small_layer(factors=factors)
+    call to call). Either way the outputs, the final state and every gradient equal one call on the whole (without
+    the slot-balance regulariser, which each call computes over its own tokens)."""
+    layer = small_layer(factors=factors, balance=0.0)
     x = torch.randn(2, 17, 32, requires_grad=True)
     whole, whole_state = layer(x)
     state, pieces = None, []
@@ -188,6 +190,8 @@ def test_state_detach_and_pickle():
     (dict(conv_kernel=-1), "conv_kernel"),
     (dict(eps=0.0), "eps"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(balance=-0.1), "balance"),
+    (dict(balance=float("nan")), "balance"),
 ], ids=lambda v: str(v))
 def test_bad_arguments_raise_value_error(kwargs, message):
     settings = dict(heads=2, factors=3, factor_size=4, top_k=5)
@@ -253,3 +257,39 @@ def test_addresses_tell_which_reads_find_a_written_slot():
     reads = layer(x)[0].view(3, 16, 2, 16).transpose(1, 2).norm(dim=-1)  # [batch, heads, time]
     assert hit.any() and not hit.all()
     assert (reads[~hit] == 0).all() and (reads[hit] > 0).all()
+
+
+def test_slot_imbalance_is_zero_for_even_use_and_largest_when_one_slot_takes_all():
+    sharp = 50 * torch.eye(4).repeat(1, 3).view(4, 3, 4)  # token i picks index i in every factor
+    even = sharp[None, None]  # [batch 1, heads 1, time 4, factors 3, factor_size 4]
+    torch.testing.assert_close(slot_imbalance(even), torch.tensor(0.0))
+    same = sharp[:1].expand(4, 3, 4)[None, None]  # every token picks index 0
+    torch.testing.assert_close(slot_imbalance(same), torch.tensor(3.0))
+    torch.testing.assert_close(slot_imbalance(torch.zeros(2, 1, 5, 3, 4)), torch.tensor(0.0))  # all soft: even too
+
+
+def test_balance_adds_the_penalty_gradient_and_leaves_the_output_alone():
+    """Training with balance b gives the gradients of loss + b/2 (imbalance(q) + imbalance(k)), the same output, and
+    nothing at all in eval mode."""
+    torch.manual_seed(0)
+    layer, plain = small_layer(balance=0.4), small_layer(balance=0.0)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 9, 32)
+    y, _ = layer(x)
+    y_plain, _ = plain(x)
+    torch.testing.assert_close(y, y_plain)
+    cotangent = torch.randn_like(y)
+    actual = torch.autograd.grad((y * cotangent).sum(), list(layer.parameters()))
+    qkv, _ = plain._causal_conv(plain.to_qkv(x), plain._without_memory(2, x.device).conv)
+    q, k, _ = qkv.view(2, 9, 2, -1).transpose(1, 2).split([plain.key_dim, plain.key_dim, plain.value_dim], -1)
+    temperature = plain.log_temperature.exp()[:, None, None, None]
+    penalty = sum(slot_imbalance(a.reshape(2, 2, 9, 3, 4) * temperature) for a in (q, k))
+    expected = torch.autograd.grad((y_plain * cotangent).sum() + 0.2 * penalty, list(plain.parameters()))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+    (without,) = torch.autograd.grad((plain(x)[0] * cotangent).sum(), plain.to_qkv.weight)
+    assert not torch.allclose(dict(zip(dict(layer.named_parameters()), actual))["to_qkv.weight"], without)
+    layer.eval()
+    evaluated = torch.autograd.grad((layer(x)[0] * cotangent).sum(), list(layer.parameters()))
+    for a, e in zip(evaluated, torch.autograd.grad((plain.eval()(x)[0] * cotangent).sum(), list(plain.parameters()))):
+        torch.testing.assert_close(a, e)
