@@ -153,8 +153,10 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
 
 
-def test_bench_rejects_negative_weight_decay(capsys):
+@pytest.mark.parametrize("flag,message", [("--weight-decay", "--weight-decay must be >= 0"),
+                                          ("--ramnet-balance", "--ramnet-balance must be a finite number >= 0")])
+def test_bench_rejects_negative_regularisers(capsys, flag, message):
     with pytest.raises(SystemExit) as exit_info:
-        bench_mqar().main(["--quick", "--weight-decay", "-0.1"])
+        bench_mqar().main(["--quick", flag, "-0.1"])
     assert exit_info.value.code == 2
-    assert "--weight-decay must be >= 0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -4,8 +4,8 @@
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
 #     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 lrs;
-#                                        # MQAR_SEED, MQAR_LR, MQAR_WD, MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS,
-#                                        # MQAR_MODELS change the runs)
+#                                        # MQAR_SEED, MQAR_LR, MQAR_WD, MQAR_BALANCE, MQAR_STEPS, MQAR_CAPE,
+#                                        # MQAR_SECONDS, MQAR_MODELS change the runs)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
 #
@@ -78,12 +78,13 @@ run_stage() {
     ;;
   mqar)
     # RAM-Net at d_model 128, CAPE in the first layer, at two learning rates. On an H100 (scan kernel, weight decay 0.1,
-    # 2026-11-23) 4000 steps took ~90 s and ~80 s more to score; lr 3e-4 reached a mean of 0.38, still improving, and
-    # lr 1e-3 fell from loss 2.0 back to chance. On CPU (--quick) weight decay 0.1 let RAM-Net's reads lose its
-    # writes in 2 of 5 seeds and 0 of 5 without, so the bench no longer decays weights: whether that lets lr 1e-3
-    # train at d_model 128 is what the second run asks. Each run's log has the share of reads finding a written slot
-    # per layer every 100 steps. Another call can change the seed, the lrs (space-separated), the steps, the weight
-    # decay or the variants: MQAR_SEED=1 MQAR_LR="3e-4" MQAR_STEPS=6000 MQAR_CAPE="first none" bash ... mqar
+    # no slot balance, 2026-11-23) 4000 steps took ~90 s and ~80 s more to score; lr 3e-4 reached a mean of 0.38,
+    # still improving, and lr 1e-3 fell from loss 2.0 back to chance. On CPU (--quick) that is how RAM-Net's reads lost
+    # its writes in 2 of 5 seeds, and RAMNet's slot balance (balance=0.1, the default since 2026-11-23) cured all 5:
+    # whether it lets lr 1e-3 train at d_model 128 is what the second run asks. Each run's log has the share of reads
+    # finding a written slot per layer every 100 steps. Another call can change the seed, the lrs (space-separated),
+    # the steps, the weight decay, the balance or the variants:
+    #   MQAR_SEED=1 MQAR_LR="3e-4" MQAR_STEPS=6000 MQAR_WD=0 MQAR_BALANCE=0 MQAR_CAPE="first none" bash ... mqar
     # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention MQAR_LR=3e-4 (CAPE is RAM-Net's).
     local train=${MQAR_SECONDS:-150} seed=${MQAR_SEED:-0} steps=${MQAR_STEPS:-6000}
     local models=${MQAR_MODELS:-ramnet}
@@ -93,8 +94,9 @@ run_stage() {
       for lr in ${MQAR_LR:-3e-4 1e-3}; do
         step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr" $((count * (train + 120))) $python bench/mqar.py \
           --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" --lr "$lr" \
-          ${MQAR_WD:+--weight-decay "$MQAR_WD"} --steps "$steps" --max-train-seconds "$train" --verbose \
-          --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0}.json"
+          ${MQAR_WD:+--weight-decay "$MQAR_WD"} ${MQAR_BALANCE:+--ramnet-balance "$MQAR_BALANCE"} \
+          --steps "$steps" --max-train-seconds "$train" --verbose \
+          --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${MQAR_BALANCE:-0.1}.json"
       done
     done
     ;;
