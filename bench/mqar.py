@@ -17,7 +17,6 @@ It prints the accuracy of every setting, their mean, and the state each model ke
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -117,11 +116,13 @@ class RecallModel(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
-def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, balance: float) -> list[nn.Module]:
+def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool,
+                  balance: float | None) -> list[nn.Module]:
     """Two RAM-Net layers of 2^slots_exponent slots per head (U = 2 factors), value_dim 64.
 
     ``cape_first`` gives the first layer relative (CAPE) addressing as the paper does in shallow layers; the second
-    layer always addresses by content, which recall needs. ``balance`` is RAMNet's slot-balance regulariser.
+    layer always addresses by content, which recall needs. ``balance`` is RAMNet's slot-balance regulariser
+    (None: the layer's default, which depends on CAPE).
     """
     heads = max(1, dim // 64)
     return [
@@ -267,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
-    parser.add_argument("--ramnet-balance", type=float, default=inspect.signature(RAMNet).parameters["balance"].default,
-                        help="RAMNet's slot-balance regulariser (default: the layer's, %(default)s; 0 = the paper's "
-                             "layer, whose reads lost its writes in 2 of 5 seeds of --quick)")
+    parser.add_argument("--ramnet-balance", type=float, default=None,
+                        help="RAMNet's slot-balance regulariser (default: the layer's, 0.1 for content addressing and "
+                             "0 with CAPE; 0 = the paper's layer, whose reads lost its writes in 2 of 5 seeds of "
+                             "--quick)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.weight_decay < 0:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if not 0 <= args.ramnet_balance < math.inf:
+    if args.ramnet_balance is not None and not 0 <= args.ramnet_balance < math.inf:
         parser.error(f"--ramnet-balance must be a finite number >= 0, got {args.ramnet_balance}")
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")

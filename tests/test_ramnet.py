@@ -293,3 +293,10 @@ def test_balance_adds_the_penalty_gradient_and_leaves_the_output_alone():
     evaluated = torch.autograd.grad((layer(x)[0] * cotangent).sum(), list(layer.parameters()))
     for a, e in zip(evaluated, torch.autograd.grad((plain.eval()(x)[0] * cotangent).sum(), list(plain.parameters()))):
         torch.testing.assert_close(a, e)
+
+
+def test_balance_defaults_to_content_addressed_layers_only():
+    """CAPE's relative lookups use one address at every position, which the balance would fight."""
+    assert small_layer(cape=False).balance == 0.1
+    assert small_layer(cape=True).balance == 0.0
+    assert small_layer(cape=True, balance=0.2).balance == 0.2

@@ -77,26 +77,27 @@ run_stage() {
       --plot "$out/ramnet_scan.png"
     ;;
   mqar)
-    # RAM-Net at d_model 128, CAPE in the first layer, at two learning rates. On an H100 (scan kernel, weight decay 0.1,
-    # no slot balance, 2026-11-23) 4000 steps took ~90 s and ~80 s more to score; lr 3e-4 reached a mean of 0.38,
-    # still improving, and lr 1e-3 fell from loss 2.0 back to chance. On CPU (--quick) that is how RAM-Net's reads lost
-    # its writes in 2 of 5 seeds, and RAMNet's slot balance (balance=0.1, the default since 2026-11-23) cured all 5:
-    # whether it lets lr 1e-3 train at d_model 128 is what the second run asks. Each run's log has the share of reads
-    # finding a written slot per layer every 100 steps. Another call can change the seed, the lrs (space-separated),
-    # the steps, the weight decay, the balance or the variants:
+    # RAM-Net at d_model 128, content addressing in both layers, at two learning rates. On an H100 (scan kernel, weight
+    # decay 0.1, no slot balance, 2026-11-23) CAPE-first runs of 4000 steps took ~90 s and ~80 s more to score; lr 3e-4
+    # reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance. Content addressing had
+    # been set aside because on CPU its loss went back to chance at d_model 128; on CPU (--quick) that is how
+    # RAM-Net's reads lost its writes in 2 of 5 seeds, and the slot balance (0.1 for content-addressed layers, the
+    # default since 2026-11-23) cured all 5 (0.987-0.995; CAPE-first scores 0.689 there). Each run's log has the share
+    # of reads finding a written slot per layer every 100 steps. Another call can change the seed, the lrs
+    # (space-separated), the steps, the weight decay, the balance or the variants:
     #   MQAR_SEED=1 MQAR_LR="3e-4" MQAR_STEPS=6000 MQAR_WD=0 MQAR_BALANCE=0 MQAR_CAPE="first none" bash ... mqar
     # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention MQAR_LR=3e-4 (CAPE is RAM-Net's).
     local train=${MQAR_SECONDS:-150} seed=${MQAR_SEED:-0} steps=${MQAR_STEPS:-6000}
     local models=${MQAR_MODELS:-ramnet}
     local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
     [ -n "$quick" ] && { train=30; steps=1000; }
-    for cape in ${MQAR_CAPE:-first}; do
+    for cape in ${MQAR_CAPE:-none}; do
       for lr in ${MQAR_LR:-3e-4 1e-3}; do
+        local name="${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${MQAR_BALANCE:-default}"
         step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr" $((count * (train + 120))) $python bench/mqar.py \
           --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" --lr "$lr" \
           ${MQAR_WD:+--weight-decay "$MQAR_WD"} ${MQAR_BALANCE:+--ramnet-balance "$MQAR_BALANCE"} \
-          --steps "$steps" --max-train-seconds "$train" --verbose \
-          --out "$out/mqar_${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${MQAR_BALANCE:-0.1}.json"
+          --steps "$steps" --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
       done
     done
     ;;
