@@ -9,7 +9,7 @@ from memorycore.neural_memory import NeuralMemory, NeuralMemoryState
 from memorycore.mqar import mqar_accuracy, mqar_batch
 from memorycore.ramnet import RAMNet, RAMNetState
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "NeuralMemory", "NeuralMemoryState", "RAMNet", "RAMNetState", "mqar_batch", "mqar_accuracy",

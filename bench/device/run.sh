@@ -3,7 +3,7 @@
 # Run `bash bench/device/prepare.sh` here first, then through the device tool, carrying .dev/device:
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
-#     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 lrs;
+#     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 runs;
 #                                        # MQAR_SEED, MQAR_LR, MQAR_WD, MQAR_BALANCE, MQAR_STEPS, MQAR_CAPE,
 #                                        # MQAR_SECONDS, MQAR_MODELS change the runs)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
@@ -77,27 +77,29 @@ run_stage() {
       --plot "$out/ramnet_scan.png"
     ;;
   mqar)
-    # RAM-Net at d_model 128, content addressing in both layers, at two learning rates. On an H100 (scan kernel, weight
-    # decay 0.1, no slot balance, 2026-11-23) CAPE-first runs of 4000 steps took ~90 s and ~80 s more to score; lr 3e-4
-    # reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance. Content addressing had
-    # been set aside because on CPU its loss went back to chance at d_model 128; on CPU (--quick) that is how
-    # RAM-Net's reads lost its writes in 2 of 5 seeds, and the slot balance (0.1 for content-addressed layers, the
-    # default since 2026-11-23) cured all 5 (0.987-0.995; CAPE-first scores 0.689 there). Each run's log has the share
-    # of reads finding a written slot per layer every 100 steps. Another call can change the seed, the lrs
-    # (space-separated), the steps, the weight decay, the balance or the variants:
-    #   MQAR_SEED=1 MQAR_LR="3e-4" MQAR_STEPS=6000 MQAR_WD=0 MQAR_BALANCE=0 MQAR_CAPE="first none" bash ... mqar
-    # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention MQAR_LR=3e-4 (CAPE is RAM-Net's).
+    # RAM-Net at d_model 128, content addressing in both layers, lr 3e-4, without and with the slot balance (0.1).
+    # On an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs of 4000 steps took ~90 s and ~80 s more
+    # to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance.
+    # Content addressing had been set aside because on CPU its loss went back to chance at d_model 128 (reads losing
+    # their writes, as the slot balance cures on --quick); on CPU it now trains (mean 0.108 after 1985 steps, seed 0,
+    # no balance), while with the balance its loss stayed at chance for 700-900 steps: these two runs compare both.
+    # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
+    # the seed, the lrs and balances (space-separated), the steps, the weight decay or the variants:
+    #   MQAR_SEED=1 MQAR_LR="3e-4 1e-3" MQAR_BALANCE=0 MQAR_STEPS=6000 MQAR_WD=0 MQAR_CAPE="first none" bash ... mqar
+    # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention (CAPE and balance are RAM-Net's).
     local train=${MQAR_SECONDS:-150} seed=${MQAR_SEED:-0} steps=${MQAR_STEPS:-6000}
     local models=${MQAR_MODELS:-ramnet}
     local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
     [ -n "$quick" ] && { train=30; steps=1000; }
     for cape in ${MQAR_CAPE:-none}; do
-      for lr in ${MQAR_LR:-3e-4 1e-3}; do
-        local name="${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${MQAR_BALANCE:-default}"
-        step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr" $((count * (train + 120))) $python bench/mqar.py \
-          --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" --lr "$lr" \
-          ${MQAR_WD:+--weight-decay "$MQAR_WD"} ${MQAR_BALANCE:+--ramnet-balance "$MQAR_BALANCE"} \
-          --steps "$steps" --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
+      for lr in ${MQAR_LR:-3e-4}; do
+        for balance in ${MQAR_BALANCE:-0 0.1}; do
+          local name="${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${balance}"
+          step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr-balance-$balance" $((count * (train + 120))) \
+            $python bench/mqar.py --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" \
+            --lr "$lr" --ramnet-balance "$balance" ${MQAR_WD:+--weight-decay "$MQAR_WD"} --steps "$steps" \
+            --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
+        done
       done
     done
     ;;
