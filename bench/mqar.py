@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ramnet-balance", type=float, default=None,
                         help="RAMNet's slot-balance regulariser (default 0, the paper's layer; 0.1 with --quick, where "
                              "without it RAM-Net's reads lost its writes in 2 of 5 seeds; at d_model 128 on CPU it "
-                             "kept the loss at chance for 700-900 steps)")
+                             "kept the loss at chance for all of ~1750 steps)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)

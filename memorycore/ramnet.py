@@ -140,10 +140,11 @@ class RAMNet(nn.Module):
     sum_j P_j^2 - 1`` averaged over heads and factors, and ``P`` is the factor's softmax averaged over the batch and
     time of the call: 0 when every index is used equally often on average, however sharp each token's own address.
     The forward output does not depend on it and your loss value does not include it. With ``balance=0.1`` all 5
-    runs learnt (0.992-0.995). It is not the default because it also holds back what a layer learns first: at
-    d_model 128 with 4096 slots and V = 8192 (CPU, seed 0) the loss stayed at chance for 700-900 steps with 0.1 or
-    0.01, where without it the loss fell from step ~500; and CAPE's relative lookups, which use one address at every
-    position, suffer from it (MQAR ``--quick`` with CAPE in the first layer: 0.256 with 0.1 there, 0.689 without).
+    runs learnt (0.992-0.995). It is not the default because it can also stop a layer from learning at all: at
+    d_model 128 with 4096 slots and V = 8192 (CPU, seed 0, ~1750 steps) the loss never left chance with 0.1 or 0.01
+    (mean accuracy 0.000), where without it the loss fell from step ~500 (0.108); and CAPE's relative lookups, which
+    use one address at every position, suffer from it (MQAR ``--quick`` with CAPE in the first layer: 0.256 with 0.1
+    there, 0.689 without).
     :meth:`addresses` shows which slots are read and written; ``bench/mqar.py`` reports the share of reads that find
     a written slot.
 

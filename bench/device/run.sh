@@ -82,7 +82,7 @@ run_stage() {
     # to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance.
     # Content addressing had been set aside because on CPU its loss went back to chance at d_model 128 (reads losing
     # their writes, as the slot balance cures on --quick); on CPU it now trains (mean 0.108 after 1985 steps, seed 0,
-    # no balance), while with the balance its loss stayed at chance for 700-900 steps: these two runs compare both.
+    # no balance), while with the balance its loss never left chance in ~1750 steps: these two runs compare both.
     # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
     # the seed, the lrs and balances (space-separated), the steps, the weight decay or the variants:
     #   MQAR_SEED=1 MQAR_LR="3e-4 1e-3" MQAR_BALANCE=0 MQAR_STEPS=6000 MQAR_WD=0 MQAR_CAPE="first none" bash ... mqar
