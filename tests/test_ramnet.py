@@ -296,5 +296,5 @@ def test_balance_adds_the_penalty_gradient_and_leaves_the_output_alone():
 
 
 def test_balance_is_off_by_default():
-    """The paper's layer unless asked: at d_model 128 the balance kept MQAR from learning at all (see RAMNet's Notes)."""
+    """The paper's layer unless asked: at d_model 128 the balance kept MQAR from learning (see RAMNet's Notes)."""
     assert small_layer().balance == small_layer(cape=False).balance == 0.0
