@@ -77,12 +77,12 @@ run_stage() {
       --plot "$out/ramnet_scan.png"
     ;;
   mqar)
-    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 2e-3 and 1e-3.
+    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3 and 2e-3.
     # On an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs of 4000 steps took ~90 s and ~80 s more
     # to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance.
     # On CPU (2026-11-23, seed 0, ~1900 steps in 45 min) content addressing learnt fastest at the highest lr: mean
-    # 0.108 at 2e-3, 0.092 at 1e-3, 0.020 at 3e-4; with the slot balance (0.1 or 0.01) its loss never left chance.
-    # 1e-3 runs too in case 2e-3 turns unstable later, as 1e-3 did with CAPE-first.
+    # 0.499 at 3e-3, 0.108 at 2e-3, 0.092 at 1e-3, 0.020 at 3e-4, 0.010 at 5e-3 (reads lost their writes); with the slot balance (0.1 or 0.01) its loss never left chance.
+    # 2e-3 runs too in case 3e-3 turns unstable later, as 1e-3 did with CAPE-first.
     # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
     # the seed, the lrs and balances (space-separated), the steps, the weight decay or the variants:
     #   MQAR_SEED=1 MQAR_LR=3e-4 MQAR_BALANCE="0 0.1" MQAR_STEPS=6000 MQAR_WD=0 MQAR_CAPE="first none" bash ... mqar
@@ -92,7 +92,7 @@ run_stage() {
     local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
     [ -n "$quick" ] && { train=30; steps=1000; }
     for cape in ${MQAR_CAPE:-none}; do
-      for lr in ${MQAR_LR:-2e-3 1e-3}; do
+      for lr in ${MQAR_LR:-3e-3 2e-3}; do
         for balance in ${MQAR_BALANCE:-0}; do
           local name="${models//,/_}_cape_${cape}_seed${seed}_lr${lr}_wd${MQAR_WD:-0.1}_balance${balance}"
           step "mqar-$models-128-cape-$cape-seed-$seed-lr-$lr-balance-$balance" $((count * (train + 120))) \
