@@ -80,8 +80,9 @@ run_stage() {
     # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3 and 2e-3.
     # On an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs of 4000 steps took ~90 s and ~80 s more
     # to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to chance.
-    # On CPU (2026-11-23, seed 0, ~1900 steps in 45 min) content addressing learnt fastest at the highest lr: mean
-    # 0.499 at 3e-3, 0.108 at 2e-3, 0.092 at 1e-3, 0.020 at 3e-4, 0.010 at 5e-3 (reads lost their writes); with the slot balance (0.1 or 0.01) its loss never left chance.
+    # On CPU (2026-11-23, seed 0, 1850-2300 steps in 45 min) content addressing scored a mean of 0.499 at lr 3e-3,
+    # 0.108 at 2e-3, 0.092 at 1e-3, 0.020 at 3e-4 and 0.010 at 5e-3 (its reads lost their writes); with the slot
+    # balance (0.1 or 0.01) its loss never left chance.
     # 2e-3 runs too in case 3e-3 turns unstable later, as 1e-3 did with CAPE-first.
     # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
     # the seed, the lrs and balances (space-separated), the steps, the weight decay or the variants:
