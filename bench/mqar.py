@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="peak learning rate (default 3e-4; 3e-3 with --quick). On an H100, RAM-Net d_model 128 "
                              "(CAPE first, 4000 steps) diverged at 1e-3 (loss 2.0 by step 1800, back to 8 by 3500; "
                              "mean 0.03) and trained steadily at 3e-4 (mean 0.38, still improving); on CPU "
-                             "(content addressing, ~2000 steps) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, "
-                             "3e-4 0.020; 5e-3 collapsed, 0.010)")
+                             "(content addressing, ~2000 steps, seed 0) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, "
+                             "3e-4 0.020; 5e-3 collapsed, 0.010), but seeds 1 and 2 at 3e-3 scored 0.267 and 0.032, "
+                             "and seed 0 over 6000 steps 0.175")
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="AdamW weight decay (default 0.1, Zoology's; with it and --ramnet-balance 0, RAM-Net's "
                              "reads lost its writes in 2 of 5 seeds of --quick)")
