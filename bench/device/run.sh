@@ -84,7 +84,8 @@ run_stage() {
     # 0.108 at 2e-3, 0.092 at 1e-3, 0.020 at 3e-4 and 0.010 at 5e-3 (its reads lost their writes); with the slot
     # balance (0.1 or 0.01) its loss never left chance.
     # Seeds 1 and 2 at 3e-3 then scored 0.267 and 0.032, and seed 0 over 6000 steps (2 h) 0.175: one run is a draw.
-    # 2e-3 runs too in case 3e-3 turns unstable later, as 1e-3 did with CAPE-first.
+    # 2e-3 runs too in case 3e-3 turns unstable later, as 1e-3 did with CAPE-first (the 6000-step CPU run at 3e-3
+    # learnt by step 1400 and lost it by step 1900).
     # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
     # the seed, the lrs and balances (space-separated), the steps, the weight decay or the variants:
     #   MQAR_SEED=1 MQAR_LR=3e-4 MQAR_BALANCE="0 0.1" MQAR_STEPS=6000 MQAR_WD=0 MQAR_CAPE="first none" bash ... mqar
