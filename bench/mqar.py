@@ -12,6 +12,13 @@ It prints the accuracy of every setting, their mean, and the state each model ke
     python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
     python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots, K = 4, slot balance 0.1, d_model 64
     python bench/mqar.py --models ramnet --dims 128 --steps 3000
+
+Training longer than one sitting (the GPU machine takes commands of at most 10 minutes): ``--checkpoint-dir DIR``
+saves each model's training state (weights, AdamW moments, the data generator, steps and seconds done) there every
+``--checkpoint-every`` seconds, and ``--call-seconds S`` ends the call's training after S seconds, saved. The same
+command run again resumes where it stopped, on the same schedule, and scores the model once its training is done:
+
+    python bench/mqar.py --models ramnet --dims 128 --steps 40000 --checkpoint-dir runs/mqar --call-seconds 420
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +38,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memorycore import NeuralMemory, RAMNet  # noqa: E402
+from memorycore import CheckpointError, NeuralMemory, RAMNet  # noqa: E402
+from memorycore.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
@@ -156,44 +165,138 @@ def learning_rate(base: float, progress: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - 0.05) / 0.95)))
 
 
-def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.device) -> tuple[int, float]:
-    """Fresh MQAR batches from the mixture until ``steps`` or ``max_train_seconds``; returns steps and seconds.
+@dataclass
+class Progress:
+    """How far a model's training has come, over every call that trained it."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    finished: bool = False
+
+
+# the settings that shape a training run: a checkpoint resumes only a run made with the same ones
+RUN_SETTINGS = ("quick", "vocab_size", "steps", "batch_size", "lr", "weight_decay", "max_train_seconds", "seed",
+                "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance")
+CHECKPOINT_CLASS = "MQARTraining"
+
+
+def run_fingerprint(args: argparse.Namespace, kind: str, dim: int) -> dict:
+    return {"model": kind, "d_model": dim, **{name: getattr(args, name) for name in RUN_SETTINGS}}
+
+
+def checkpoint_path(args: argparse.Namespace, kind: str, dim: int) -> Path | None:
+    return None if args.checkpoint_dir is None else args.checkpoint_dir / f"mqar_{kind}_d{dim}.safetensors"
+
+
+def save_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                  progress: Progress, fingerprint: dict) -> None:
+    """Weights, AdamW moments and the data generator in one safetensors file; the rest in its JSON (atomic)."""
+    optimizer_state = optimizer.state_dict()
+    tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    for index, state in optimizer_state["state"].items():
+        tensors.update({f"optimizer.{index}.{key}": value for key, value in state.items()})
+    tensors["generator"] = generator.get_state()
+    save_checkpoint(path, tensors, {"class": CHECKPOINT_CLASS, "run": fingerprint, "progress": asdict(progress),
+                                    "param_groups": optimizer_state["param_groups"]})
+
+
+def load_training(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+                  fingerprint: dict) -> Progress:
+    """Restore what :func:`save_training` wrote; CheckpointError if the file is not ours or from another run."""
+    tensors, config = load_checkpoint(path, CHECKPOINT_CLASS)
+    saved = config["run"]
+    different = [f"{name} {saved.get(name)!r} there, {value!r} here" for name, value in fingerprint.items()
+                 if saved.get(name) != value]
+    if different:
+        raise CheckpointError(f"{path} is the training state of another run ({'; '.join(different)}); run with "
+                              "its settings, or give another --checkpoint-dir to start afresh")
+    model.load_state_dict({name[len("model."):]: value for name, value in tensors.items()
+                           if name.startswith("model.")})
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".")
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": config["param_groups"]})
+    generator.set_state(tensors["generator"])
+    return Progress(**config["progress"])
+
+
+def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.device, *,
+          checkpoint: Path | None = None, fingerprint: dict | None = None, deadline: float | None = None) -> Progress:
+    """Fresh MQAR batches from the mixture until ``steps`` or ``max_train_seconds``; returns the progress made.
 
     The schedule follows whichever budget is used up first, so a time-capped run still ends its cosine decay.
+    With a ``checkpoint`` path, training resumes from it if it exists (made by a run with the same ``fingerprint``),
+    is saved there every
+    ``args.checkpoint_every`` seconds, at the end, and when ``time.perf_counter()`` passes ``deadline`` (which
+    returns the progress so far, unfinished).
     """
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    progress = Progress()
+    if checkpoint is not None and checkpoint.exists():
+        progress = load_training(checkpoint, model, optimizer, generator, fingerprint)
+        print(f"    resumed from {checkpoint}: {progress.steps} steps, {progress.seconds:.0f} s of training done"
+              + (" (finished)" if progress.finished else ""), file=sys.stderr, flush=True)
+    if progress.finished:
+        return progress
+
+    def save() -> None:
+        if checkpoint is not None:
+            save_training(checkpoint, model, optimizer, generator, progress, fingerprint)
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     model.train()
-    start = time.perf_counter()
-    step = 0
+    start = last_save = time.perf_counter()
+    seconds_before = progress.seconds
     while True:
-        progress = step / args.steps
+        now = time.perf_counter()
+        progress.seconds = seconds_before + now - start
+        done = progress.steps / args.steps
         if args.max_train_seconds:
-            progress = max(progress, (time.perf_counter() - start) / args.max_train_seconds)
-        if progress >= 1:
+            done = max(done, progress.seconds / args.max_train_seconds)
+        if done >= 1:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(args.lr, progress)
-        seq_len, pairs = mixture[int(torch.randint(len(mixture), (), generator=generator))]
-        # keep the tokens per batch about constant across settings
-        batch = max(1, args.batch_size * mixture[0][0] // seq_len)
-        inputs, labels = mqar_batch(batch, seq_len, pairs, vocab_size=args.vocab_size, random_state=generator)
-        inputs, labels = inputs.to(device), labels.to(device)
-        with autocast:
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        if args.verbose and step % 100 == 0:
+        if deadline is not None and now >= deadline:
+            save()
+            return progress
+        if checkpoint is not None and now - last_save >= args.checkpoint_every:
+            save()
+            last_save = now
+        loss, seq_len, inputs = training_step(model, optimizer, args, mixture, generator, device, autocast, done)
+        if args.verbose and progress.steps % 100 == 0:
             hits = "".join(f"  layer {i} reads finding a write {share:.0%}"
                            for i, share in enumerate(reads_finding_writes(model, inputs[:4])))
-            print(f"    step {step:5d}  progress {progress:.2f}  L={seq_len:4d}  loss {loss.item():.4f}{hits}",
+            print(f"    step {progress.steps:5d}  progress {done:.2f}  L={seq_len:4d}  loss {loss.item():.4f}{hits}",
                   file=sys.stderr, flush=True)
-        step += 1
-    return step, time.perf_counter() - start
+        progress.steps += 1
+    progress.finished = True
+    save()
+    return progress
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace, mixture,
+                  generator: torch.Generator, device: torch.device, autocast, done: float) -> tuple[Tensor, int, Tensor]:
+    """One AdamW step on a fresh batch of one mixture setting; returns the loss, the length and the inputs.
+
+    The loss stays a tensor: reading it every step would wait for the GPU every step.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(args.lr, done)
+    seq_len, pairs = mixture[int(torch.randint(len(mixture), (), generator=generator))]
+    # keep the tokens per batch about constant across settings
+    batch = max(1, args.batch_size * mixture[0][0] // seq_len)
+    inputs, labels = mqar_batch(batch, seq_len, pairs, vocab_size=args.vocab_size, random_state=generator)
+    inputs, labels = inputs.to(device), labels.to(device)
+    with autocast:
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach(), seq_len, inputs
 
 
 @torch.no_grad()
@@ -246,7 +349,8 @@ def evaluate(model: nn.Module, args: argparse.Namespace, settings, device: torch
     return accuracies
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked, with the defaults of --quick or of the full run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences, small RAM-Net)")
     parser.add_argument("--models", default="ramnet,neural_memory,attention")
@@ -279,6 +383,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps (stderr)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="save each model's training state here and resume from it when the same command runs "
+                             "again (the settings that shape training must match)")
+    parser.add_argument("--checkpoint-every", type=float, default=None,
+                        help="seconds between saves of the training state (default 60; needs --checkpoint-dir)")
+    parser.add_argument("--call-seconds", type=float, default=None,
+                        help="end this call's training after this long, saved, and score only models whose training "
+                             "is done (needs --checkpoint-dir); run the same command again to go on")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mqar.json",
                         help="JSON file for the results (written atomically)")
     args = parser.parse_args(argv)
@@ -286,6 +398,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.ramnet_balance is not None and not 0 <= args.ramnet_balance < math.inf:
         parser.error(f"--ramnet-balance must be a finite number >= 0, got {args.ramnet_balance}")
+    for name in ("call_seconds", "checkpoint_every"):
+        value = getattr(args, name)
+        if value is not None and args.checkpoint_dir is None:
+            parser.error(f"--{name.replace('_', '-')} needs --checkpoint-dir (where the training state is saved)")
+        if value is not None and not 0 < value < math.inf:
+            parser.error(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+    args.checkpoint_every = args.checkpoint_every or 60.0
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
     args.steps = args.steps or 4000  # --quick: at 1000 steps attention had not learnt recall yet (~1 / pairs)
@@ -297,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.ramnet_balance is None:
         args.ramnet_balance = 0.1 if quick else 0.0
     args.test_examples = args.test_examples or (100 if quick else 1000)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    quick = args.quick
     mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
     settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
     device = resolve_device(args.device)
@@ -311,30 +436,48 @@ def main(argv: list[str] | None = None) -> None:
         f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"
     print(header)
     rows = []
-    for dim in (int(d) for d in args.dims.split(",")):
-        for kind in args.models.split(","):
-            torch.manual_seed(args.seed)
-            model, state = build_model(kind, args.vocab_size, dim, args)
-            model.to(device)
-            steps, seconds = train(model, args, mixture, device)
-            accuracies = evaluate(model, args, settings, device)
-            cells = "  ".join(f"{a:8.3f}" for a in accuracies)
-            mean = sum(accuracies) / len(accuracies)
-            print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
-                  f"{mean:7.3f} {steps:6d}  {seconds:7.1f}", flush=True)
-            row = {"model": kind, "d_model": dim, "state_total": state["total"],
-                   "state_per_token": state["per_token"], "mean_accuracy": mean, "steps": steps,
-                   "train_seconds": seconds, "accuracy": {f"{n}/{p}": a for (n, p), a in zip(settings, accuracies)}}
-            if kind == "ramnet":  # a layer near 0% has collapsed (see reads_finding_writes)
-                seq_len, pairs = settings[-1]
-                inputs, _ = mqar_batch(4, seq_len, pairs, vocab_size=args.vocab_size, random_state=0)
-                row["reads_finding_writes"] = reads_finding_writes(model, inputs.to(device))
-                shares = ", ".join(f"{share:.0%}" for share in row["reads_finding_writes"])
-                print(f"    reads finding a written slot, per layer, on {seq_len}/{pairs}: {shares}", flush=True)
-            rows.append(row)
-            write_json(args.out, {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
-                                  "rows": rows})
+    deadline = None if args.call_seconds is None else time.perf_counter() + args.call_seconds
+    runs = [(int(dim), kind) for dim in args.dims.split(",") for kind in args.models.split(",")]
+    for index, (dim, kind) in enumerate(runs):
+        torch.manual_seed(args.seed)
+        model, state = build_model(kind, args.vocab_size, dim, args)
+        model.to(device)
+        try:
+            progress = train(model, args, mixture, device, checkpoint=checkpoint_path(args, kind, dim),
+                             fingerprint=run_fingerprint(args, kind, dim), deadline=deadline)
+        except CheckpointError as error:
+            print(f"mqar.py: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        row = {"model": kind, "d_model": dim, "state_total": state["total"], "state_per_token": state["per_token"],
+               "steps": progress.steps, "train_seconds": progress.seconds}
+        if not progress.finished:
+            left = ", ".join(f"{k} d_model {d}" for d, k in runs[index:])
+            print(f"{kind:14s} {dim:7d}  paused after {progress.steps} of {args.steps} steps "
+                  f"({progress.seconds:.0f} s of training), saved in {args.checkpoint_dir}; run the same command "
+                  f"again to go on with: {left}", flush=True)
+            rows.append({**row, "status": "paused"})
+            write_json(args.out, report(args, device, rows))
+            break
+        accuracies = evaluate(model, args, settings, device)
+        cells = "  ".join(f"{a:8.3f}" for a in accuracies)
+        mean = sum(accuracies) / len(accuracies)
+        print(f"{kind:14s} {dim:7d} {state['total']:12,d} {state['per_token']:12,d}  {cells}  "
+              f"{mean:7.3f} {progress.steps:6d}  {progress.seconds:7.1f}", flush=True)
+        row.update(status="done", mean_accuracy=mean,
+                   accuracy={f"{n}/{p}": a for (n, p), a in zip(settings, accuracies)})
+        if kind == "ramnet":  # a layer near 0% has collapsed (see reads_finding_writes)
+            seq_len, pairs = settings[-1]
+            inputs, _ = mqar_batch(4, seq_len, pairs, vocab_size=args.vocab_size, random_state=0)
+            row["reads_finding_writes"] = reads_finding_writes(model, inputs.to(device))
+            shares = ", ".join(f"{share:.0%}" for share in row["reads_finding_writes"])
+            print(f"    reads finding a written slot, per layer, on {seq_len}/{pairs}: {shares}", flush=True)
+        rows.append(row)
+        write_json(args.out, report(args, device, rows))
     print(f"wrote {args.out}")
+
+
+def report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> dict:
+    return {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device), "rows": rows}
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -160,3 +160,70 @@ def test_bench_rejects_negative_regularisers(capsys, flag, message):
         bench_mqar().main(["--quick", flag, "-0.1"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_training_resumes_exactly_where_a_killed_call_stopped(tmp_path, monkeypatch):
+    """Killed after 3 of 6 steps, the next call resumes from the last save: same weights as 6 steps in one go."""
+    mqar = bench_mqar()
+    args = mqar.parse_args(["--quick", "--steps", "6", "--checkpoint-dir", str(tmp_path),
+                            "--checkpoint-every", "1e-9"])  # save before every step
+    checkpoint = tmp_path / "ramnet.safetensors"
+    fingerprint = mqar.run_fingerprint(args, "ramnet", 64)
+
+    def fresh_model():
+        torch.manual_seed(0)
+        return mqar.build_model("ramnet", args.vocab_size, 64, args)[0]
+
+    whole = fresh_model()
+    assert mqar.train(whole, args, mqar.QUICK_TRAIN_MIXTURE, torch.device("cpu")).steps == 6
+
+    calls = []
+    real_step = mqar.training_step
+
+    def killed_at_the_fourth_step(*step_args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the process dies before its 4th step
+        return real_step(*step_args)
+
+    monkeypatch.setattr(mqar, "training_step", killed_at_the_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        mqar.train(fresh_model(), args, mqar.QUICK_TRAIN_MIXTURE, torch.device("cpu"), checkpoint=checkpoint,
+                   fingerprint=fingerprint)
+    monkeypatch.setattr(mqar, "training_step", real_step)
+    resumed = fresh_model()
+    progress = mqar.train(resumed, args, mqar.QUICK_TRAIN_MIXTURE, torch.device("cpu"), checkpoint=checkpoint,
+                          fingerprint=fingerprint)
+    assert (progress.steps, progress.finished) == (6, True)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(whole.state_dict()["embed.weight"], fresh_model().state_dict()["embed.weight"])
+
+
+def test_bench_call_seconds_pauses_then_the_same_command_finishes(tmp_path, capsys):
+    """--call-seconds ends training saved and unscored; run again, it resumes, finishes and scores."""
+    mqar = bench_mqar()
+    out = tmp_path / "mqar.json"
+    command = ["--quick", "--models", "ramnet", "--steps", "4", "--test-examples", "4", "--eval-batch-size", "4",
+               "--checkpoint-dir", str(tmp_path / "state"), "--out", str(out)]
+    mqar.main(command + ["--call-seconds", "1e-6"])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "paused" and row["steps"] < 4 and "mean_accuracy" not in row
+    assert "run the same command again" in capsys.readouterr().out
+    mqar.main(command)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["status"] == "done" and row["steps"] == 4 and 0 <= row["mean_accuracy"] <= 1
+    assert "resumed from" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:  # another lr is another run: refused, the state kept
+        mqar.main(command + ["--lr", "1e-2"])
+    assert exit_info.value.code == 2
+    assert "lr 0.003 there, 0.01 here" in capsys.readouterr().err
+    assert (tmp_path / "state" / "mqar_ramnet_d64.safetensors").exists()
+
+
+def test_bench_call_seconds_needs_a_checkpoint_dir(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_mqar().main(["--quick", "--call-seconds", "60"])
+    assert exit_info.value.code == 2
+    assert "--call-seconds needs --checkpoint-dir" in capsys.readouterr().err
