@@ -125,7 +125,8 @@ class RecallModel(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
-def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, balance: float) -> list[nn.Module]:
+def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, balance: float,
+                  normalize_reads: bool = False) -> list[nn.Module]:
     """Two RAM-Net layers of 2^slots_exponent slots per head (U = 2 factors), value_dim 64.
 
     ``cape_first`` gives the first layer relative (CAPE) addressing as the paper does in shallow layers; the second
@@ -134,7 +135,7 @@ def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, b
     heads = max(1, dim // 64)
     return [
         StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=top_k,
-                             cape=cape, gamma=1.0, balance=balance))
+                             cape=cape, gamma=1.0, balance=balance, normalize_reads=normalize_reads))
         for cape in (cape_first, False)
     ]
 
@@ -143,7 +144,8 @@ def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) 
     """The model and its state size: total floats per sequence, floats touched per token."""
     heads = max(1, dim // 64)
     if kind == "ramnet":
-        mixers = ramnet_layers(dim, args.slots_exponent, args.top_k, args.ramnet_cape == "first", args.ramnet_balance)
+        mixers = ramnet_layers(dim, args.slots_exponent, args.top_k, args.ramnet_cape == "first", args.ramnet_balance,
+                               args.ramnet_normalize_reads)
         sizes = [m.layer.state_size() for m in mixers]
         state = {"total": sum(s["total"] for s in sizes), "per_token": sum(s["per_token"] for s in sizes)}
     elif kind == "neural_memory":
@@ -176,7 +178,7 @@ class Progress:
 
 # the settings that shape a training run: a checkpoint resumes only a run made with the same ones
 RUN_SETTINGS = ("quick", "vocab_size", "steps", "batch_size", "lr", "weight_decay", "max_train_seconds", "seed",
-                "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance")
+                "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance", "ramnet_normalize_reads")
 CHECKPOINT_CLASS = "MQARTraining"
 
 
@@ -377,6 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RAMNet's slot-balance regulariser (default 0, the paper's layer; 0.1 with --quick, where "
                              "without it RAM-Net's reads lost its writes in 2 of 5 seeds; at d_model 128 on CPU it "
                              "kept the loss at chance for all of ~1750 steps)")
+    parser.add_argument("--ramnet-normalize-reads", action="store_true",
+                        help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)

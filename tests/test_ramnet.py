@@ -298,3 +298,20 @@ def test_balance_adds_the_penalty_gradient_and_leaves_the_output_alone():
 def test_balance_is_off_by_default():
     """The paper's layer unless asked: at d_model 128 the balance kept MQAR from learning (see RAMNet's Notes)."""
     assert small_layer().balance == small_layer(cape=False).balance == 0.0
+
+
+def test_normalize_reads_weighs_the_read_slots_by_one_and_keeps_the_writes():
+    """normalize_reads: read weights sum to 1 per token and head; the slots and the write weights are unchanged."""
+    torch.manual_seed(0)
+    plain = RAMNet(32, heads=2, factors=2, factor_size=8, top_k=4, cape=False)
+    normed = RAMNet(32, heads=2, factors=2, factor_size=8, top_k=4, cape=False, normalize_reads=True)
+    normed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 12, 32)
+    a, b = plain.addresses(x), normed.addresses(x)
+    torch.testing.assert_close(b["read_weights"].sum(-1), torch.ones(2, 2, 12))
+    torch.testing.assert_close(b["read_weights"], a["read_weights"] / a["read_weights"].sum(-1, keepdim=True))
+    assert torch.equal(a["read_slots"], b["read_slots"]) and torch.equal(a["write_weights"], b["write_weights"])
+    assert a["read_weights"].sum(-1).max() < 0.9  # so the option does change the reads
+    y, _ = normed(x)
+    y.sum().backward()
+    assert normed.to_qkv.weight.grad.isfinite().all()
