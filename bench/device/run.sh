@@ -7,7 +7,7 @@
 #                                        # MQAR_SEED, MQAR_LR, MQAR_WD, MQAR_BALANCE, MQAR_STEPS, MQAR_CAPE,
 #                                        # MQAR_SECONDS, MQAR_MODELS change the runs)
 #     bash bench/device/run.sh mqar-long # issue 6: one RAM-Net d_model 128 run longer than a call, resumed call after
-#                                        # call (MQAR_STEPS, MQAR_LR, MQAR_CAPE, MQAR_SEED, MQAR_CALL_SECONDS)
+#                                        # call (MQAR_STEPS, MQAR_LR, MQAR_CAPE, MQAR_SEED, MQAR_SLOTS, MQAR_CALL_SECONDS)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
 #
@@ -121,10 +121,11 @@ run_stage() {
     # or three calls.
     local state=.dev/mqar-long
     local train=${MQAR_CALL_SECONDS:-420}
-    local steps=${MQAR_STEPS:-40000}
-    [ -n "$quick" ] && { train=20; steps=300; state=$(mktemp -d); }  # a smoke test leaves the real state alone
+    local steps=${MQAR_STEPS:-40000} slots=${MQAR_SLOTS:-12}  # 10 scored 0.809 vs 0.267 on CPU (seed 1, one run)
+    [ -n "$quick" ] && { train=20; steps=300; slots=6; state=$(mktemp -d); }  # a smoke test leaves the real state alone
     step mqar-long $((train + 170)) $python bench/mqar.py --models ramnet --dims 128 $quick \
       --ramnet-cape "${MQAR_CAPE:-first}" --seed "${MQAR_SEED:-0}" --lr "${MQAR_LR:-3e-4}" --steps "$steps" \
+      --slots-exponent "$slots" \
       --checkpoint-dir "$state" --call-seconds "$train" --verbose --out "$out/mqar_long.json"
     cp "$state"/*.safetensors "$out"/ 2>/dev/null
     ;;
