@@ -230,9 +230,8 @@ def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.dev
 
     The schedule follows whichever budget is used up first, so a time-capped run still ends its cosine decay.
     With a ``checkpoint`` path, training resumes from it if it exists (made by a run with the same ``fingerprint``),
-    is saved there every
-    ``args.checkpoint_every`` seconds, at the end, and when ``time.perf_counter()`` passes ``deadline`` (which
-    returns the progress so far, unfinished).
+    and is saved there every ``args.checkpoint_every`` seconds, at the end, and when ``time.perf_counter()`` passes
+    ``deadline`` (which returns the progress so far, unfinished).
     """
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -408,6 +407,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} needs --checkpoint-dir (where the training state is saved)")
         if value is not None and not 0 < value < math.inf:
             parser.error(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value}")
+    if args.checkpoint_dir is not None and args.checkpoint_dir.exists() and not args.checkpoint_dir.is_dir():
+        parser.error(f"--checkpoint-dir {args.checkpoint_dir} is a file, not a folder; give a folder for the "
+                     "training state")
     args.checkpoint_every = args.checkpoint_every or 60.0
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")

@@ -227,3 +227,13 @@ def test_bench_call_seconds_needs_a_checkpoint_dir(capsys):
         bench_mqar().main(["--quick", "--call-seconds", "60"])
     assert exit_info.value.code == 2
     assert "--call-seconds needs --checkpoint-dir" in capsys.readouterr().err
+
+
+def test_bench_checkpoint_dir_must_be_a_folder(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_mqar().main(["--quick", "--checkpoint-dir", str(a_file)])
+    assert exit_info.value.code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
