@@ -126,16 +126,18 @@ class RecallModel(nn.Module):
 
 
 def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, balance: float,
-                  normalize_reads: bool = False) -> list[nn.Module]:
+                  normalize_reads: bool = False, temperature: float = 1.0) -> list[nn.Module]:
     """Two RAM-Net layers of 2^slots_exponent slots per head (U = 2 factors), value_dim 64.
 
     ``cape_first`` gives the first layer relative (CAPE) addressing as the paper does in shallow layers; the second
-    layer always addresses by content, which recall needs. ``balance`` is RAMNet's slot-balance regulariser.
+    layer always addresses by content, which recall needs. ``balance``, ``normalize_reads`` and ``temperature`` are
+    RAMNet's.
     """
     heads = max(1, dim // 64)
     return [
         StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=top_k,
-                             cape=cape, gamma=1.0, balance=balance, normalize_reads=normalize_reads))
+                             cape=cape, gamma=1.0, balance=balance, normalize_reads=normalize_reads,
+                             temperature=temperature))
         for cape in (cape_first, False)
     ]
 
@@ -145,7 +147,7 @@ def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) 
     heads = max(1, dim // 64)
     if kind == "ramnet":
         mixers = ramnet_layers(dim, args.slots_exponent, args.top_k, args.ramnet_cape == "first", args.ramnet_balance,
-                               args.ramnet_normalize_reads)
+                               args.ramnet_normalize_reads, args.ramnet_temperature)
         sizes = [m.layer.state_size() for m in mixers]
         state = {"total": sum(s["total"] for s in sizes), "per_token": sum(s["per_token"] for s in sizes)}
     elif kind == "neural_memory":
@@ -178,7 +180,8 @@ class Progress:
 
 # the settings that shape a training run: a checkpoint resumes only a run made with the same ones
 RUN_SETTINGS = ("quick", "vocab_size", "steps", "batch_size", "lr", "weight_decay", "max_train_seconds", "seed",
-                "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance", "ramnet_normalize_reads")
+                "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance", "ramnet_normalize_reads",
+                "ramnet_temperature")
 CHECKPOINT_CLASS = "MQARTraining"
 
 
@@ -380,6 +383,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "kept the loss at chance for all of ~1750 steps)")
     parser.add_argument("--ramnet-normalize-reads", action="store_true",
                         help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
+    parser.add_argument("--ramnet-temperature", type=float, default=1.0,
+                        help="initial value of RAMNet's learned q/k temperature (default 1.0; the chosen slots' share "
+                             "of an address at initialisation: ~0.01 at 1, ~0.12 at 3, with 2^12 slots and K = 8)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)
@@ -401,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.ramnet_balance is not None and not 0 <= args.ramnet_balance < math.inf:
         parser.error(f"--ramnet-balance must be a finite number >= 0, got {args.ramnet_balance}")
+    if not 0 < args.ramnet_temperature < math.inf:
+        parser.error(f"--ramnet-temperature must be a finite number > 0, got {args.ramnet_temperature}")
     for name in ("call_seconds", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and args.checkpoint_dir is None:
@@ -437,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
           f"RAM-Net 2^{args.slots_exponent} slots per head, CAPE in layer 1: {args.ramnet_cape == 'first'}, "
-          f"slot balance {args.ramnet_balance}")
+          f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(
         f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"
     print(header)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -131,6 +133,10 @@ class RAMNet(nn.Module):
         renormalise their gates), so a read returns a weighted average of slots from the first step. The paper's
         read uses the weights as they are: with many slots they start tiny (4096 slots, K = 8: ~0.01 in all, 14x
         less than 64 slots, K = 4), and so does the layer's output. Writes are unchanged.
+    temperature : float, default 1.0
+        Initial value of the learned per-head temperature ``exp(alpha)`` that scales the q/k logits. It does not
+        change which slots a token picks at first, only how much weight they carry: at default initialisation, with
+        4096 slots and K = 8, the chosen slots hold ~0.01 of the address's mass at 1, ~0.12 at 3 and ~0.8 at 10.
 
     Notes
     -----
@@ -180,6 +186,7 @@ class RAMNet(nn.Module):
         eps: float = 1e-6,
         balance: float = 0.0,
         normalize_reads: bool = False,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         _check_positive(dim=dim, heads=heads, factors=factors, top_k=top_k, chunk_size=chunk_size)
@@ -206,6 +213,9 @@ class RAMNet(nn.Module):
             raise InputError(f"eps must be > 0, got {eps}")
         if not 0 <= balance < float("inf"):
             raise InputError(f"balance must be a finite number >= 0 (0 turns the regulariser off), got {balance}")
+        if not 0 < temperature < float("inf"):
+            raise InputError(f"temperature must be a finite number > 0 (it multiplies the q/k logits), "
+                             f"got {temperature}")
         self.dim, self.heads, self.factors, self.factor_size = dim, heads, factors, factor_size
         self.slots, self.top_k, self.gamma, self.value_dim = slots, top_k, float(gamma), value_dim
         self.cape, self.conv_kernel, self.chunk_size, self.eps = cape, conv_kernel, chunk_size, eps
@@ -215,7 +225,8 @@ class RAMNet(nn.Module):
 
         self.to_qkv = nn.Linear(dim, channels, bias=False)
         self.qkv_conv = nn.Conv1d(channels, channels, conv_kernel, groups=channels) if conv_kernel else None
-        self.log_temperature = nn.Parameter(torch.zeros(heads))  # alpha: q/k weights scaled by exp(alpha)
+        # alpha: q/k weights scaled by exp(alpha)
+        self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
         self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
 
     def initial_state(self, batch_size: int, device: torch.device | None = None) -> RAMNetState:

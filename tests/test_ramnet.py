@@ -1,5 +1,6 @@
 """RAMNet layer: state contract (pieces == whole, chunked == token-by-token), CAPE, gradients, bad arguments."""
 
+import math
 import pickle
 
 import pytest
@@ -192,6 +193,8 @@ def test_state_detach_and_pickle():
     (dict(chunk_size=0), "chunk_size"),
     (dict(balance=-0.1), "balance"),
     (dict(balance=float("nan")), "balance"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
 ], ids=lambda v: str(v))
 def test_bad_arguments_raise_value_error(kwargs, message):
     settings = dict(heads=2, factors=3, factor_size=4, top_k=5)
@@ -315,3 +318,20 @@ def test_normalize_reads_weighs_the_read_slots_by_one_and_keeps_the_writes():
     y, _ = normed(x)
     y.sum().backward()
     assert normed.to_qkv.weight.grad.isfinite().all()
+
+
+def test_temperature_scales_the_logits_and_keeps_the_chosen_slots():
+    """temperature=s starts alpha at log s: the same slots, with the weights of the logits multiplied by s."""
+    torch.manual_seed(0)
+    plain = RAMNet(32, heads=2, factors=2, factor_size=8, top_k=4, cape=False)
+    hot = RAMNet(32, heads=2, factors=2, factor_size=8, top_k=4, cape=False, temperature=3.0)
+    torch.testing.assert_close(hot.log_temperature, torch.full((2,), math.log(3.0)))
+    hot.load_state_dict({**plain.state_dict(), "log_temperature": hot.log_temperature.detach()})
+    x = torch.randn(2, 12, 32)
+    a, b = plain.addresses(x), hot.addresses(x)
+    assert torch.equal(a["read_slots"], b["read_slots"]) and torch.equal(a["write_slots"], b["write_slots"])
+    assert (b["read_weights"].sum(-1) > a["read_weights"].sum(-1)).all()  # sharper: more mass on the chosen slots
+    with torch.no_grad():  # the same logits by the other route: the convolution's output 3x, temperature 1
+        plain.qkv_conv.weight.mul_(3.0)
+        plain.qkv_conv.bias.mul_(3.0)
+    torch.testing.assert_close(plain.addresses(x)["read_weights"], b["read_weights"])
