@@ -125,20 +125,20 @@ class RecallModel(nn.Module):
         return self.norm(x) @ self.embed.weight.T
 
 
-def ramnet_layers(dim: int, slots_exponent: int, top_k: int, cape_first: bool, balance: float,
-                  normalize_reads: bool = False, temperature: float = 1.0) -> list[nn.Module]:
-    """Two RAM-Net layers of 2^slots_exponent slots per head (U = 2 factors), value_dim 64.
+def ramnet_layers(dim: int, args: argparse.Namespace) -> list[nn.Module]:
+    """Two RAM-Net layers of 2^slots_exponent slots per head, value_dim 64, from the command line's settings.
 
-    ``cape_first`` gives the first layer relative (CAPE) addressing as the paper does in shallow layers; the second
-    layer always addresses by content, which recall needs. ``balance``, ``normalize_reads`` and ``temperature`` are
-    RAMNet's.
+    The slots are ``factor_size ** factors`` with ``factors = --ramnet-factors`` (U). ``--ramnet-cape first`` gives the
+    first layer relative (CAPE) addressing as the paper does in shallow layers; the second layer always addresses by
+    content, which recall needs. Balance, read normalisation and temperature are RAMNet's options.
     """
     heads = max(1, dim // 64)
+    factor_size = 2 ** (args.slots_exponent // args.ramnet_factors)
     return [
-        StatefulMixer(RAMNet(dim, heads=heads, factors=2, factor_size=2 ** (slots_exponent // 2), top_k=top_k,
-                             cape=cape, gamma=1.0, balance=balance, normalize_reads=normalize_reads,
-                             temperature=temperature))
-        for cape in (cape_first, False)
+        StatefulMixer(RAMNet(dim, heads=heads, factors=args.ramnet_factors, factor_size=factor_size,
+                             top_k=args.top_k, cape=cape, gamma=1.0, balance=args.ramnet_balance,
+                             normalize_reads=args.ramnet_normalize_reads, temperature=args.ramnet_temperature))
+        for cape in (args.ramnet_cape == "first", False)
     ]
 
 
@@ -146,8 +146,7 @@ def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) 
     """The model and its state size: total floats per sequence, floats touched per token."""
     heads = max(1, dim // 64)
     if kind == "ramnet":
-        mixers = ramnet_layers(dim, args.slots_exponent, args.top_k, args.ramnet_cape == "first", args.ramnet_balance,
-                               args.ramnet_normalize_reads, args.ramnet_temperature)
+        mixers = ramnet_layers(dim, args)
         sizes = [m.layer.state_size() for m in mixers]
         state = {"total": sum(s["total"] for s in sizes), "per_token": sum(s["per_token"] for s in sizes)}
     elif kind == "neural_memory":
@@ -181,7 +180,7 @@ class Progress:
 # the settings that shape a training run: a checkpoint resumes only a run made with the same ones
 RUN_SETTINGS = ("quick", "vocab_size", "steps", "batch_size", "lr", "weight_decay", "max_train_seconds", "seed",
                 "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance", "ramnet_normalize_reads",
-                "ramnet_temperature")
+                "ramnet_temperature", "ramnet_factors")
 CHECKPOINT_CLASS = "MQARTraining"
 
 
@@ -373,8 +372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "reads lost its writes in 2 of 5 seeds of --quick)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
     parser.add_argument("--slots-exponent", type=int, default=None,
-                        help="RAM-Net slots per head = 2**this, even (default 12; 6 with --quick)")
+                        help="RAM-Net slots per head = 2**this, a multiple of --ramnet-factors (default 12; 6 with "
+                             "--quick)")
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
+    parser.add_argument("--ramnet-factors", type=int, default=2,
+                        help="U, the factors of RAM-Net's product softmax: the slots are (2**(slots-exponent / U))**U "
+                             "(default 2, e.g. 64 x 64; the paper's language model uses 5 factors of 4)")
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--ramnet-balance", type=float, default=None,
@@ -409,6 +412,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ramnet-balance must be a finite number >= 0, got {args.ramnet_balance}")
     if not 0 < args.ramnet_temperature < math.inf:
         parser.error(f"--ramnet-temperature must be a finite number > 0, got {args.ramnet_temperature}")
+    if args.ramnet_factors < 1:
+        parser.error(f"--ramnet-factors must be a positive integer, got {args.ramnet_factors}")
     for name in ("call_seconds", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and args.checkpoint_dir is None:
@@ -427,6 +432,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
     args.slots_exponent = args.slots_exponent or (6 if quick else 12)
     args.top_k = args.top_k or (4 if quick else 8)
+    if args.slots_exponent % args.ramnet_factors or args.slots_exponent < args.ramnet_factors:
+        parser.error(f"--slots-exponent {args.slots_exponent} must be a multiple of --ramnet-factors "
+                     f"{args.ramnet_factors} (2**exponent slots = factor_size**factors, factor_size a power of 2)")
     if args.ramnet_balance is None:
         args.ramnet_balance = 0.1 if quick else 0.0
     args.test_examples = args.test_examples or (100 if quick else 1000)
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
-          f"RAM-Net 2^{args.slots_exponent} slots per head, CAPE in layer 1: {args.ramnet_cape == 'first'}, "
+          f"RAM-Net 2^{args.slots_exponent} slots per head in {args.ramnet_factors} factors, CAPE in layer 1: {args.ramnet_cape == 'first'}, "
           f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(
         f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"

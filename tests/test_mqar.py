@@ -153,13 +153,29 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
 
 
-@pytest.mark.parametrize("flag,message", [("--weight-decay", "--weight-decay must be >= 0"),
-                                          ("--ramnet-balance", "--ramnet-balance must be a finite number >= 0")])
-def test_bench_rejects_negative_regularisers(capsys, flag, message):
+@pytest.mark.parametrize("flags,message", [
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--ramnet-balance", "-0.1"], "--ramnet-balance must be a finite number >= 0"),
+    (["--ramnet-temperature", "0"], "--ramnet-temperature must be a finite number > 0"),
+    (["--ramnet-factors", "0"], "--ramnet-factors must be a positive integer"),
+    (["--slots-exponent", "7"], "--slots-exponent 7 must be a multiple of --ramnet-factors 2"),  # was 2^6 silently
+], ids=lambda v: v[0] if isinstance(v, list) else None)
+def test_bench_rejects_bad_settings(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        bench_mqar().main(["--quick", flag, "-0.1"])
+        bench_mqar().main(["--quick", *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_ramnet_slots_split_into_the_factors_asked_for():
+    """--slots-exponent 12 --ramnet-factors 3: 16^3 slots; the temperature reaches every layer."""
+    mqar = bench_mqar()
+    args = mqar.parse_args(["--slots-exponent", "12", "--ramnet-factors", "3", "--ramnet-temperature", "2"])
+    model, state = mqar.build_model("ramnet", 64, 64, args)
+    layers = [m for m in model.modules() if isinstance(m, RAMNet)]
+    assert [(layer.factors, layer.factor_size, layer.slots) for layer in layers] == [(3, 16, 4096)] * 2
+    assert all(torch.allclose(layer.log_temperature.exp(), torch.tensor(2.0)) for layer in layers)
+    assert state["total"] == 2 * layers[0].heads * 4096 * 65
 
 
 def test_bench_training_resumes_exactly_where_a_killed_call_stopped(tmp_path, monkeypatch):
