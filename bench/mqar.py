@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
-          f"RAM-Net 2^{args.slots_exponent} slots per head in {args.ramnet_factors} factors, CAPE in layer 1: {args.ramnet_cape == 'first'}, "
+          f"RAM-Net 2^{args.slots_exponent} slots per head in {args.ramnet_factors} factors, "
+          f"CAPE in layer 1: {args.ramnet_cape == 'first'}, "
           f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(
         f"{f'{n}/{p}':>8}" for n, p in settings) + "     mean  steps  train s"
