@@ -388,7 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
     parser.add_argument("--ramnet-temperature", type=float, default=1.0,
                         help="initial value of RAMNet's learned q/k temperature (default 1.0; the chosen slots' share "
-                             "of an address at initialisation: ~0.01 at 1, ~0.12 at 3, with 2^12 slots and K = 8)")
+                             "of an address in the freshly built d_model 128 model, 2^12 slots, K = 8: ~0.01 at 1, ~0.12 "
+                             "at 3)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)
@@ -432,8 +433,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
     args.slots_exponent = args.slots_exponent or (6 if quick else 12)
     args.top_k = args.top_k or (4 if quick else 8)
-    if args.slots_exponent % args.ramnet_factors or args.slots_exponent < args.ramnet_factors:
-        parser.error(f"--slots-exponent {args.slots_exponent} must be a multiple of --ramnet-factors "
+    if args.slots_exponent < 1 or args.slots_exponent % args.ramnet_factors:
+        parser.error(f"--slots-exponent {args.slots_exponent} must be a positive multiple of --ramnet-factors "
                      f"{args.ramnet_factors} (2**exponent slots = factor_size**factors, factor_size a power of 2)")
     if args.ramnet_balance is None:
         args.ramnet_balance = 0.1 if quick else 0.0

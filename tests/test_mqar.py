@@ -158,7 +158,7 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     (["--ramnet-balance", "-0.1"], "--ramnet-balance must be a finite number >= 0"),
     (["--ramnet-temperature", "0"], "--ramnet-temperature must be a finite number > 0"),
     (["--ramnet-factors", "0"], "--ramnet-factors must be a positive integer"),
-    (["--slots-exponent", "7"], "--slots-exponent 7 must be a multiple of --ramnet-factors 2"),  # was 2^6 silently
+    (["--slots-exponent", "7"], "--slots-exponent 7 must be a positive multiple of --ramnet-factors 2"),  # was 2^6 silently
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bench_rejects_bad_settings(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -95,10 +95,10 @@ run_stage() {
     local train=${MQAR_SECONDS:-150} steps=${MQAR_STEPS:-6000}
     local models=${MQAR_MODELS:-ramnet}
     local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
-    [ -n "$quick" ] && { train=30; steps=1000; }
+    local slot_exponents=${MQAR_SLOTS:-10}
+    [ -n "$quick" ] && { train=30; steps=1000; slot_exponents=6; }
     for seed in ${MQAR_SEED:-0 1}; do
-      for slots in ${MQAR_SLOTS:-10}; do
-        [ -n "$quick" ] && slots=6
+      for slots in $slot_exponents; do
         for cape in ${MQAR_CAPE:-none}; do
           for lr in ${MQAR_LR:-3e-3}; do
             for balance in ${MQAR_BALANCE:-0}; do
