@@ -304,7 +304,7 @@ def genomics_fit(
     """
     from genomics import DNAClassifier, load_sequences
 
-    _refuse_to_overwrite(out, train, labels)
+    _refuse_overwriting_input(out, train, labels)
     data = load_sequences(train, labels=labels, split=split, require_labels=True)
     classifier = DNAClassifier(dim=dim, blocks=blocks, max_length=max_length, epochs=epochs, batch_size=batch_size,
                                lr=lr, reverse_complement=reverse_complement, device=device, random_state=seed,
@@ -340,7 +340,7 @@ def genomics_classify(
     from genomics import DNAClassifier
 
     if out is not None:
-        _refuse_to_overwrite(out, input, bed, model)
+        _refuse_overwriting_input(out, input, bed, model)
     classifier = DNAClassifier.load(model, device=device)
     records, total = _genomics_records(input, bed, split)
     if out is None:
@@ -379,12 +379,6 @@ def genomics_evaluate(
     classifier = DNAClassifier.load(model, device=device)
     dataset = load_sequences(data, labels=labels, bed=bed, split=split, require_labels=True)
     typer.echo(evaluate_classifier(classifier, dataset).to_text())
-
-
-def _refuse_to_overwrite(out: Path, *inputs: Path | None) -> None:
-    for path in inputs:
-        if path is not None and Path(out).resolve() == Path(path).resolve():
-            raise InputError(f"--out {out} is one of the inputs; choose another output path")
 
 
 def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str) -> int:

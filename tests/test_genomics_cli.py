@@ -163,7 +163,7 @@ def bad(tmp_path, workspace):
     (["classify", "{work}/seqs.fa", "--model", "{bad}/not_a_model.safetensors"], "not a readable safetensors"),
     (["classify", "{work}/seqs.fa", "--model", "{bad}/corrupt.safetensors"], "corrupt"),
     (["classify", "{work}/seqs.fa", "--model", "{bad}/missing.safetensors"], "does not exist"),
-    (["classify", "{work}/seqs.fa", "--model", "{model}", "--out", "{work}/seqs.fa"], "is one of the inputs"),
+    (["classify", "{work}/seqs.fa", "--model", "{model}", "--out", "{work}/seqs.fa"], "is an input file"),
     (["evaluate", "--model", "{model}", "--data", "{work}/seqs.fa", "--labels", "{bad}/few_labels.tsv"],
      "no label for 158 of 160 records"),
     (["evaluate", "--model", "{model}", "--data", "{work}/seqs.fa"], "has no labels"),
