@@ -77,7 +77,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     kmer_sizes : tuple of int, default (2, 3, 4, 5, 6, 7, 8)
         Lengths k (1-8) of the overlapping k-mers whose learned embeddings (one table of 4**k rows per k) are added
         to the stem and averaged into the head; () turns them off. On NonTATA promoters they carry most of the
-        accuracy (see the README).
+        accuracy (see docs/genomics.md).
     max_length : int or None, default None
         Longest input the network reads at once; None uses the longest training sequence.
     epochs : int, default 12
