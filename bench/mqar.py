@@ -128,14 +128,15 @@ class RecallModel(nn.Module):
 def ramnet_layers(dim: int, args: argparse.Namespace) -> list[nn.Module]:
     """Two RAM-Net layers of 2^slots_exponent slots per head, value_dim 64, from the command line's settings.
 
-    The slots are ``factor_size ** factors`` with ``factors = --ramnet-factors`` (U). ``--ramnet-cape first`` gives the
+    The slots are ``factor_size ** factors``: ``--ramnet-factor-size`` (d_p) and as many factors (U) as 2^exponent
+    slots need. ``--ramnet-cape first`` gives the
     first layer relative (CAPE) addressing as the paper does in shallow layers; the second layer always addresses by
     content, which recall needs. Balance, read normalisation and temperature are RAMNet's options.
     """
     heads = max(1, dim // 64)
-    factor_size = 2 ** (args.slots_exponent // args.ramnet_factors)
+    factors = args.slots_exponent // int(math.log2(args.ramnet_factor_size))
     return [
-        StatefulMixer(RAMNet(dim, heads=heads, factors=args.ramnet_factors, factor_size=factor_size,
+        StatefulMixer(RAMNet(dim, heads=heads, factors=factors, factor_size=args.ramnet_factor_size,
                              top_k=args.top_k, cape=cape, gamma=1.0, balance=args.ramnet_balance,
                              normalize_reads=args.ramnet_normalize_reads, temperature=args.ramnet_temperature))
         for cape in (args.ramnet_cape == "first", False)
@@ -180,7 +181,7 @@ class Progress:
 # the settings that shape a training run: a checkpoint resumes only a run made with the same ones
 RUN_SETTINGS = ("quick", "vocab_size", "steps", "batch_size", "lr", "weight_decay", "max_train_seconds", "seed",
                 "slots_exponent", "top_k", "ramnet_cape", "ramnet_balance", "ramnet_normalize_reads",
-                "ramnet_temperature", "ramnet_factors")
+                "ramnet_temperature", "ramnet_factor_size")
 CHECKPOINT_CLASS = "MQARTraining"
 
 
@@ -361,23 +362,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch at the shortest length")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default 3e-4; 3e-3 with --quick). On an H100, RAM-Net d_model 128 "
-                             "(CAPE first, 4000 steps) diverged at 1e-3 (loss 2.0 by step 1800, back to 8 by 3500; "
-                             "mean 0.03) and trained steadily at 3e-4 (mean 0.38, still improving); on CPU "
-                             "(content addressing, ~2000 steps, seed 0) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, "
-                             "3e-4 0.020; 5e-3 collapsed, 0.010), but seeds 1 and 2 at 3e-3 scored 0.267 and 0.032, "
-                             "and seed 0 over 6000 steps 0.175")
+                        help="peak learning rate (default 3e-4; 3e-3 with --quick). RAM-Net at d_model 128 with "
+                             "2^12 slots as 64 x 64 (the factor size until 2026-12-02): on CPU (content addressing, "
+                             "~2000 steps, seed 0) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, 3e-4 0.020; 5e-3 "
+                             "collapsed), seeds 1 and 2 only 0.267 and 0.032; on an H100 (CAPE first, 4000 steps) 1e-3 "
+                             "diverged and 3e-4 reached 0.38. With factor size 4 or 8, 3e-3 scored 0.97-0.98 on CPU "
+                             "(docs/ramnet.md)")
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="AdamW weight decay (default 0.1, Zoology's; with it and --ramnet-balance 0, RAM-Net's "
                              "reads lost its writes in 2 of 5 seeds of --quick)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
     parser.add_argument("--slots-exponent", type=int, default=None,
-                        help="RAM-Net slots per head = 2**this, a multiple of --ramnet-factors (default 12; 6 with "
-                             "--quick)")
+                        help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 12; "
+                             "6 with --quick)")
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
-    parser.add_argument("--ramnet-factors", type=int, default=2,
-                        help="U, the factors of RAM-Net's product softmax: the slots are (2**(slots-exponent / U))**U "
-                             "(default 2, e.g. 64 x 64; the paper's language model uses 5 factors of 4)")
+    parser.add_argument("--ramnet-factor-size", type=int, default=None,
+                        help="d_p, the width of each softmax of RAM-Net's product address, a power of 2; the slots "
+                             "are d_p**U with U = slots-exponent / log2(d_p) factors (default 4, RAMNet's and the "
+                             "paper's; 8 with --quick). At d_model 128 on CPU, 4096 slots as 64 x 64 scored 0.032 "
+                             "where 8**4 scored 0.966 (seed 2)"),
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--ramnet-balance", type=float, default=None,
@@ -388,8 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
     parser.add_argument("--ramnet-temperature", type=float, default=1.0,
                         help="initial value of RAMNet's learned q/k temperature (default 1.0; the chosen slots' share "
-                             "of an address in the freshly built d_model 128 model, 2^12 slots, K = 8: ~0.01 at 1, ~0.12 "
-                             "at 3)")
+                             "of an address in the freshly built d_model 128 model, 2^12 slots as 64 x 64, K = 8: "
+                             "~0.01 at 1, ~0.12 at 3)")
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--eval-batch-size", type=int, default=50)
@@ -413,8 +416,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--ramnet-balance must be a finite number >= 0, got {args.ramnet_balance}")
     if not 0 < args.ramnet_temperature < math.inf:
         parser.error(f"--ramnet-temperature must be a finite number > 0, got {args.ramnet_temperature}")
-    if args.ramnet_factors < 1:
-        parser.error(f"--ramnet-factors must be a positive integer, got {args.ramnet_factors}")
     for name in ("call_seconds", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and args.checkpoint_dir is None:
@@ -433,9 +434,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
     args.slots_exponent = args.slots_exponent or (6 if quick else 12)
     args.top_k = args.top_k or (4 if quick else 8)
-    if args.slots_exponent < 1 or args.slots_exponent % args.ramnet_factors:
-        parser.error(f"--slots-exponent {args.slots_exponent} must be a positive multiple of --ramnet-factors "
-                     f"{args.ramnet_factors} (2**exponent slots = factor_size**factors, factor_size a power of 2)")
+    if args.ramnet_factor_size is None:
+        args.ramnet_factor_size = 8 if quick else 4
+    size = args.ramnet_factor_size
+    if size < 2 or size & (size - 1):
+        parser.error(f"--ramnet-factor-size must be a power of 2 >= 2, got {size}")
+    if args.slots_exponent < 1 or args.slots_exponent % int(math.log2(size)):
+        parser.error(f"--slots-exponent {args.slots_exponent} must be a positive multiple of {int(math.log2(size))}, "
+                     f"log2(--ramnet-factor-size {size}): 2**exponent slots = factor_size**factors")
     if args.ramnet_balance is None:
         args.ramnet_balance = 0.1 if quick else 0.0
     args.test_examples = args.test_examples or (100 if quick else 1000)
@@ -453,7 +459,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
-          f"RAM-Net 2^{args.slots_exponent} slots per head in {args.ramnet_factors} factors, "
+          f"RAM-Net 2^{args.slots_exponent} slots per head as "
+          f"{args.ramnet_factor_size}^{args.slots_exponent // int(math.log2(args.ramnet_factor_size))}, "
           f"CAPE in layer 1: {args.ramnet_cape == 'first'}, "
           f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(

@@ -157,8 +157,10 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--ramnet-balance", "-0.1"], "--ramnet-balance must be a finite number >= 0"),
     (["--ramnet-temperature", "0"], "--ramnet-temperature must be a finite number > 0"),
-    (["--ramnet-factors", "0"], "--ramnet-factors must be a positive integer"),
-    (["--slots-exponent", "7"], "--slots-exponent 7 must be a positive multiple of --ramnet-factors 2"),  # was 2^6 silently
+    (["--ramnet-factor-size", "6"], "--ramnet-factor-size must be a power of 2 >= 2"),
+    (["--ramnet-factor-size", "0"], "--ramnet-factor-size must be a power of 2 >= 2"),
+    (["--slots-exponent", "-6"], "--slots-exponent -6 must be a positive multiple of 3"),
+    (["--slots-exponent", "7"], "--slots-exponent 7 must be a positive multiple of 3, log2(--ramnet-factor-size 8)"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bench_rejects_bad_settings(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -168,9 +170,9 @@ def test_bench_rejects_bad_settings(capsys, flags, message):
 
 
 def test_bench_ramnet_slots_split_into_the_factors_asked_for():
-    """--slots-exponent 12 --ramnet-factors 3: 16^3 slots; the temperature reaches every layer."""
+    """--slots-exponent 12 --ramnet-factor-size 16: 16^3 slots; the temperature reaches every layer."""
     mqar = bench_mqar()
-    args = mqar.parse_args(["--slots-exponent", "12", "--ramnet-factors", "3", "--ramnet-temperature", "2"])
+    args = mqar.parse_args(["--slots-exponent", "12", "--ramnet-factor-size", "16", "--ramnet-temperature", "2"])
     model, state = mqar.build_model("ramnet", 64, 64, args)
     layers = [m for m in model.modules() if isinstance(m, RAMNet)]
     assert [(layer.factors, layer.factor_size, layer.slots) for layer in layers] == [(3, 16, 4096)] * 2

@@ -4,10 +4,11 @@
 #
 #     bash bench/device/run.sh kernels   # issue 3 + 6: neural-memory layer/op vs SDPA and titans-pytorch; RAM-Net slots
 #     bash bench/device/run.sh mqar      # issue 6: RAM-Net MQAR at d_model 128 on the 7 Zoology settings (2 runs;
-#                                        # MQAR_SEED, MQAR_SLOTS, MQAR_LR, MQAR_WD, MQAR_BALANCE, MQAR_STEPS,
-#                                        # MQAR_CAPE, MQAR_SECONDS, MQAR_MODELS change the runs)
+#                                        # MQAR_SEED, MQAR_SLOTS, MQAR_FACTOR_SIZE, MQAR_LR, MQAR_WD, MQAR_BALANCE,
+#                                        # MQAR_STEPS, MQAR_CAPE, MQAR_SECONDS, MQAR_MODELS change the runs)
 #     bash bench/device/run.sh mqar-long # issue 6: one RAM-Net d_model 128 run longer than a call, resumed call after
-#                                        # call (MQAR_STEPS, MQAR_LR, MQAR_CAPE, MQAR_SEED, MQAR_SLOTS, MQAR_CALL_SECONDS)
+#                                        # call (MQAR_STEPS, MQAR_LR, MQAR_CAPE, MQAR_SEED, MQAR_SLOTS,
+#                                        # MQAR_FACTOR_SIZE, MQAR_CALL_SECONDS)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
 #
@@ -79,15 +80,17 @@ run_stage() {
       --plot "$out/ramnet_scan.png"
     ;;
   mqar)
-    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3, 2^10 slots per head, seeds
-    # 0 and 1. On CPU (45 min, ~1700-2200 steps of 64 x 64 tokens) this recipe learnt on all 3 seeds tried (mean
-    # 0.706 / 0.809 / 0.695, seeds 0 / 1 / 2), where 2^12 slots gave 0.499 / 0.267 / 0.032 (seed 2 never left chance).
+    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3, 2^10 slots per head as 4^5
+    # (the bench's default factor size 4, RAMNet's and the paper's), seeds 0 and 1. On CPU (45 min, ~2100-2300 steps
+    # of 64 x 64 tokens) 4^5 scored 0.978 / 0.845 (seeds 2 / 0), where the same 2^10 slots as 32^2 scored 0.695 /
+    # 0.706 and 2^12 as 64^2 0.032 / 0.499; 2^12 as 8^4 scored 0.966 (seed 2). MQAR_FACTOR_SIZE=32 runs 32^2 again.
     # Earlier: on an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs at 2^12 of 4000 steps took ~90 s
     # and ~80 s more to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to
     # chance. At 2^12 on CPU, seed 0 over 6000 steps (2 h) scored 0.175, below its 45-minute run: watch the log's
-    # loss for the same relapse at 2^10.
+    # loss for the same relapse.
     # Each run's log has the share of reads finding a written slot per layer every 100 steps. Another call can change
-    # the seeds, lrs, balances, slot exponents and CAPE variants (space-separated lists), the steps or the weight decay:
+    # the seeds, lrs, balances, slot exponents and CAPE variants (space-separated lists), the factor size, the steps or
+    # the weight decay:
     #   MQAR_SEED="2 3" MQAR_LR="3e-3 2e-3" MQAR_SLOTS="10 12" MQAR_STEPS=6000 MQAR_WD=0 MQAR_CAPE="first none" bash ...
     # Two runs fit one call (each is limited to its training seconds + 120 s to score).
     # The other columns of the issue's table: MQAR_MODELS=neural_memory,attention (slots, CAPE and balance are
@@ -104,11 +107,13 @@ run_stage() {
             for balance in ${MQAR_BALANCE:-0}; do
               local name="${models//,/_}_slots${slots}_cape_${cape}_seed${seed}_lr${lr}"
               name+="_wd${MQAR_WD:-0.1}_balance${balance}"
+              name+="${MQAR_FACTOR_SIZE:+_factor$MQAR_FACTOR_SIZE}"
               step "mqar-$models-128-slots-$slots-cape-$cape-seed-$seed-lr-$lr-balance-$balance" \
                 $((count * (train + 120))) \
                 $python bench/mqar.py --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" \
                 --lr "$lr" --ramnet-balance "$balance" ${MQAR_WD:+--weight-decay "$MQAR_WD"} --steps "$steps" \
-                --slots-exponent "$slots" --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
+                --slots-exponent "$slots" ${MQAR_FACTOR_SIZE:+--ramnet-factor-size "$MQAR_FACTOR_SIZE"} \
+                --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
             done
           done
         done
@@ -121,18 +126,18 @@ run_stage() {
     # resumes it, and the call that finishes the steps scores the model (~80 s on an H100). The state also goes to
     # $OUT: if the machine was given back between calls, copy it from there into .dev/mqar-long here and carry
     # .dev/mqar-long too. A different MQAR_* setting is a different run and is refused while that state is there.
-    # Why these defaults: the only d_model 128 run that learnt steadily was CAPE in the first layer (the paper's
-    # shallow-layer addressing) at lr 3e-4, 4000 steps on an H100 (mean 0.380, still improving); higher lrs learnt
-    # faster and then lost it (1e-3 CAPE-first; 3e-3 content addressing on CPU over 3 seeds). 40000 steps of 128 x 64
-    # tokens (~330M tokens, ~38% of Zoology's budget) take ~15 minutes at the ~46 steps/s measured then, i.e. two
-    # or three calls.
+    # The defaults are the recipe of `mqar` (content addressing, lr 3e-3, 2^10 slots as 4^5), which scored 0.85-0.98
+    # on CPU in ~2100-2300 steps of 64 x 64 tokens, for 20000 steps of 128 x 64 tokens (~164M tokens, ~19% of
+    # Zoology's budget; untested at that length: the longest CPU run of a small factor size, 2^12 as 8^4, had a
+    # 4000-step schedule). Until 2026-12-02 they were CAPE first at lr 3e-4 with 2^12 slots as 64^2, the factor size
+    # that trained worst (MQAR_CAPE=first MQAR_LR=3e-4 MQAR_SLOTS=12 MQAR_FACTOR_SIZE=64 runs that again).
     local state=.dev/mqar-long
     local train=${MQAR_CALL_SECONDS:-420}
-    local steps=${MQAR_STEPS:-40000} slots=${MQAR_SLOTS:-12}  # 10 scored 0.809 vs 0.267 on CPU (seed 1, one run)
+    local steps=${MQAR_STEPS:-20000} slots=${MQAR_SLOTS:-10}
     [ -n "$quick" ] && { train=20; steps=300; slots=6; state=$(mktemp -d); }  # a smoke test leaves the real state alone
     step mqar-long $((train + 170)) $python bench/mqar.py --models ramnet --dims 128 $quick \
-      --ramnet-cape "${MQAR_CAPE:-first}" --seed "${MQAR_SEED:-0}" --lr "${MQAR_LR:-3e-4}" --steps "$steps" \
-      --slots-exponent "$slots" \
+      --ramnet-cape "${MQAR_CAPE:-none}" --seed "${MQAR_SEED:-0}" --lr "${MQAR_LR:-3e-3}" --steps "$steps" \
+      --slots-exponent "$slots" ${MQAR_FACTOR_SIZE:+--ramnet-factor-size "$MQAR_FACTOR_SIZE"} \
       --checkpoint-dir "$state" --call-seconds "$train" --verbose --out "$out/mqar_long.json"
     cp "$state"/*.safetensors "$out"/ 2>/dev/null
     ;;
