@@ -10,7 +10,7 @@ It prints the accuracy of every setting, their mean, and the state each model ke
   layers touch all of it).
 
     python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
-    python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots, K = 4, slot balance 0.1, d_model 64
+    python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots as 8^2, K = 4, slot balance 0.1, d_model 64
     python bench/mqar.py --models ramnet --dims 128 --steps 3000
 
 Training longer than one sitting (the GPU machine takes commands of at most 10 minutes): ``--checkpoint-dir DIR``
@@ -373,8 +373,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "reads lost its writes in 2 of 5 seeds of --quick)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
     parser.add_argument("--slots-exponent", type=int, default=None,
-                        help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 12; "
-                             "6 with --quick)")
+                        help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 10: "
+                             "4^5, RAMNet's default; 6 with --quick; 12 until 2026-12-02)")
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-factor-size", type=int, default=None,
                         help="d_p, the width of each softmax of RAM-Net's product address, a power of 2; the slots "
@@ -432,7 +432,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr = args.lr or (3e-3 if quick else 3e-4)
     args.batch_size = args.batch_size or (32 if quick else 128)
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
-    args.slots_exponent = args.slots_exponent or (6 if quick else 12)
+    args.slots_exponent = args.slots_exponent or (6 if quick else 10)
     args.top_k = args.top_k or (4 if quick else 8)
     if args.ramnet_factor_size is None:
         args.ramnet_factor_size = 8 if quick else 4
