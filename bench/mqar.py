@@ -129,18 +129,22 @@ def ramnet_layers(dim: int, args: argparse.Namespace) -> list[nn.Module]:
     """Two RAM-Net layers of 2^slots_exponent slots per head, value_dim 64, from the command line's settings.
 
     The slots are ``factor_size ** factors``: ``--ramnet-factor-size`` (d_p) and as many factors (U) as 2^exponent
-    slots need. ``--ramnet-cape first`` gives the
-    first layer relative (CAPE) addressing as the paper does in shallow layers; the second layer always addresses by
-    content, which recall needs. Balance, read normalisation and temperature are RAMNet's options.
+    slots need. ``--ramnet-cape first`` gives the first layer relative (CAPE) addressing as the paper does in shallow
+    layers; the second layer always addresses by content, which recall needs. Balance, read normalisation and
+    temperature are RAMNet's options.
     """
     heads = max(1, dim // 64)
-    factors = args.slots_exponent // int(math.log2(args.ramnet_factor_size))
     return [
-        StatefulMixer(RAMNet(dim, heads=heads, factors=factors, factor_size=args.ramnet_factor_size,
+        StatefulMixer(RAMNet(dim, heads=heads, factors=ramnet_factors(args), factor_size=args.ramnet_factor_size,
                              top_k=args.top_k, cape=cape, gamma=1.0, balance=args.ramnet_balance,
                              normalize_reads=args.ramnet_normalize_reads, temperature=args.ramnet_temperature))
         for cape in (args.ramnet_cape == "first", False)
     ]
+
+
+def ramnet_factors(args: argparse.Namespace) -> int:
+    """U such that ramnet_factor_size ** U = 2 ** slots_exponent (parse_args checks that it divides)."""
+    return args.slots_exponent // int(math.log2(args.ramnet_factor_size))
 
 
 def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, int]]:
@@ -366,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "2^12 slots as 64 x 64 (the factor size until 2026-12-02): on CPU (content addressing, "
                              "~2000 steps, seed 0) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, 3e-4 0.020; 5e-3 "
                              "collapsed), seeds 1 and 2 only 0.267 and 0.032; on an H100 (CAPE first, 4000 steps) 1e-3 "
-                             "diverged and 3e-4 reached 0.38. With factor size 4 or 8, 3e-3 scored 0.97-0.98 on CPU "
+                             "diverged and 3e-4 reached 0.38. With factor size 4 or 8, 3e-3 scored 0.85-0.98 on CPU "
                              "(docs/ramnet.md)")
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="AdamW weight decay (default 0.1, Zoology's; with it and --ramnet-balance 0, RAM-Net's "
@@ -460,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
           f"RAM-Net 2^{args.slots_exponent} slots per head as "
-          f"{args.ramnet_factor_size}^{args.slots_exponent // int(math.log2(args.ramnet_factor_size))}, "
+          f"{args.ramnet_factor_size}^{ramnet_factors(args)}, "
           f"CAPE in layer 1: {args.ramnet_cape == 'first'}, "
           f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(
