@@ -82,8 +82,9 @@ run_stage() {
   mqar)
     # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3, 2^10 slots per head as 4^5
     # (the bench's default factor size 4, RAMNet's and the paper's), seeds 0 and 1. On CPU (45 min, ~2100-2300 steps
-    # of 64 x 64 tokens) 4^5 scored 0.978 / 0.845 (seeds 2 / 0), where the same 2^10 slots as 32^2 scored 0.695 /
-    # 0.706 and 2^12 as 64^2 0.032 / 0.499; 2^12 as 8^4 scored 0.966 (seed 2). MQAR_FACTOR_SIZE=32 runs 32^2 again.
+    # of 64 x 64 tokens) 4^5 scored 0.845 / 0.930 / 0.978 (seeds 0 / 1 / 2), where the same 2^10 slots as 32^2 scored
+    # 0.706 / 0.809 / 0.695 and 2^12 as 64^2 0.499 / 0.267 / 0.032; 2^12 as 8^4 scored 0.966 (seed 2) and 0.983 (seed
+    # 0, 4000 steps). MQAR_FACTOR_SIZE=32 runs 32^2 again.
     # Earlier: on an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs at 2^12 of 4000 steps took ~90 s
     # and ~80 s more to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to
     # chance. At 2^12 on CPU, seed 0 over 6000 steps (2 h) scored 0.175, below its 45-minute run: watch the log's
