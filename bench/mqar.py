@@ -144,7 +144,7 @@ def ramnet_layers(dim: int, args: argparse.Namespace) -> list[nn.Module]:
 
 def ramnet_factors(args: argparse.Namespace) -> int:
     """U such that ramnet_factor_size ** U = 2 ** slots_exponent (parse_args checks that it divides)."""
-    return args.slots_exponent // int(math.log2(args.ramnet_factor_size))
+    return args.slots_exponent // (args.ramnet_factor_size.bit_length() - 1)
 
 
 def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, int]]:
@@ -443,8 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size = args.ramnet_factor_size
     if size < 2 or size & (size - 1):
         parser.error(f"--ramnet-factor-size must be a power of 2 >= 2, got {size}")
-    if args.slots_exponent < 1 or args.slots_exponent % int(math.log2(size)):
-        parser.error(f"--slots-exponent {args.slots_exponent} must be a positive multiple of {int(math.log2(size))}, "
+    bits = size.bit_length() - 1  # log2 of a power of 2
+    if args.slots_exponent < 1 or args.slots_exponent % bits:
+        parser.error(f"--slots-exponent {args.slots_exponent} must be a positive multiple of {bits}, "
                      f"log2(--ramnet-factor-size {size}): 2**exponent slots = factor_size**factors")
     if args.ramnet_balance is None:
         args.ramnet_balance = 0.1 if quick else 0.0
