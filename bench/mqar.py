@@ -11,7 +11,8 @@ It prints the accuracy of every setting, their mean, and the state each model ke
 
     python bench/mqar.py                 # GPU: V = 8192, d_model 64 / 128 / 256, 1000 test sequences per setting
     python bench/mqar.py --quick         # CPU: V = 256, L <= 128, 2^6 slots as 8^2, K = 4, slot balance 0.1, d_model 64
-    python bench/mqar.py --models ramnet --dims 128 --steps 3000
+    python bench/mqar.py --models ramnet --dims 128 --steps 3000 --plot runs/mqar.png   # + accuracy per setting
+    python bench/mqar.py --from a.json b.json --labels "8^4" "4^5" --plot runs/both.png   # earlier runs, drawn
 
 Training longer than one sitting (the GPU machine takes commands of at most 10 minutes): ``--checkpoint-dir DIR``
 saves each model's training state (weights, AdamW moments, the data generator, steps and seconds done) there every
@@ -41,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memorycore import CheckpointError, NeuralMemory, RAMNet  # noqa: E402
 from memorycore.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
-from memorycore.files import write_text_atomic  # noqa: E402
-from memorycore.mqar import IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch  # noqa: E402
+from memorycore.files import pyplot, save_figure, write_text_atomic  # noqa: E402
+from memorycore.mqar import (  # noqa: E402
+    IGNORE_INDEX, ZOOLOGY_TEST_SETTINGS, ZOOLOGY_TRAIN_MIXTURE, mqar_accuracy, mqar_batch,
+)
 
 QUICK_TRAIN_MIXTURE = ((32, 2), (32, 4), (64, 4), (64, 8))
 QUICK_TEST_SETTINGS = ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
@@ -285,7 +288,8 @@ def train(model: nn.Module, args: argparse.Namespace, mixture, device: torch.dev
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace, mixture,
-                  generator: torch.Generator, device: torch.device, autocast, done: float) -> tuple[Tensor, int, Tensor]:
+                  generator: torch.Generator, device: torch.device, autocast,
+                  done: float) -> tuple[Tensor, int, Tensor]:
     """One AdamW step on a fresh batch of one mixture setting; returns the loss, the length and the inputs.
 
     The loss stays a tensor: reading it every step would wait for the GPU every step.
@@ -384,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="d_p, the width of each softmax of RAM-Net's product address, a power of 2; the slots "
                              "are d_p**U with U = slots-exponent / log2(d_p) factors (default 4, RAMNet's and the "
                              "paper's; 8 with --quick). At d_model 128 on CPU, 4096 slots as 64 x 64 scored 0.032 "
-                             "where 8**4 scored 0.966 (seed 2)"),
+                             "where 8**4 scored 0.966 (seed 2)")
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--ramnet-balance", type=float, default=None,
@@ -413,7 +417,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "is done (needs --checkpoint-dir); run the same command again to go on")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mqar.json",
                         help="JSON file for the results (written atomically)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw the accuracy of every test setting, one line per model, into this PNG")
+    parser.add_argument("--from", dest="from_results", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="train nothing: draw --plot from these results of earlier runs (their --out files)")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="with --from: one legend label per file instead of the settings read from it")
     args = parser.parse_args(argv)
+    if args.from_results is not None and args.plot is None:
+        parser.error("--from draws earlier results; say where with --plot PATH.png")
+    if args.labels is not None and len(args.labels) != len(args.from_results or ()):
+        parser.error(f"--labels needs one label per --from file: got {len(args.labels)} labels for "
+                     f"{len(args.from_results or ())} files")
     if args.weight_decay < 0:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.ramnet_balance is not None and not 0 <= args.ramnet_balance < math.inf:
@@ -455,6 +470,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.from_results is not None:
+        try:
+            curves = [curve for index, path in enumerate(args.from_results)
+                      for curve in result_curves(path, args.labels[index] if args.labels else None)]
+        except ValueError as error:
+            print(f"mqar.py: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        plot_accuracy(curves, args.plot)
+        print(f"wrote {args.plot}")
+        return
     quick = args.quick
     mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
     settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
@@ -510,6 +535,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         write_json(args.out, report(args, device, rows))
     print(f"wrote {args.out}")
+    if args.plot is not None and any(row["status"] == "done" for row in rows):  # paused runs are drawn when done
+        plot_accuracy(result_curves(args.out), args.plot)
+        print(f"wrote {args.plot}")
 
 
 def report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> dict:
@@ -519,6 +547,59 @@ def report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> 
 def write_json(path: Path, payload: dict) -> None:
     """Write through a temporary file and a rename, so a killed run never leaves half a file."""
     write_text_atomic(path, json.dumps(payload, indent=2))
+
+
+MODEL_NAMES = {"ramnet": "RAM-Net", "neural_memory": "NeuralMemory", "attention": "attention"}
+
+
+def result_curves(path: Path, label: str | None = None) -> list[tuple[str, dict[str, float]]]:
+    """(legend label, accuracy per test setting) for every finished model in one results file of this script.
+
+    The label names the model, d_model and, for RAM-Net, its slots (factor size ^ factors), then the seed and the
+    steps trained (``label`` replaces those), and ends with the mean accuracy.
+    """
+    try:
+        payload = json.loads(path.read_text())
+        settings, rows = payload["settings"], payload["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a results file of bench/mqar.py (its --out JSON): {error}") from None
+    curves = []
+    for row in rows:
+        if row.get("status") != "done":
+            continue  # a paused run has no scores yet
+        if label is None:
+            name = f"{MODEL_NAMES.get(row['model'], row['model'])}, d_model {row['d_model']}"
+            if row["model"] == "ramnet" and "ramnet_factor_size" in settings:
+                size = int(settings["ramnet_factor_size"])
+                name += f", {size}^{int(settings['slots_exponent']) // (size.bit_length() - 1)} slots"
+            name += f", seed {settings.get('seed', '?')}, {row['steps']} steps"
+        else:
+            name = label if len(rows) == 1 else f"{label}, {MODEL_NAMES.get(row['model'], row['model'])}"
+        curves.append((f"{name}: mean {row['mean_accuracy']:.3f}", row["accuracy"]))
+    if not curves:
+        raise ValueError(f"{path} holds no finished run to draw (a paused run is scored when it ends)")
+    return curves
+
+
+def plot_accuracy(curves: list[tuple[str, dict[str, float]]], path: Path) -> None:
+    """Accuracy against the test settings (L/N, ordered by length then pairs), one line per curve, into a PNG."""
+    def length_then_pairs(setting: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in setting.split("/"))
+
+    settings = sorted({setting for _, accuracy in curves for setting in accuracy}, key=length_then_pairs)
+    figure, axis = pyplot().subplots(figsize=(7.2, 4.0))
+    for label, accuracy in curves:
+        shown = [s for s in settings if s in accuracy]
+        axis.plot([settings.index(s) for s in shown], [accuracy[s] for s in shown], marker="o", label=label)
+    axis.set_xticks(range(len(settings)), settings)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("test setting: sequence length / key-value pairs")
+    axis.set_ylabel("accuracy")
+    axis.set_title("MQAR recall per test setting", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower left")
+    figure.tight_layout()
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
-from memorycore.files import atomic_path  # noqa: E402
+from memorycore.files import pyplot, save_figure  # noqa: E402
 from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
 
 
@@ -145,14 +145,9 @@ def main(argv: list[str] | None = None) -> None:
 def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
     """Tokens/s against slots per head (log scale), each point labelled with the state it stands for, beside the
     flat line that the per-token cost promises."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     slots = [row["slots"] for row in rows]
     speed = [row["tokens_per_s"] for row in rows]
-    figure, axis = plt.subplots(figsize=(6.4, 3.6))
+    figure, axis = pyplot().subplots(figsize=(6.4, 3.6))
     axis.plot(slots, speed, marker="o", color="tab:blue", label="measured")
     axis.axhline(speed[0], color="grey", linestyle="--", linewidth=0.8, label="flat (the speed at the fewest slots)")
     for row in rows:
@@ -167,11 +162,7 @@ def plot_throughput(rows: list[dict], title: str, path: Path) -> None:
     axis.set_title(title, fontsize=8)
     axis.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from memorycore.errors import InputError
-from memorycore.files import atomic_path
+from memorycore.files import pyplot, save_figure
 
 
 def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Path, *,
@@ -27,11 +27,7 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     image_format = path.suffix.lstrip(".").lower() or "png"
     supported = plt.figure().canvas.get_supported_filetypes()
@@ -55,9 +51,4 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            figure.savefig(tmp, dpi=110, format=image_format)
-    finally:
-        plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=110, image_format=image_format)

@@ -42,3 +42,24 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: figures go to files, so no display is needed (imported on use)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | os.PathLike, *, dpi: int = 120, image_format: str = "png") -> Path:
+    """Write a matplotlib ``figure`` to ``path`` atomically (see :func:`atomic_path`), then close it, also when
+    writing fails, so that long runs drawing many figures do not keep them all in memory."""
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=dpi, format=image_format)
+    finally:
+        pyplot().close(figure)
+    return Path(path)

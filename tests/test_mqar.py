@@ -143,17 +143,68 @@ def test_bench_attention_scores_depend_on_relative_position_only():
 
 def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thread):
     """bench/mqar.py --quick for a few steps: a JSON row per model, RAM-Net's with its share of reads finding writes."""
-    out = tmp_path / "mqar.json"
+    out, plot = tmp_path / "mqar.json", tmp_path / "mqar.png"
     bench_mqar().main(["--quick", "--models", "ramnet,attention", "--steps", "3", "--test-examples", "4",
-               "--eval-batch-size", "4", "--verbose", "--out", str(out)])
+               "--eval-batch-size", "4", "--verbose", "--out", str(out), "--plot", str(plot)])
     rows = json.loads(out.read_text())["rows"]
     assert [row["model"] for row in rows] == ["ramnet", "attention"]
+    assert plot.read_bytes()[:8] == PNG_SIGNATURE
     shares = rows[0]["reads_finding_writes"]
     assert len(shares) == 2 and all(0 <= share <= 1 for share in shares)
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def mqar_result(path: Path, accuracy: dict[str, float], status: str = "done") -> Path:
+    """A results file as bench/mqar.py writes it: one RAM-Net row, 8^4 slots, seed 3."""
+    settings = {"slots_exponent": "12", "ramnet_factor_size": "8", "seed": "3"}
+    row = {"model": "ramnet", "d_model": 128, "steps": 40, "status": status, "accuracy": accuracy,
+           "mean_accuracy": sum(accuracy.values()) / len(accuracy)}
+    path.write_text(json.dumps({"settings": settings, "device": "cpu", "rows": [row]}))
+    return path
+
+
+def test_bench_draws_earlier_results_side_by_side(tmp_path, monkeypatch):
+    """--from draws saved runs (labels read from their settings, or --labels); the test settings are ordered."""
+    mqar = bench_mqar()
+    first = mqar_result(tmp_path / "a.json", {"1024/256": 0.5, "64/4": 1.0})
+    second = mqar_result(tmp_path / "b.json", {"64/4": 0.75, "128/32": 0.25})
+    drawn = {}
+    monkeypatch.setattr(mqar, "plot_accuracy", lambda curves, path: drawn.update(curves=curves, path=path))
+    mqar.main(["--from", str(first), str(second), "--plot", str(tmp_path / "x.png")])
+    assert drawn["curves"] == [("RAM-Net, d_model 128, 8^4 slots, seed 3, 40 steps: mean 0.750",
+                                {"1024/256": 0.5, "64/4": 1.0}),
+                               ("RAM-Net, d_model 128, 8^4 slots, seed 3, 40 steps: mean 0.500",
+                                {"64/4": 0.75, "128/32": 0.25})]
+    mqar.main(["--from", str(first), str(second), "--labels", "long", "short", "--plot", str(tmp_path / "x.png")])
+    assert [label for label, _ in drawn["curves"]] == ["long: mean 0.750", "short: mean 0.500"]
+    monkeypatch.undo()
+    mqar.main(["--from", str(first), str(second), "--plot", str(tmp_path / "x.png")])
+    assert (tmp_path / "x.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("contents,message", [
+    ("not json", "is not a results file of bench/mqar.py"),
+    ('{"rows": []}', "is not a results file of bench/mqar.py"),
+    (None, "holds no finished run to draw"),
+], ids=["text", "no-settings", "paused"])
+def test_bench_refuses_to_draw_what_is_not_a_finished_result(tmp_path, capsys, contents, message):
+    path = tmp_path / "result.json"
+    if contents is None:
+        mqar_result(path, {"64/4": 0.0}, status="paused")
+    else:
+        path.write_text(contents)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_mqar().main(["--from", str(path), "--plot", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
+    (["--from", "a.json"], "--from draws earlier results; say where with --plot"),
+    (["--from", "a.json", "--labels", "x", "y", "--plot", "x.png"], "--labels needs one label per --from file"),
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--ramnet-balance", "-0.1"], "--ramnet-balance must be a finite number >= 0"),
     (["--ramnet-temperature", "0"], "--ramnet-temperature must be a finite number > 0"),
