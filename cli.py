@@ -28,11 +28,9 @@ forecast_app = typer.Typer(help="Forecast multivariate time series (ETT, ECL, Tr
                            no_args_is_help=True)
 genomics_app = typer.Typer(help="Classify DNA sequences (GenomicBenchmarks folders, CSV/TSV, FASTA, FASTA + BED).",
                            no_args_is_help=True)
-lm_app = typer.Typer(help="Language models with memory layers (planned: no commands yet).", no_args_is_help=True)
 bench_app = typer.Typer(help="Run the benchmark scripts of bench/.", no_args_is_help=True)
 app.add_typer(forecast_app, name="forecast")
 app.add_typer(genomics_app, name="genomics")
-app.add_typer(lm_app, name="lm")
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable)
@@ -143,7 +141,7 @@ def forecast_fit(
     threads: int = typer.Option(
         1, help="CPU threads for torch. 1 suits the default small model: 2 were only ~1.3x faster on an idle 2-core "
                 "machine and 20-60x slower on a busy one (threads spin-wait on tiny tensors)."),
-    quiet: bool = typer.Option(False, help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the memory forecaster, save it, and print its test MSE/MAE beside the ridge baseline.
 
@@ -151,7 +149,7 @@ def forecast_fit(
 
         python cli.py forecast fit                                  # bundled ETTh1, horizon 96
 
-        python cli.py forecast fit --data weather.csv --horizon 192 --allow-irregular --out weather.safetensors
+        python cli.py forecast fit --data ../shared/datasets/weather/weather.csv.gz --horizon 192 --allow-irregular
     """
     import time
 
@@ -183,7 +181,8 @@ def forecast_fit(
 @friendly_errors
 def forecast_predict(
     model_path: Path = _MODEL_OPTION,
-    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the training data."),
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: forecast after the end of the data "
+                                                     "given to fit."),
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
     out: Optional[Path] = typer.Option(None, help="CSV to write; default stdout."),
     quantiles: Optional[str] = typer.Option(
@@ -194,7 +193,7 @@ def forecast_predict(
 
     Examples:
 
-        python cli.py forecast predict --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.csv
+        python cli.py forecast predict --model runs/forecast/model.safetensors --out forecast.csv
 
         python cli.py forecast predict --model runs/forecast/model.safetensors --quantiles 0.1,0.9
     """
@@ -225,7 +224,7 @@ def forecast_evaluate(
 
     Examples:
 
-        python cli.py forecast evaluate --model runs/forecast/model.safetensors --data ETTh1.csv
+        python cli.py forecast evaluate --model runs/forecast/model.safetensors --data datasets/ETTh1/ETTh1.csv.gz
     """
     from forecast.estimator import MemoryForecaster
 
@@ -248,7 +247,7 @@ def forecast_plot(
 
     Examples:
 
-        python cli.py forecast plot --model runs/forecast/model.safetensors --data ETTh1.csv --out forecast.png
+        python cli.py forecast plot --model runs/forecast/model.safetensors --out forecast.png
     """
     from forecast.estimator import MemoryForecaster
     from forecast.plots import plot_forecast
@@ -261,7 +260,9 @@ def forecast_plot(
     band = getattr(model, "residual_quantiles_", None) is not None and steps <= model.horizon
     forecast = model.predict(past, h=horizon, quantiles=[0.1, 0.9] if band else None)
     shown = past.iloc[-(history or 2 * model.lookback):]
-    plot_forecast(shown, forecast, out, title=f"{model.horizon}-step forecast from {shown.index[-1]}")
+    plot_forecast(shown, forecast, out, title=f"{steps}-step forecast from {shown.index[-1]}"
+                                              + ("" if band else " (no interval: the model calibrated "
+                                                                 f"{model.horizon} steps)"))
     typer.echo(f"plot written to {out}", err=True)
 
 
@@ -432,11 +433,6 @@ def _genomics_progress(quiet: bool):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                     console=Console(file=sys.stderr), disable=quiet, transient=True)
-
-
-@lm_app.callback()
-def lm_main() -> None:
-    """Language models with memory layers (planned: no commands yet)."""
 
 
 @bench_app.callback()

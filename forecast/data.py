@@ -146,14 +146,22 @@ def _parse_dates(values: pd.Series) -> pd.Series | None:
         return None
 
 
+class MissingColumnsError(InputError):
+    """The data lacks columns that were asked for (``target=``, or the columns a model was fitted on)."""
+
+    def __init__(self, message: str, columns: list[str]) -> None:
+        super().__init__(message)
+        self.columns = columns
+
+
 def _select_target(wide: pd.DataFrame, target: str | list[str] | None) -> pd.DataFrame:
     if target is None:
         return wide
     names = [target] if isinstance(target, str) else list(target)
     missing = [name for name in names if name not in wide.columns]
     if missing:
-        raise InputError(f"unknown target column(s) {', '.join(map(repr, missing))}; "
-                         f"the columns are: {', '.join(map(str, wide.columns))}")
+        raise MissingColumnsError(f"unknown target column(s) {', '.join(map(repr, missing))}; "
+                                  f"the columns are: {', '.join(map(str, wide.columns))}", missing)
     return wide[names]
 
 
@@ -162,7 +170,8 @@ def _check_numeric(wide: pd.DataFrame) -> None:
         raise InputError("no value columns: the data holds only the date column")
     bad = [str(c) for c in wide.columns if not pd.api.types.is_numeric_dtype(wide[c])]
     if bad:
-        raise InputError(f"non-numeric column(s): {', '.join(bad)}; drop them or choose columns with --target")
+        raise InputError(f"non-numeric column(s): {', '.join(bad)}; drop them, or keep only numeric columns with "
+                         "target= (forecast fit --target)")
 
 
 def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
@@ -190,9 +199,9 @@ def _handle_missing(wide: pd.DataFrame, fill: str | None) -> pd.DataFrame:
         return wide
     if fill is None:
         counts = bad.sum(axis=0)
-        where = [f"{column} ({count}, first at {wide.index[int(np.argmax(bad[:, j]))]})"
+        where = [f"{column} ({count} value(s), the first at {wide.index[int(np.argmax(bad[:, j]))]})"
                  for j, (column, count) in enumerate(zip(wide.columns, counts)) if count]
-        raise InputError(f"{int(bad.sum())} NaN/inf value(s) in {'; '.join(where)}; "
+        raise InputError(f"NaN/inf values in {'; '.join(where)}; "
                          "clean the data or pass --fill interpolate")
     if bad.all(axis=0).any():
         empty = [str(c) for c, all_bad in zip(wide.columns, bad.all(axis=0)) if all_bad]

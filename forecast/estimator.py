@@ -14,9 +14,9 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import Subset
 
 from forecast.baseline import ALPHAS
-from forecast.data import (ProtocolData, StandardScaler, WindowDataset, cycle_phases, dataset_name,
-                           default_cycle_length, future_index, is_long_format, prepare_protocol, read_series,
-                           resolve_protocol, step_nanoseconds, wide_to_long)
+from forecast.data import (MissingColumnsError, ProtocolData, StandardScaler, WindowDataset, cycle_phases,
+                           dataset_name, default_cycle_length, future_index, is_long_format, prepare_protocol,
+                           read_series, resolve_protocol, step_nanoseconds, wide_to_long)
 from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
@@ -388,13 +388,13 @@ class MemoryForecaster(BaseEstimator):
         return (1 - weight) * table[upper - 1] + weight * table[upper]
 
     def read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
-        """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order."""
-        wide = read_series(data, **self.read_options_)
-        missing = [c for c in self.columns_ if c not in wide.columns]
-        if missing:
-            raise InputError(f"the data lacks the fitted column(s) {', '.join(missing)}; "
-                             f"the model was trained on: {', '.join(self.columns_)}")
-        return wide[self.columns_]
+        """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order (other
+        columns, numeric or not, are ignored)."""
+        try:
+            return read_series(data, target=self.columns_, **self.read_options_)
+        except MissingColumnsError as error:
+            raise InputError(f"the data lacks the fitted column(s) {', '.join(map(str, error.columns))}; "
+                             f"the model was trained on: {', '.join(self.columns_)}") from None
 
     def forecast_scaled(self, windows: np.ndarray, steps: int | None = None, batch_size: int = 256,
                         phases: np.ndarray | None = None) -> np.ndarray:

@@ -670,7 +670,7 @@ def load_sequences(
     bed : path-like, optional
         BED regions to cut from the FASTA ``path``.
     split : str
-        Split of a GenomicBenchmarks folder.
+        Split of a GenomicBenchmarks folder (a table or FASTA file is one split; it ignores this).
     require_labels : bool
         Raise when the data carry no labels (training, evaluation).
 

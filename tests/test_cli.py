@@ -8,7 +8,7 @@ from cli import app
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("args", [[], ["forecast"], ["genomics"], ["lm"], ["bench"]])
+@pytest.mark.parametrize("args", [[], ["forecast"], ["genomics"], ["bench"]])
 def test_help_at_every_level(args):
     result = runner.invoke(app, [*args, "--help"])
     assert result.exit_code == 0, result.output

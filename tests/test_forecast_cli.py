@@ -98,6 +98,33 @@ def test_plot_writes_a_png(trained, runner, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("horizon,title", [(None, "8-step forecast from"),
+                                           ("20", "20-step forecast from 2024-01-13 11:00:00 (no interval")])
+def test_plot_title_names_the_steps_drawn(trained, runner, tmp_path, monkeypatch, horizon, title):
+    """The title counts the steps asked for (a rolled-out forecast has no calibrated interval, and says so)."""
+    import forecast.plots
+
+    data, model, _ = trained
+    drawn = {}
+    monkeypatch.setattr(forecast.plots, "plot_forecast",
+                        lambda history, forecast, path, title: drawn.update(forecast=forecast, title=title))
+    extra = [] if horizon is None else ["--horizon", horizon]
+    result = runner.invoke(app, ["forecast", "plot", "--model", str(model), "--data", str(data), "--out",
+                                 str(tmp_path / "p.png"), *extra])
+    assert result.exit_code == 0, result.stderr
+    assert drawn["title"].startswith(title) and len(drawn["forecast"]) == int(horizon or 8)
+    assert ("load_q0.1" in drawn["forecast"]) == (horizon is None)
+
+
+def test_predict_ignores_columns_the_model_does_not_use(trained, runner, tmp_path):
+    data, model, _ = trained
+    other = tmp_path / "with_site.csv"
+    pd.read_csv(data).assign(site="north", extra=1.0).to_csv(other, index=False)
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(other)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[0].split(",")[1:] == ["load", "temp"]
+
+
 def test_fill_interpolate_lets_nan_data_train(runner, tmp_path):
     values = np.sin(np.arange(300) / 4.0)
     values[50] = np.nan
@@ -127,7 +154,7 @@ def bad_inputs(folder):
     return [
         ("nodate.csv", [], "no date column found"),
         ("text.csv", [], "non-numeric column(s): load"),
-        ("nan.csv", [], "2 NaN/inf value(s) in load (2, first at 2024-01-01 10:00:00); clean the data or pass "
+        ("nan.csv", [], "NaN/inf values in load (2 value(s), the first at 2024-01-01 10:00:00); clean the data or pass "
                         "--fill interpolate"),
         ("short.csv", [], "too short"),
         ("dup.csv", [], "duplicate timestamp 2024-01-05 03:00:00 (row 100)"),

@@ -89,7 +89,7 @@ def test_reads_csv_gz(tmp_path):
     (pd.DataFrame({"date": pd.date_range("2024", periods=3, freq="h"), "a": [1.0, 2, 3], "kind": ["u", "v", "w"]}),
      "non-numeric column(s): kind"),
     (pd.DataFrame({"date": pd.date_range("2024", periods=4, freq="h"), "a": [1.0, np.nan, 3, np.inf]}),
-     "2 NaN/inf value(s) in a (2, first at 2024-01-01 01:00:00)"),
+     "NaN/inf values in a (2 value(s), the first at 2024-01-01 01:00:00)"),
     (pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 01:00", "2024-01-01 03:00"],
                    "a": [1.0, 2, 3, 4]}), "duplicate timestamp 2024-01-01 01:00:00 (row 2)"),
     (pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 02:00", "2024-01-01 05:00"],
