@@ -2,7 +2,7 @@
 
     python bench/forecast.py                    # GPU: ETTh1, ETTm1, Weather x horizons 96/192/336/720, lookback 96
     python bench/forecast.py --quick            # CPU: ETTh1 x 96/192/336/720
-    python bench/forecast.py --quick --datasets ETTm1 Weather --max-steps-per-epoch 200  # time-capped CPU
+    python bench/forecast.py --quick --datasets ETTm1 --max-steps-per-epoch 200  # time-capped CPU
     python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path   # ablations
     python bench/forecast.py --data my.csv --horizons 96 192
 

@@ -49,6 +49,7 @@ from memorycore.mqar import (  # noqa: E402
 
 QUICK_TRAIN_MIXTURE = ((32, 2), (32, 4), (64, 4), (64, 8))
 QUICK_TEST_SETTINGS = ((32, 2), (32, 4), (64, 4), (64, 8), (128, 8))
+MODEL_NAMES = {"ramnet": "RAM-Net", "neural_memory": "NeuralMemory", "attention": "attention"}  # --models, and labels
 
 
 class CausalAttention(nn.Module):
@@ -365,47 +366,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked, with the defaults of --quick or of the full run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences, small RAM-Net)")
-    parser.add_argument("--models", default="ramnet,neural_memory,attention")
-    parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256)")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="sequences per batch at the shortest length")
+    parser.add_argument("--models", default=",".join(MODEL_NAMES),
+                        help=f"comma-separated, of: {', '.join(MODEL_NAMES)} (default all)")
+    parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256; 64 with "
+                                                     "--quick)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps per model (default 4000)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per batch at the shortest length (default 128; 32 with --quick)")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default 3e-4; 3e-3 with --quick). RAM-Net at d_model 128 with "
-                             "2^12 slots as 64 x 64 (the factor size until 2026-12-02): on CPU (content addressing, "
-                             "~2000 steps, seed 0) 3e-3 scored best (0.499; 2e-3 0.108, 1e-3 0.092, 3e-4 0.020; 5e-3 "
-                             "collapsed), seeds 1 and 2 only 0.267 and 0.032; on an H100 (CAPE first, 4000 steps) 1e-3 "
-                             "diverged and 3e-4 reached 0.38. With factor size 4 or 8, 3e-3 scored 0.85-0.98 on CPU "
-                             "(docs/ramnet.md)")
-    parser.add_argument("--weight-decay", type=float, default=0.1,
-                        help="AdamW weight decay (default 0.1, Zoology's; with it and --ramnet-balance 0, RAM-Net's "
-                             "reads lost its writes in 2 of 5 seeds of --quick)")
+                        help="peak learning rate (default 3e-4; 3e-3 with --quick). RAM-Net at d_model 128 learnt "
+                             "best at 3e-3 (docs/ramnet.md)")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1, Zoology's)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
     parser.add_argument("--slots-exponent", type=int, default=None,
                         help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 10: "
-                             "4^5, RAMNet's default; 6 with --quick; 12 until 2026-12-02)")
+                             "4^5; 6 with --quick: 8^2)")
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-factor-size", type=int, default=None,
-                        help="d_p, the width of each softmax of RAM-Net's product address, a power of 2; the slots "
-                             "are d_p**U with U = slots-exponent / log2(d_p) factors (default 4, RAMNet's and the "
-                             "paper's; 8 with --quick). At d_model 128 on CPU, 4096 slots as 64 x 64 scored 0.032 "
-                             "where 8**4 scored 0.966 (seed 2)")
+                        help="d_p, the width of each softmax of RAM-Net's product address, a power of 2: the slots "
+                             "are d_p**U, U = slots-exponent / log2(d_p) (default 4; 8 with --quick). At d_model 128, "
+                             "64^2 slots learnt little where 8^4 and 4^5 learnt (docs/ramnet.md)")
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--ramnet-balance", type=float, default=None,
-                        help="RAMNet's slot-balance regulariser (default 0, the paper's layer; 0.1 with --quick, where "
-                             "without it RAM-Net's reads lost its writes in 2 of 5 seeds; at d_model 128 on CPU it "
-                             "kept the loss at chance for all of ~1750 steps)")
+                        help="RAMNet's slot-balance regulariser (default 0, the paper's layer; 0.1 with --quick)")
     parser.add_argument("--ramnet-normalize-reads", action="store_true",
                         help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
     parser.add_argument("--ramnet-temperature", type=float, default=1.0,
-                        help="initial value of RAMNet's learned q/k temperature (default 1.0; the chosen slots' share "
-                             "of an address in the freshly built d_model 128 model, 2^12 slots as 64 x 64, K = 8: "
-                             "~0.01 at 1, ~0.12 at 3)")
-    parser.add_argument("--vocab-size", type=int, default=None)
-    parser.add_argument("--test-examples", type=int, default=None)
-    parser.add_argument("--eval-batch-size", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+                        help="initial value of RAMNet's learned q/k temperature (default 1.0)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="V (default 8192; 256 with --quick)")
+    parser.add_argument("--test-examples", type=int, default=None,
+                        help="test sequences per setting (default 1000; 100 with --quick)")
+    parser.add_argument("--eval-batch-size", type=int, default=50, help="sequences per scoring batch (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps (stderr)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="save each model's training state here and resume from it when the same command runs "
@@ -424,6 +418,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="+", default=None,
                         help="with --from: one legend label per file instead of the settings read from it")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models.split(",") if name not in MODEL_NAMES]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(map(repr, unknown))}; use some of: {', '.join(MODEL_NAMES)}")
     if args.from_results is not None and args.plot is None:
         parser.error("--from draws earlier results; say where with --plot PATH.png")
     if args.labels is not None and len(args.labels) != len(args.from_results or ()):
@@ -541,15 +538,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> dict:
-    return {"settings": {k: str(v) for k, v in vars(args).items()}, "device": str(device), "rows": rows}
+    """The JSON of a run: its settings as numbers, flags and strings (paths as strings), the device, the rows."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {"settings": settings, "device": str(device), "rows": rows}
 
 
 def write_json(path: Path, payload: dict) -> None:
     """Write through a temporary file and a rename, so a killed run never leaves half a file."""
     write_text_atomic(path, json.dumps(payload, indent=2))
-
-
-MODEL_NAMES = {"ramnet": "RAM-Net", "neural_memory": "NeuralMemory", "attention": "attention"}
 
 
 def result_curves(path: Path, label: str | None = None) -> list[tuple[str, dict[str, float]]]:
@@ -592,7 +588,7 @@ def plot_accuracy(curves: list[tuple[str, dict[str, float]]], path: Path) -> Non
         shown = [s for s in settings if s in accuracy]
         axis.plot([settings.index(s) for s in shown], [accuracy[s] for s in shown], marker="o", label=label)
     axis.set_xticks(range(len(settings)), settings)
-    axis.set_ylim(0, 1.02)
+    axis.set_ylim(-0.02, 1.02)  # a line at 0 stays visible
     axis.set_xlabel("test setting: sequence length / key-value pairs")
     axis.set_ylabel("accuracy")
     axis.set_title("MQAR recall per test setting", fontsize=9)

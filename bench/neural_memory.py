@@ -225,6 +225,11 @@ def tokens_per_second(value: float) -> str:
     return f"{value / 1e6:.3f}M" if value >= 1e5 else f"{value / 1e3:.2f}k"
 
 
+def measured(value: float, spec: str) -> str:
+    """``value`` formatted by ``spec``, or "n/a" where it was not measured (NaN: CPU memory and MFU)."""
+    return "n/a" if value != value else format(value, spec)
+
+
 def finite_or_none(value):
     """JSON has no NaN or infinity: write what was not measured as null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -302,7 +307,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row["mfu"] = row["model_tflops_per_s"] / args.peak_tflops if device.type == "cuda" else float("nan")
                 rows.append(row)
                 print(f"{label:>13} {f'{batch} x {time_steps}':>13} {row['pass']:>8} "
-                      f"{tokens_per_second(row['tokens_per_s']):>12} {row['peak_mib']:>9.0f} {row['mfu']:>6.1%}", flush=True)
+                      f"{tokens_per_second(row['tokens_per_s']):>12} {measured(row['peak_mib'], '9.0f'):>9} "
+                      f"{measured(row['mfu'], '6.1%'):>6}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

@@ -146,9 +146,11 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     out, plot = tmp_path / "mqar.json", tmp_path / "mqar.png"
     bench_mqar().main(["--quick", "--models", "ramnet,attention", "--steps", "3", "--test-examples", "4",
                "--eval-batch-size", "4", "--verbose", "--out", str(out), "--plot", str(plot)])
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [row["model"] for row in rows] == ["ramnet", "attention"]
     assert plot.read_bytes()[:8] == PNG_SIGNATURE
+    assert (result["settings"]["steps"], result["settings"]["quick"], result["settings"]["out"]) == (3, True, str(out))
     shares = rows[0]["reads_finding_writes"]
     assert len(shares) == 2 and all(0 <= share <= 1 for share in shares)
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
