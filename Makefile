@@ -1,9 +1,12 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
-# The CPU wheel of torch is installed before the package so pip never pulls a multi-GB CUDA build.
+# torch is installed before the package, so the package's own install takes the torch already there. Where pip's
+# default torch is the CUDA build (plain Linux with PyPI), `make TORCH_INDEX=https://download.pytorch.org/whl/cpu ...`
+# takes the CPU build instead; on CI and the project's machines a local CPU wheel is found without it.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install demo test bench clean
 
@@ -12,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
