@@ -428,11 +428,12 @@ def _genomics_records(input: Path, bed: Path | None, split: str):
 
 
 def _genomics_progress(quiet: bool):
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
+    from memorycore.training import stderr_console
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                    console=Console(file=sys.stderr), disable=quiet, transient=True)
+                    console=stderr_console(), disable=quiet, transient=True)
 
 
 @bench_app.callback()

@@ -249,9 +249,16 @@ def _progress(enabled: bool, description: str):
     if not enabled:
         return _SilentProgress()
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(file=sys.stderr), transient=False,
+        TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=stderr_console(), transient=False,
     )
+
+
+def stderr_console() -> Console:
+    """A rich Console on stderr for progress bars, 120 columns wide where stderr is not a terminal (a log file,
+    make's output), where rich would otherwise cut every line at 80 columns."""
+    return Console(file=sys.stderr, width=None if sys.stderr.isatty() else 120)
 
 
 class _SilentProgress:
