@@ -314,7 +314,7 @@ def genomics_fit(
     classifier.save(out)
     history = classifier.history_
     best = f", best epoch {history.best_epoch + 1}" if history.val_loss else ""
-    typer.echo(f"saved {out}: {len(data)} sequences, classes {list(map(str, classifier.classes_))}, "
+    typer.echo(f"saved {out}: {len(data)} sequences, classes {', '.join(map(str, classifier.classes_))}; "
                f"max_length {classifier.max_length_}{best}, {history.seconds:.1f} s")
 
 

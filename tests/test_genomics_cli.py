@@ -73,7 +73,7 @@ def test_fit_from_csv_and_genomic_benchmarks_folder(workspace, tmp_path):
                 (folder / f"{record_id}.txt").write_text(sequence)
     result = invoke("fit", "--train", tmp_path / "task", "--out", tmp_path / "gb.safetensors", *FAST)
     assert result.exit_code == 0, result.output
-    assert "classes ['neg', 'pos']" in result.stdout
+    assert "classes neg, pos;" in result.stdout
 
 
 def test_classify_writes_tsv_with_a_probability_per_class(workspace, tmp_path):
