@@ -260,9 +260,10 @@ def forecast_plot(
     band = getattr(model, "residual_quantiles_", None) is not None and steps <= model.horizon
     forecast = model.predict(past, h=horizon, quantiles=[0.1, 0.9] if band else None)
     shown = past.iloc[-(history or 2 * model.lookback):]
-    plot_forecast(shown, forecast, out, title=f"{steps}-step forecast from {shown.index[-1]}"
-                                              + ("" if band else " (no interval: the model calibrated "
-                                                                 f"{model.horizon} steps)"))
+    title = f"{steps}-step forecast from {shown.index[-1]}"
+    if steps > model.horizon:
+        title += f" (no interval: the model calibrated {model.horizon} steps)"
+    plot_forecast(shown, forecast, out, title=title)
     typer.echo(f"plot written to {out}", err=True)
 
 

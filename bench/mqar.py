@@ -552,29 +552,32 @@ def result_curves(path: Path, label: str | None = None) -> list[tuple[str, dict[
     """(legend label, accuracy per test setting) for every finished model in one results file of this script.
 
     The label names the model, d_model and, for RAM-Net, its slots (factor size ^ factors), then the seed and the
-    steps trained (``label`` replaces those), and ends with the mean accuracy.
+    steps trained; ``label`` replaces those (followed by the model's name when the file holds several). It ends with
+    the mean accuracy.
     """
     try:
         payload = json.loads(path.read_text())
-        settings, rows = payload["settings"], payload["rows"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a results file of bench/mqar.py (its --out JSON): {error}") from None
-    curves = []
-    for row in rows:
-        if row.get("status") != "done":
-            continue  # a paused run has no scores yet
-        if label is None:
-            name = f"{MODEL_NAMES.get(row['model'], row['model'])}, d_model {row['d_model']}"
-            if row["model"] == "ramnet" and "ramnet_factor_size" in settings:
-                size = int(settings["ramnet_factor_size"])
-                name += f", {size}^{int(settings['slots_exponent']) // (size.bit_length() - 1)} slots"
-            name += f", seed {settings.get('seed', '?')}, {row['steps']} steps"
-        else:
-            name = label if len(rows) == 1 else f"{label}, {MODEL_NAMES.get(row['model'], row['model'])}"
-        curves.append((f"{name}: mean {row['mean_accuracy']:.3f}", row["accuracy"]))
+        settings = payload["settings"]
+        done = [row for row in payload["rows"] if row.get("status") == "done"]  # a paused run has no scores yet
+        curves = [(curve_label(settings, row, label, several=len(done) > 1), dict(row["accuracy"])) for row in done]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a results file of bench/mqar.py (its --out JSON): {error!r}") from None
     if not curves:
         raise ValueError(f"{path} holds no finished run to draw (a paused run is scored when it ends)")
     return curves
+
+
+def curve_label(settings: dict, row: dict, label: str | None, several: bool) -> str:
+    model = MODEL_NAMES.get(row["model"], row["model"])
+    if label is not None:
+        name = f"{label}, {model}" if several else label
+    else:
+        name = f"{model}, d_model {row['d_model']}"
+        if row["model"] == "ramnet" and settings.get("ramnet_factor_size"):
+            size = int(settings["ramnet_factor_size"])
+            name += f", {size}^{int(settings['slots_exponent']) // (size.bit_length() - 1)} slots"
+        name += f", seed {settings.get('seed', '?')}, {row['steps']} steps"
+    return f"{name}: mean {row['mean_accuracy']:.3f}"
 
 
 def plot_accuracy(curves: list[tuple[str, dict[str, float]]], path: Path) -> None:

@@ -151,6 +151,8 @@ def test_bench_runs_end_to_end_and_reports_read_shares(tmp_path, capsys, one_thr
     assert [row["model"] for row in rows] == ["ramnet", "attention"]
     assert plot.read_bytes()[:8] == PNG_SIGNATURE
     assert (result["settings"]["steps"], result["settings"]["quick"], result["settings"]["out"]) == (3, True, str(out))
+    labels = [label for label, _ in bench_mqar().result_curves(out, "mine")]  # a label per model of the file
+    assert [label.split(":")[0] for label in labels] == ["mine, RAM-Net", "mine, attention"]
     shares = rows[0]["reads_finding_writes"]
     assert len(shares) == 2 and all(0 <= share <= 1 for share in shares)
     assert "reads finding a write" in capsys.readouterr().err  # the --verbose training line
@@ -190,8 +192,9 @@ def test_bench_draws_earlier_results_side_by_side(tmp_path, monkeypatch):
 @pytest.mark.parametrize("contents,message", [
     ("not json", "is not a results file of bench/mqar.py"),
     ('{"rows": []}', "is not a results file of bench/mqar.py"),
+    ('{"settings": {}, "rows": [{"status": "done", "model": "ramnet"}]}', "is not a results file of bench/mqar.py"),
     (None, "holds no finished run to draw"),
-], ids=["text", "no-settings", "paused"])
+], ids=["text", "no-settings", "row-without-scores", "paused"])
 def test_bench_refuses_to_draw_what_is_not_a_finished_result(tmp_path, capsys, contents, message):
     path = tmp_path / "result.json"
     if contents is None:
