@@ -139,16 +139,18 @@ def ramnet_layers(dim: int, args: argparse.Namespace) -> list[nn.Module]:
     """
     heads = max(1, dim // 64)
     return [
-        StatefulMixer(RAMNet(dim, heads=heads, factors=ramnet_factors(args), factor_size=args.ramnet_factor_size,
+        StatefulMixer(RAMNet(dim, heads=heads, factors=ramnet_factors(args.slots_exponent, args.ramnet_factor_size),
+                             factor_size=args.ramnet_factor_size,
                              top_k=args.top_k, cape=cape, gamma=1.0, balance=args.ramnet_balance,
                              normalize_reads=args.ramnet_normalize_reads, temperature=args.ramnet_temperature))
         for cape in (args.ramnet_cape == "first", False)
     ]
 
 
-def ramnet_factors(args: argparse.Namespace) -> int:
-    """U such that ramnet_factor_size ** U = 2 ** slots_exponent (parse_args checks that it divides)."""
-    return args.slots_exponent // (args.ramnet_factor_size.bit_length() - 1)
+def ramnet_factors(slots_exponent: int, factor_size: int) -> int:
+    """U such that factor_size ** U = 2 ** slots_exponent, for a power-of-2 factor_size (parse_args checks that
+    log2(factor_size) divides the exponent)."""
+    return slots_exponent // (factor_size.bit_length() - 1)
 
 
 def build_model(kind: str, vocab_size: int, dim: int, args: argparse.Namespace) -> tuple[nn.Module, dict[str, int]]:
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "
           f"RAM-Net 2^{args.slots_exponent} slots per head as "
-          f"{args.ramnet_factor_size}^{ramnet_factors(args)}, "
+          f"{args.ramnet_factor_size}^{ramnet_factors(args.slots_exponent, args.ramnet_factor_size)}, "
           f"CAPE in layer 1: {args.ramnet_cape == 'first'}, "
           f"slot balance {args.ramnet_balance}, temperature {args.ramnet_temperature}")
     header = "model          d_model  state total  state/token  " + "  ".join(
@@ -574,8 +576,8 @@ def curve_label(settings: dict, row: dict, label: str | None, several: bool) -> 
     else:
         name = f"{model}, d_model {row['d_model']}"
         if row["model"] == "ramnet" and settings.get("ramnet_factor_size"):
-            size = int(settings["ramnet_factor_size"])
-            name += f", {size}^{int(settings['slots_exponent']) // (size.bit_length() - 1)} slots"
+            size, exponent = int(settings["ramnet_factor_size"]), int(settings["slots_exponent"])
+            name += f", {size}^{ramnet_factors(exponent, size)} slots"
         name += f", seed {settings.get('seed', '?')}, {row['steps']} steps"
     return f"{name}: mean {row['mean_accuracy']:.3f}"
 
