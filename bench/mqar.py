@@ -557,6 +557,8 @@ def result_curves(path: Path, label: str | None = None) -> list[tuple[str, dict[
     steps trained; ``label`` replaces those (followed by the model's name when the file holds several). It ends with
     the mean accuracy.
     """
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; give the JSON a run of bench/mqar.py wrote (its --out)")
     try:
         payload = json.loads(path.read_text())
         settings = payload["settings"]

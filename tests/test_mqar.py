@@ -194,12 +194,13 @@ def test_bench_draws_earlier_results_side_by_side(tmp_path, monkeypatch):
     ('{"rows": []}', "is not a results file of bench/mqar.py"),
     ('{"settings": {}, "rows": [{"status": "done", "model": "ramnet"}]}', "is not a results file of bench/mqar.py"),
     (None, "holds no finished run to draw"),
-], ids=["text", "no-settings", "row-without-scores", "paused"])
+    ("missing", "does not exist; give the JSON a run of bench/mqar.py wrote"),
+], ids=["text", "no-settings", "row-without-scores", "paused", "missing"])
 def test_bench_refuses_to_draw_what_is_not_a_finished_result(tmp_path, capsys, contents, message):
     path = tmp_path / "result.json"
     if contents is None:
         mqar_result(path, {"64/4": 0.0}, status="paused")
-    else:
+    elif contents != "missing":
         path.write_text(contents)
     with pytest.raises(SystemExit) as exit_info:
         bench_mqar().main(["--from", str(path), "--plot", str(tmp_path / "x.png")])
