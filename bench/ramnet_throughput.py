@@ -1,7 +1,10 @@
 """RAM-Net training throughput as the number of slots grows: per-token work must not depend on it.
 
-One RAMNet layer (H heads of value_dim 64, K = 8, U factors of d_p = 4, so M = 4^U slots per head), forward +
-backward on [batch, time, dim] inputs, tokens per second for M = 2^10 ... 2^20. Before timing, the layer on the
+One RAMNet layer (H heads of value_dim 64, K = 8, M = d_p^U slots per head), forward + backward on [batch, time,
+dim] inputs, tokens per second for M = 2^10 ... 2^20. The slots grow in one of two ways: by adding factors of d_p = 4
+(`--grow factors`, the default: U = 5 ... 10), which also adds to the decoder's O(U K^2) beam merge and widens the
+keys, or by widening the 5 factors (`--grow factor-size`: d_p = 4, 5, 6, 8, 12, 16, from 2^10 to 2^20),
+which keeps U K^2 and changes only the key width (U d_p) and the factor softmaxes. Before timing, the layer on the
 default backend (Triton on CUDA) is checked against the PyTorch reference on a small input.
 
 The time includes everything a training step of the layer does. The layer runs on the slots the batch touches
@@ -13,6 +16,7 @@ so the work per token is O(K d_v + U K^2) whatever M; what still changes with M 
     python bench/ramnet_throughput.py --kernel chunk    # the same with the chunk-form Triton kernel
     python bench/ramnet_throughput.py --quick           # CPU: small sizes, PyTorch reference
     python bench/ramnet_throughput.py --pieces 8        # stream each sequence in 8 pieces, carrying the state
+    python bench/ramnet_throughput.py --grow factor-size  # 5 factors throughout, each wider
     python bench/ramnet_throughput.py --plot runs/ramnet_throughput.png   # also draw tokens/s against slots
 """
 
@@ -33,6 +37,15 @@ from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
 from memorycore.files import pyplot, save_figure  # noqa: E402
 from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)
+
+GROWN_FACTOR_SIZES = (4, 5, 6, 8, 12, 16)  # with 5 factors: 2^10, 2^11.6, 2^12.9, 2^15, 2^17.9, 2^20 slots
+
+
+def slot_layouts(grow: str, max_factors: int) -> list[tuple[int, int]]:
+    """(factors, factor_size) per measured point, up to 4^max_factors slots: more factors of 4, or 5 wider ones."""
+    if grow == "factors":
+        return [(factors, 4) for factors in range(5, max_factors + 1)]
+    return [(5, size) for size in GROWN_FACTOR_SIZES if size**5 <= 4**max_factors]
 
 
 def check_against_reference(device: torch.device) -> float:
@@ -88,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--max-factors", type=int, default=None,
-                        help="largest U (M = 4^U slots); default 7 with --quick, 10 otherwise")
+                        help="at most 4^U slots; default U = 7 with --quick, 10 otherwise")
+    parser.add_argument("--grow", choices=("factors", "factor-size"), default="factors",
+                        help="add factors of 4 (default) or widen 5 factors")
     parser.add_argument("--pieces", type=int, default=1,
                         help="stream each sequence in this many pieces, carrying the state (default 1: one call)")
     parser.add_argument("--kernel", choices=TRAINING_KERNELS, default=None,
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     time_steps = args.time or (128 if args.quick else 2048)
     repeats = args.repeats or (2 if args.quick else 5)
     max_factors = args.max_factors or (7 if args.quick else 10)
-    factor_range = range(5, max_factors + 1)  # M = 4^U: 2^10 .. 2^14 quick, .. 2^20 full
+    layouts = slot_layouts(args.grow, max_factors)  # 2^10 .. 2^14 slots quick, .. 2^20 full
     if args.kernel:
         os.environ["MEMORYCORE_RAMNET_KERNEL"] = args.kernel
     kernel = training_kernel()
@@ -117,19 +132,19 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.heads} heads x value_dim 64, top_k 8, forward + backward")
     difference = check_against_reference(device)
     print(f"check against the PyTorch reference: max relative difference {difference:.2e}")
-    print(f"{'slots M':>10} {'factors':>8} {'state MB/seq':>13} {'tokens/s':>12}")
+    print(f"{'slots M':>10} {'factors':>8} {'factor size':>12} {'state MB/seq':>13} {'tokens/s':>12}")
     rows = []
-    for factors in factor_range:
+    for factors, factor_size in layouts:
         torch.manual_seed(0)
-        layer = RAMNet(64 * args.heads, heads=args.heads, factors=factors, factor_size=4, top_k=8).to(device)
+        layer = RAMNet(64 * args.heads, heads=args.heads, factors=factors, factor_size=factor_size, top_k=8).to(device)
         speed = tokens_per_second(layer, batch, time_steps, device, repeats, args.pieces)
         state_mb = layer.state_size()["total"] * 4 / 2**20
-        print(f"{layer.slots:>10,d} {factors:>8d} {state_mb:>13.1f} {speed:>12,.0f}", flush=True)
-        rows.append({"slots": layer.slots, "factors": factors, "state_mb_per_sequence": state_mb,
-                     "tokens_per_s": speed})
+        print(f"{layer.slots:>10,d} {factors:>8d} {factor_size:>12d} {state_mb:>13.1f} {speed:>12,.0f}", flush=True)
+        rows.append({"slots": layer.slots, "factors": factors, "factor_size": factor_size,
+                     "state_mb_per_sequence": state_mb, "tokens_per_s": speed})
         write_json(args.out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                               "backend": backend, "kernel": kernel, "batch": batch, "time": time_steps,
-                              "heads": args.heads, "pieces": args.pieces,
+                              "heads": args.heads, "pieces": args.pieces, "grow": args.grow,
                               "reference_difference": difference, "rows": rows})
         del layer
         if device.type == "cuda":
@@ -138,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         plot_throughput(rows, f"RAMNet forward + backward, {where}, {batch} x {time_steps} tokens, "
-                              f"{args.heads} heads, K = 8, {args.pieces} piece(s)", args.plot)
+                              f"{args.heads} heads, K = 8, {args.pieces} piece(s), slots grown by {args.grow}",
+                        args.plot)
         print(f"wrote {args.plot}")
 
 

@@ -11,6 +11,7 @@
 #                                        # MQAR_FACTOR_SIZE, MQAR_CALL_SECONDS)
 #     bash bench/device/run.sh forecast  # issue 4: the forecasting table (ETTh1, ETTm1, Weather) with the fit defaults
 #     bash bench/device/run.sh apps      # issue 5: DNA classifier training time; issue 6: the RAM-Net chunk kernel
+#                                        # and the scan's throughput with wider factors
 #
 # Results (JSON and one log per stage) go to $OUT (the device tool brings them back) or bench/results/device.
 # QUICK=1 runs every step in its --quick form, on a CPU too: a smoke test of this script.
@@ -154,6 +155,10 @@ run_stage() {
     # issue 6, here for want of room in the kernels stage: the RAM-Net chunk kernel (tf32x3 since 2026-11-23, never
     # run on a GPU in that form): its check against the reference, then its throughput next to the scan's
     step ramnet-chunk 120 $python bench/ramnet_throughput.py --kernel chunk $quick --out "$out/ramnet_chunk.json"
+    # the scan again, the slots grown by widening 5 factors (d_p 4 .. 16) instead of adding factors of 4, so that the
+    # decoder's U K^2 stays put as they grow
+    step ramnet-scan-size 90 $python bench/ramnet_throughput.py --kernel scan --grow factor-size $quick \
+      --out "$out/ramnet_scan_size.json" --plot "$out/ramnet_scan_size.png"
     ;;
   esac
 }
