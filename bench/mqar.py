@@ -381,13 +381,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1, Zoology's)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
     parser.add_argument("--slots-exponent", type=int, default=None,
-                        help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 10: "
-                             "4^5; 6 with --quick: 8^2)")
+                        help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 12: "
+                             "8^4; 6 with --quick: 8^2)")
     parser.add_argument("--top-k", type=int, default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-factor-size", type=int, default=None,
                         help="d_p, the width of each softmax of RAM-Net's product address, a power of 2: the slots "
-                             "are d_p**U, U = slots-exponent / log2(d_p) (default 4; 8 with --quick). At d_model 128, "
-                             "64^2 slots learnt little where 8^4 and 4^5 learnt (docs/ramnet.md)")
+                             "are d_p**U, U = slots-exponent / log2(d_p) (default 8). At d_model 128, 64^2 slots learnt"
+                             " little where 8^4 and 4^5 learnt, 8^4 best (docs/ramnet.md)")
     parser.add_argument("--ramnet-cape", choices=("none", "first"), default="none",
                         help="CAPE relative addressing in RAM-Net's first layer (default: content addressing in both)")
     parser.add_argument("--ramnet-balance", type=float, default=None,
@@ -450,10 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.lr = args.lr or (3e-3 if quick else 3e-4)
     args.batch_size = args.batch_size or (32 if quick else 128)
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
-    args.slots_exponent = args.slots_exponent or (6 if quick else 10)
+    args.slots_exponent = args.slots_exponent or (6 if quick else 12)
     args.top_k = args.top_k or (4 if quick else 8)
-    if args.ramnet_factor_size is None:
-        args.ramnet_factor_size = 8 if quick else 4
+    args.ramnet_factor_size = args.ramnet_factor_size or 8
     size = args.ramnet_factor_size
     if size < 2 or size & (size - 1):
         parser.error(f"--ramnet-factor-size must be a power of 2 >= 2, got {size}")

@@ -81,11 +81,11 @@ run_stage() {
       --plot "$out/ramnet_scan.png"
     ;;
   mqar)
-    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3, 2^10 slots per head as 4^5
-    # (the bench's default factor size 4, RAMNet's and the paper's), seeds 0 and 1. On CPU (45 min, ~2100-2300 steps
-    # of 64 x 64 tokens) 4^5 scored 0.845 / 0.930 / 0.978 (seeds 0 / 1 / 2), where the same 2^10 slots as 32^2 scored
-    # 0.706 / 0.809 / 0.695 and 2^12 as 64^2 0.499 / 0.267 / 0.032; 2^12 as 8^4 scored 0.966 (seed 2) and 0.983 (seed
-    # 0, 4000 steps). MQAR_FACTOR_SIZE=32 runs 32^2 again.
+    # RAM-Net at d_model 128, content addressing in both layers, no slot balance, lr 3e-3, 2^12 slots per head as 8^4,
+    # seeds 0 and 1: on CPU (batch 64, ~3800-4000 steps in 90 min) it scored 0.983 (seed 0; 0.985 over 5500 steps) and
+    # 0.996 (seed 1), and 0.966 on seed 2 in 45 min. Other layouts on CPU (45 min, ~2100-2300 steps): 4^5 0.845 /
+    # 0.930 / 0.978 (seeds 0 / 1 / 2), 2^10 as 32^2 0.706 / 0.809 / 0.695, 2^12 as 64^2 0.499 / 0.267 / 0.032.
+    # MQAR_FACTOR_SIZE=4 MQAR_SLOTS=10 runs 4^5 again.
     # Earlier: on an H100 (scan kernel, weight decay 0.1, 2026-11-23) CAPE-first runs at 2^12 of 4000 steps took ~90 s
     # and ~80 s more to score; lr 3e-4 reached a mean of 0.38, still improving, and lr 1e-3 fell from loss 2.0 back to
     # chance. At 2^12 on CPU, seed 0 over 6000 steps (2 h) scored 0.175, below its 45-minute run: watch the log's
@@ -100,7 +100,7 @@ run_stage() {
     local train=${MQAR_SECONDS:-150} steps=${MQAR_STEPS:-6000}
     local models=${MQAR_MODELS:-ramnet}
     local count=$(( $(tr -cd , <<<"$models" | wc -c) + 1 ))  # --max-train-seconds holds per model
-    local slot_exponents=${MQAR_SLOTS:-10}
+    local slot_exponents=${MQAR_SLOTS:-12} factor_size=${MQAR_FACTOR_SIZE:-8}
     [ -n "$quick" ] && { train=30; steps=1000; slot_exponents=6; }
     for seed in ${MQAR_SEED:-0 1}; do
       for slots in $slot_exponents; do
@@ -109,12 +109,12 @@ run_stage() {
             for balance in ${MQAR_BALANCE:-0}; do
               local name="${models//,/_}_slots${slots}_cape_${cape}_seed${seed}_lr${lr}"
               name+="_wd${MQAR_WD:-0.1}_balance${balance}"
-              name+="${MQAR_FACTOR_SIZE:+_factor$MQAR_FACTOR_SIZE}"
+              name+="_factor$factor_size"
               step "mqar-$models-128-slots-$slots-cape-$cape-seed-$seed-lr-$lr-balance-$balance" \
                 $((count * (train + 120))) \
                 $python bench/mqar.py --models "$models" --dims 128 $quick --ramnet-cape "$cape" --seed "$seed" \
                 --lr "$lr" --ramnet-balance "$balance" ${MQAR_WD:+--weight-decay "$MQAR_WD"} --steps "$steps" \
-                --slots-exponent "$slots" ${MQAR_FACTOR_SIZE:+--ramnet-factor-size "$MQAR_FACTOR_SIZE"} \
+                --slots-exponent "$slots" --ramnet-factor-size "$factor_size" \
                 --max-train-seconds "$train" --verbose --out "$out/mqar_$name.json"
             done
           done
@@ -128,18 +128,18 @@ run_stage() {
     # resumes it, and the call that finishes the steps scores the model (~80 s on an H100). The state also goes to
     # $OUT: if the machine was given back between calls, copy it from there into .dev/mqar-long here and carry
     # .dev/mqar-long too. A different MQAR_* setting is a different run and is refused while that state is there.
-    # The defaults are the recipe of `mqar` (content addressing, lr 3e-3, 2^10 slots as 4^5), which scored 0.85-0.98
-    # on CPU in ~2100-2300 steps of 64 x 64 tokens, for 20000 steps of 128 x 64 tokens (~164M tokens, ~19% of
-    # Zoology's budget; untested at that length: the longest CPU run of a small factor size, 2^12 as 8^4, had a
-    # 4000-step schedule). Until 2026-12-02 they were CAPE first at lr 3e-4 with 2^12 slots as 64^2, the factor size
-    # that trained worst (MQAR_CAPE=first MQAR_LR=3e-4 MQAR_SLOTS=12 MQAR_FACTOR_SIZE=64 runs that again).
+    # The defaults are the recipe of `mqar` (content addressing, lr 3e-3, 2^12 slots as 8^4), which scored 0.983 and
+    # 0.996 on CPU in ~3800-4000 steps of 64 x 64 tokens, for 20000 steps of 128 x 64 tokens (~164M tokens, ~19% of
+    # Zoology's budget; untested at that length: the longest CPU run had a 5500-step schedule). Until 2026-12-02 they
+    # were CAPE first at lr 3e-4 with 2^12 slots as 64^2, the factor size that trained worst (MQAR_CAPE=first
+    # MQAR_LR=3e-4 MQAR_FACTOR_SIZE=64 runs that again).
     local state=.dev/mqar-long
     local train=${MQAR_CALL_SECONDS:-420}
-    local steps=${MQAR_STEPS:-20000} slots=${MQAR_SLOTS:-10}
+    local steps=${MQAR_STEPS:-20000} slots=${MQAR_SLOTS:-12}
     [ -n "$quick" ] && { train=20; steps=300; slots=6; state=$(mktemp -d); }  # a smoke test leaves the real state alone
     step mqar-long $((train + 170)) $python bench/mqar.py --models ramnet --dims 128 $quick \
       --ramnet-cape "${MQAR_CAPE:-none}" --seed "${MQAR_SEED:-0}" --lr "${MQAR_LR:-3e-3}" --steps "$steps" \
-      --slots-exponent "$slots" ${MQAR_FACTOR_SIZE:+--ramnet-factor-size "$MQAR_FACTOR_SIZE"} \
+      --slots-exponent "$slots" --ramnet-factor-size "${MQAR_FACTOR_SIZE:-8}" \
       --checkpoint-dir "$state" --call-seconds "$train" --verbose --out "$out/mqar_long.json"
     cp "$state"/*.safetensors "$out"/ 2>/dev/null
     ;;
