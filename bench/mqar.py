@@ -452,7 +452,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.vocab_size = args.vocab_size or (256 if quick else 8192)
     args.slots_exponent = args.slots_exponent or (6 if quick else 12)
     args.top_k = args.top_k or (4 if quick else 8)
-    args.ramnet_factor_size = args.ramnet_factor_size or 8
+    if args.ramnet_factor_size is None:  # not `or`: 0 is a bad value to report, not a default
+        args.ramnet_factor_size = 8
     size = args.ramnet_factor_size
     if size < 2 or size & (size - 1):
         parser.error(f"--ramnet-factor-size must be a power of 2 >= 2, got {size}")
