@@ -8,13 +8,14 @@ stderr, and data-parallel training over several devices with torch.distributed (
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -122,7 +123,6 @@ def fit_model(
         steps_per_epoch = min(len(loader), max_steps_per_epoch or len(loader))
         optimizer = _adamw(model, lr, weight_decay)
         schedule = _warmup_cosine(optimizer, steps_per_epoch * epochs, warmup_fraction)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         is_main = not distributed or dist.get_rank() == 0
 
         history, best_loss, best_state, stale = TrainingHistory(), math.inf, None, 0
@@ -132,26 +132,13 @@ def fit_model(
             for epoch in range(epochs):
                 if sampler is not None:
                     sampler.set_epoch(epoch)
-                model.train()
-                running, seen = 0.0, 0
-                for step, batch in enumerate(loader):
-                    if step >= steps_per_epoch:
-                        break
-                    batch = tuple(t.to(device, non_blocking=True) for t in batch)
-                    with autocast:
-                        loss = loss_fn(trained, batch)
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step "
-                                                 f"{step + 1}; lower lr or check the data for extreme values")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip:
-                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    optimizer.step()
-                    schedule.step()
-                    running, seen = running + loss.item(), seen + 1
-                    progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {running / seen:.4f}")
-                history.train_loss.append(_all_mean(running / max(seen, 1), distributed))
+
+                def report(mean_loss: float, epoch: int = epoch) -> None:
+                    progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
+
+                train_loss = _train_epoch(trained, loss_fn, itertools.islice(loader, steps_per_epoch), optimizer,
+                                          schedule, grad_clip=grad_clip, device=device, epoch=epoch, report=report)
+                history.train_loss.append(_all_mean(train_loss, distributed))
 
                 if val_data is None:
                     history.best_epoch = epoch
@@ -182,10 +169,9 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Dataset, *, batch_siz
     device = resolve_device(device)
     model.eval()
     total, count = 0.0, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     for batch in DataLoader(data, batch_size=batch_size):
         batch = tuple(t.to(device) for t in batch)
-        with autocast:
+        with _autocast(device):
             total += loss_fn(model, batch).item() * len(batch[0])
         count += len(batch[0])
     return total / max(count, 1)
@@ -223,6 +209,36 @@ def predict_batches(
             outputs.append(fn(tuple(t.to(device) for t in batch)).float().cpu())
             progress.update(task, advance=1)
     return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def _train_epoch(trained: nn.Module, loss_fn: LossFn, batches: Iterable[Sequence[Tensor]],
+                 optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, *,
+                 grad_clip: float | None, device: torch.device, epoch: int,
+                 report: Callable[[float], None]) -> float:
+    """One optimiser step per batch; returns the epoch's mean loss. ``report`` gets the running mean after each step."""
+    trained.train()
+    running, seen = 0.0, 0
+    for step, batch in enumerate(batches):
+        batch = tuple(t.to(device, non_blocking=True) for t in batch)
+        with _autocast(device):
+            loss = loss_fn(trained, batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                                "lower lr or check the data for extreme values")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(trained.parameters(), grad_clip)
+        optimizer.step()
+        schedule.step()
+        running, seen = running + loss.item(), seen + 1
+        report(running / seen)
+    return running / max(seen, 1)
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA, where the kernels and the tensor cores want it; float32 everywhere else.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
