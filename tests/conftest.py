@@ -1,10 +1,16 @@
 """Shared test settings: deterministic, single-threaded-friendly, CPU only."""
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The Triton kernels run on CPU through the interpreter, which reads this when triton is first imported: setting it
+# here, before any test module imports triton, lets one test file (`pytest tests/test_ramnet_kernels.py`) run its
+# kernel tests instead of skipping them.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"

@@ -1,9 +1,13 @@
 """The command line's skeleton: --help works at every level."""
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
 
 runner = CliRunner()
 
@@ -17,7 +21,10 @@ def test_help_at_every_level(args):
 
 def test_bench_list_names_the_scripts():
     result = runner.invoke(app, ["bench", "list"])
-    assert result.exit_code == 0 and "neural_memory" in result.output
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0] for line in result.output.splitlines() if line.strip()}
+    scripts = {path.stem for path in (ROOT / "bench").glob("*.py") if not path.name.startswith("_")}
+    assert scripts <= listed, f"missing from bench list: {sorted(scripts - listed)}"
 
 
 def test_unknown_bench_is_one_clear_line():

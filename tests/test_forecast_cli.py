@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from forecast import MemoryForecaster
 from tests.test_forecast_model import _one_thread  # noqa: F401  (autouse: one torch thread)
 
 TINY = ["--lookback", "24", "--horizon", "8", "--epochs", "1", "--max-steps", "8", "--d-model", "16", "--heads",
@@ -85,9 +86,12 @@ def test_evaluate_prints_mse_and_mae(trained, runner):
     result = runner.invoke(app, ["forecast", "evaluate", "--model", str(model), "--data", str(data)])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "MSE" in lines[1] and "MAE" in lines[1]
+    assert "MSE" in lines[1] and "MAE" in lines[1] and lines[2].startswith("memory forecaster")
     mse, mae = map(float, lines[2].split()[-2:])
-    assert 0 < mse < 10 and 0 < mae < 10
+    expected = MemoryForecaster.load(model).evaluate(str(data))
+    assert (mse, mae) == (pytest.approx(expected["mse"], abs=1e-4), pytest.approx(expected["mae"], abs=1e-4))
+    coverage = float(result.stdout.split("80% interval")[1].split("%")[0].split()[-1])
+    assert coverage == pytest.approx(100 * expected["interval_coverage"], abs=0.1)
 
 
 def test_plot_writes_a_png(trained, runner, tmp_path):
@@ -133,6 +137,8 @@ def test_fill_interpolate_lets_nan_data_train(runner, tmp_path):
     result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(out), "--fill", "interpolate",
                                  "--target", "load", *TINY])
     assert result.exit_code == 0, result.stderr
+    model = MemoryForecaster.load(out)
+    assert model.columns_ == ["load"] and np.isfinite(model.predict().to_numpy()).all()
 
 
 def bad_inputs(folder):

@@ -45,7 +45,8 @@ def fitted(_one_thread):
 
 @pytest.mark.parametrize("channels", ["independent", "mixing"])
 @pytest.mark.parametrize("embedding", ["patch", "token"])
-@pytest.mark.parametrize("linear_path, cycle_length", [(True, 6), (False, 0)])
+@pytest.mark.parametrize("linear_path", [True, False])
+@pytest.mark.parametrize("cycle_length", [6, 0])
 def test_network_shapes_and_single_channel_path(channels, embedding, linear_path, cycle_length):
     config = ForecastNetConfig(n_channels=3, lookback=16, horizon=8, d_model=16, heads=2, channels=channels,
                                embedding=embedding, chunk_size=8, linear_path=linear_path, cycle_length=cycle_length)
@@ -167,8 +168,8 @@ def test_predict_long_format_in_and_out(fitted):
 def test_forecast_follows_the_seasonality(fitted):
     truth = synthetic(408).iloc[400:]
     error = np.abs(fitted.predict().to_numpy() - truth.to_numpy()).mean()
-    naive = np.abs(synthetic().iloc[-1].to_numpy() - truth.to_numpy()).mean()
-    assert error < naive
+    seasonal_naive = np.abs(synthetic().iloc[-24:-16].to_numpy() - truth.to_numpy()).mean()  # a day earlier
+    assert error < 0.8 * seasonal_naive  # ~0.08 against ~0.13: at the noise's own MAE (0.1 * sqrt(2 / pi))
 
 
 def test_quantile_forecasts_are_calibrated_on_validation(fitted):
@@ -212,7 +213,7 @@ def test_quantile_forecasts_in_long_format_and_bad_levels(fitted):
 def test_evaluate_scores_every_test_window(fitted):
     scores = fitted.evaluate(synthetic())
     assert scores["windows"] == 80 + 24 - 24 - 8 + 1
-    assert 0 < scores["mse"] < 0.5 and 0 < scores["mae"] < 0.6
+    assert 0 < scores["mse"] < 0.03 and 0 < scores["mae"] < 0.14  # measured 0.014 / 0.096 (scaled units)
 
 
 def test_save_load_gives_identical_predictions(fitted, tmp_path):

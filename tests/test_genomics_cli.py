@@ -53,18 +53,24 @@ def assert_clean_error(result, fragment):
     assert result.stdout == "", f"rejected input still wrote to stdout: {result.stdout!r}"
 
 
-def test_fit_from_fasta_with_labels_then_classify_and_evaluate(workspace, tmp_path):
+def test_fit_from_fasta_with_labels_then_classify_with_the_saved_model(workspace, tmp_path):
     model = tmp_path / "m.safetensors"
     result = invoke("fit", "--train", workspace / "seqs.fa", "--labels", workspace / "labels.tsv", "--out", model,
                     *FAST)
     assert result.exit_code == 0, result.output
     assert model.is_file() and "160 sequences" in result.stdout
-    assert list(DNAClassifier.load(model).classes_) == [0, 1]
+    classifier = DNAClassifier.load(model)
+    assert list(classifier.classes_) == [0, 1]
+    result = invoke("classify", workspace / "seqs.fa", "--model", model, "--device", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    predicted = [int(line.split("\t")[1]) for line in result.stdout.splitlines()[1:]]
+    assert predicted == classifier.predict([s for _, s, _ in motif_records(160)]).tolist()
 
 
 def test_fit_from_csv_and_genomic_benchmarks_folder(workspace, tmp_path):
     result = invoke("fit", "--train", workspace / "table.csv", "--out", tmp_path / "csv.safetensors", *FAST)
     assert result.exit_code == 0, result.output
+    assert "160 sequences" in result.stdout
     for name, label in (("neg", 0), ("pos", 1)):
         folder = tmp_path / "task" / "train" / name
         folder.mkdir(parents=True)

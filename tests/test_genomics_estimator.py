@@ -117,12 +117,21 @@ def test_rc_predict_averages_both_strands(fitted):
     np.testing.assert_allclose(both.predict_proba(sequences), expected, atol=1e-6)
 
 
-def test_fit_is_reproducible_and_uses_validation_split():
+def test_fit_is_reproducible_and_uses_validation_split(monkeypatch):
+    import genomics.estimator
+
     sequences, labels = motif_task(64)
     params = dict(TINY, epochs=2, validation_fraction=0.25)
+    seen = []
+    real_fit = genomics.estimator.fit_model
+    monkeypatch.setattr(genomics.estimator, "fit_model", lambda *a, **k: seen.append(a[2:4]) or real_fit(*a, **k))
     first = DNAClassifier(**params).fit(sequences, labels)
     second = DNAClassifier(**params).fit(sequences, labels)
     assert len(first.history_.val_loss) == 2
+    train, val = seen[0]
+    assert (len(train), len(val)) == (48, 16)
+    rows = [{tuple(item[0].tolist()) for item in data} for data in (train, val)]
+    assert not rows[0] & rows[1], "the validation sequences are also trained on"
     np.testing.assert_array_equal(first.predict_proba(sequences), second.predict_proba(sequences))
 
 

@@ -36,6 +36,7 @@ def test_generator_is_seeded_and_filler_can_be_zero():
     a = mqar_batch(4, 64, 8, random_state=7)
     b = mqar_batch(4, 64, 8, random_state=7)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], mqar_batch(4, 64, 8, random_state=8)[0])
     inputs, labels = mqar_batch(4, 64, 8, random_filler=False, random_state=7)
     filler = labels == IGNORE_INDEX
     filler[:, :16] = False
@@ -273,11 +274,19 @@ def test_bench_training_resumes_exactly_where_a_killed_call_stopped(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         mqar.train(fresh_model(), args, mqar.QUICK_TRAIN_MIXTURE, torch.device("cpu"), checkpoint=checkpoint,
                    fingerprint=fingerprint)
-    monkeypatch.setattr(mqar, "training_step", real_step)
+    assert checkpoint.is_file()
+    resumed_calls = []
+
+    def counted_step(*step_args):
+        resumed_calls.append(1)
+        return real_step(*step_args)
+
+    monkeypatch.setattr(mqar, "training_step", counted_step)
     resumed = fresh_model()
     progress = mqar.train(resumed, args, mqar.QUICK_TRAIN_MIXTURE, torch.device("cpu"), checkpoint=checkpoint,
                           fingerprint=fingerprint)
     assert (progress.steps, progress.finished) == (6, True)
+    assert len(resumed_calls) == 3  # steps 4-6: the first 3 came from the checkpoint, not from training again
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(whole.state_dict()["embed.weight"], fresh_model().state_dict()["embed.weight"])
@@ -295,7 +304,8 @@ def test_bench_call_seconds_pauses_then_the_same_command_finishes(tmp_path, caps
     assert "run the same command again" in capsys.readouterr().out
     mqar.main(command)
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["status"] == "done" and row["steps"] == 4 and 0 <= row["mean_accuracy"] <= 1
+    assert row["status"] == "done" and row["steps"] == 4
+    assert row["mean_accuracy"] == pytest.approx(sum(row["accuracy"].values()) / len(row["accuracy"]))
     assert "resumed from" in capsys.readouterr().err
 
     with pytest.raises(SystemExit) as exit_info:  # another lr is another run: refused, the state kept

@@ -104,7 +104,9 @@ def test_layer_with_chunk_size_one_equals_token_loop():
         y_t, step_state = layer(x[:, t:t + 1], state=step_state)
         stepped.append(y_t)
     torch.testing.assert_close(y, torch.cat(stepped, dim=1))
-    torch.testing.assert_close(state.weights[0], step_state.weights[0])
+    for a, b in zip(state.weights + state.momentum + (state.conv,), step_state.weights + step_state.momentum
+                    + (step_state.conv,)):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 4])

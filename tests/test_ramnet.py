@@ -242,6 +242,7 @@ def test_explicit_initial_state_equals_none():
     expected, expected_state = layer(x)
     actual, state = layer(x, layer.initial_state(2))
     torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(state.slots, expected_state.slots)
     torch.testing.assert_close(state.normaliser, expected_state.normaliser)
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import TensorDataset
 from memorycore import CheckpointError, InputError
 from memorycore.checkpoint import load_checkpoint, read_config, save_checkpoint
 from memorycore.devices import resolve_device
-from memorycore.training import fit_model, predict_batches
+from memorycore.training import evaluate_loss, fit_model, predict_batches
 
 
 def regression_data(n=256):
@@ -33,6 +33,17 @@ def test_fit_lowers_the_validation_loss_and_keeps_the_best_weights():
     assert history.seconds > 0
 
 
+def test_fit_restores_the_weights_of_the_best_validation_epoch():
+    """Validating on the negated targets makes every epoch worse than the first: its weights must come back."""
+    train, val = regression_data()
+    x, y = val.tensors
+    opposite = TensorDataset(x, -y)
+    model = nn.Linear(4, 1)
+    history = fit_model(model, mse, train, opposite, epochs=4, batch_size=16, lr=0.05, patience=None, verbose=False)
+    assert history.best_epoch == 0 and history.val_loss[-1] > 1.5 * history.val_loss[0]
+    assert evaluate_loss(model, mse, opposite) == pytest.approx(history.val_loss[0], rel=1e-5)
+
+
 def test_early_stopping_stops_when_validation_stalls():
     train, val = regression_data()
     model = nn.Linear(4, 1)
@@ -40,15 +51,20 @@ def test_early_stopping_stops_when_validation_stalls():
     assert len(history.val_loss) == 3  # the first epoch sets the best, two stale epochs stop it
 
 
-def test_same_random_state_gives_the_same_model():
+def test_random_state_alone_decides_the_batch_order():
+    """Same start and random_state: the same model, whatever the global seed; another random_state: another."""
     train, val = regression_data()
-    models = []
-    for _ in range(2):
-        torch.manual_seed(1)
+    start = nn.Linear(4, 1).state_dict()
+
+    def trained(global_seed: int, random_state: int) -> torch.Tensor:
         model = nn.Linear(4, 1)
-        fit_model(model, mse, train, val, epochs=2, lr=0.01, random_state=3, verbose=False)
-        models.append(model.weight.detach().clone())
-    torch.testing.assert_close(models[0], models[1])
+        model.load_state_dict(start)
+        torch.manual_seed(global_seed)
+        fit_model(model, mse, train, val, epochs=2, lr=0.01, random_state=random_state, verbose=False)
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(trained(1, 3), trained(2, 3), rtol=0, atol=0)
+    assert not torch.equal(trained(1, 3), trained(1, 4))
 
 
 def test_predict_batches_concatenates_in_order():
