@@ -141,7 +141,8 @@ def test_ridge_baseline_learns_and_uses_validation_alpha():
     mse, mae, alpha = ridge_benchmark(data, 48, 12)
     naive_mse, _ = evaluate_windows(lambda w: np.repeat(w[:, -1:], 12, axis=1), data.test, 48, 12)
     assert mse < 0.1 * naive_mse
-    val_mse = [evaluate_windows(m.predict, data.val, 48, 12)[0] for m in RidgeBaseline.fit_path(data.train, 48, 12, ALPHAS)]
+    models = RidgeBaseline.fit_path(data.train, 48, 12, ALPHAS)
+    val_mse = [evaluate_windows(m.predict, data.val, 48, 12)[0] for m in models]
     best = int(np.argmin(val_mse))
     assert best > 0 and alpha == ALPHAS[best]  # this data's best is not the first alpha tried
     model = RidgeBaseline.fit(data.train, 48, 12)
