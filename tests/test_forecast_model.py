@@ -144,6 +144,11 @@ def test_training_keeps_the_closed_form_start_unless_it_improves_on_it(fitted):
     start_loss = evaluate_loss(start.network_, _loss_function("mse"), val, device="cpu")
     assert kept <= start_loss + 1e-6
     assert (fitted.history_.best_epoch == -1) == (min(fitted.history_.val_loss) >= start_loss)
+    spoiled = MemoryForecaster(**dict(TINY, epochs=1, lr=0.3)).fit(synthetic())  # training only makes it worse
+    assert spoiled.history_.best_epoch == -1 and spoiled.history_.val_loss[0] > 2 * spoiled.start_val_loss_
+    spoiled_loss = evaluate_loss(spoiled.network_, _loss_function("mse"), val, device="cpu")
+    assert spoiled_loss == pytest.approx(spoiled.start_val_loss_, rel=1e-5)
+    assert spoiled_loss == pytest.approx(start_loss, rel=1e-5)  # the closed-form start, whatever the lr
 
 
 def test_predict_shape_timestamps_and_columns(fitted):
