@@ -8,14 +8,13 @@ stderr, and data-parallel training over several devices with torch.distributed (
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,8 +135,8 @@ def fit_model(
                 def report(mean_loss: float, epoch: int = epoch) -> None:
                     progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
 
-                train_loss = _train_epoch(trained, loss_fn, itertools.islice(loader, steps_per_epoch), optimizer,
-                                          schedule, grad_clip=grad_clip, device=device, epoch=epoch, report=report)
+                train_loss = _train_epoch(trained, loss_fn, loader, steps_per_epoch, optimizer, schedule,
+                                          grad_clip=grad_clip, device=device, epoch=epoch, report=report)
                 history.train_loss.append(_all_mean(train_loss, distributed))
 
                 if val_data is None:
@@ -211,14 +210,20 @@ def predict_batches(
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def _train_epoch(trained: nn.Module, loss_fn: LossFn, batches: Iterable[Sequence[Tensor]],
+def _train_epoch(trained: nn.Module, loss_fn: LossFn, loader: DataLoader, steps: int,
                  optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, *,
                  grad_clip: float | None, device: torch.device, epoch: int,
                  report: Callable[[float], None]) -> float:
-    """One optimiser step per batch; returns the epoch's mean loss. ``report`` gets the running mean after each step."""
+    """One optimiser step per batch, ``steps`` at most; returns the epoch's mean loss. ``report`` gets the running
+    mean after each step."""
     trained.train()
     running, seen = 0.0, 0
-    for step, batch in enumerate(batches):
+    # Iterate the loader to its end (or one batch past the cap), never stopping exactly at the last batch: the random
+    # sampler draws its next permutation from the generator when it runs out, and skipping that draw would change
+    # every later epoch's batch order, and every published result, against earlier releases.
+    for step, batch in enumerate(loader):
+        if step >= steps:
+            break
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
         with _autocast(device):
             loss = loss_fn(trained, batch)

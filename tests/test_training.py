@@ -67,6 +67,24 @@ def test_random_state_alone_decides_the_batch_order():
     assert not torch.equal(trained(1, 3), trained(1, 4))
 
 
+def test_every_epoch_takes_the_batches_a_seeded_data_loader_gives():
+    """The batch order of earlier releases: each epoch is one full pass of a DataLoader seeded by random_state (a
+    loop that stopped right at the last batch would skip the sampler's next draw and reorder every later epoch)."""
+    x = torch.arange(70.0).view(70, 1)
+    data = TensorDataset(x, x.squeeze(1))
+    seen = []
+
+    def recording_loss(model, batch):
+        seen.append(batch[0].squeeze(1).tolist())
+        return model(batch[0]).square().mean()
+
+    fit_model(nn.Linear(1, 1), recording_loss, data, epochs=3, batch_size=16, lr=0.0, random_state=5, verbose=False)
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(5))
+    expected = [batch[0].squeeze(1).tolist() for _ in range(3) for batch in loader]
+    assert seen == expected and len(seen) == 3 * 4
+
+
 def test_predict_batches_concatenates_in_order():
     model = nn.Linear(4, 2)
     x = torch.randn(70, 4)
