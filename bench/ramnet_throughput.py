@@ -4,8 +4,8 @@ One RAMNet layer (H heads of value_dim 64, K = 8, M = d_p^U slots per head), for
 dim] inputs, tokens per second for M = 2^10 ... 2^20. The slots grow in one of two ways: by adding factors of d_p = 4
 (`--grow factors`, the default: U = 5 ... 10), which also adds to the decoder's O(U K^2) beam merge and widens the
 keys, or by widening the 5 factors (`--grow factor-size`: d_p = 4, 5, 6, 8, 12, 16, from 2^10 to 2^20 through
-5^5 ... 12^5), which keeps U K^2 and changes only the key width (U d_p) and the factor softmaxes. Before timing, the layer on the
-default backend (Triton on CUDA) is checked against the PyTorch reference on a small input.
+5^5 ... 12^5), which keeps U K^2 and changes only the key width (U d_p) and the factor softmaxes. Before timing, the
+layer on the default backend (Triton on CUDA) is checked against the PyTorch reference on a small input.
 
 The time includes everything a training step of the layer does. The layer runs on the slots the batch touches
 (at most 2 t K per sequence and head) and, as the returned state is not read here, never builds the O(M d_v) state,
