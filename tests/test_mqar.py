@@ -217,7 +217,10 @@ def test_bench_refuses_to_draw_what_is_not_a_finished_result(tmp_path, capsys, c
     (["--ramnet-temperature", "0"], "--ramnet-temperature must be a finite number > 0"),
     (["--ramnet-factor-size", "6"], "--ramnet-factor-size must be a power of 2 >= 2"),
     (["--ramnet-factor-size", "0"], "--ramnet-factor-size must be a power of 2 >= 2"),
-    (["--slots-exponent", "-6"], "--slots-exponent -6 must be a positive multiple of 3"),
+    (["--slots-exponent", "-6"], "argument --slots-exponent: must be > 0, got -6"),
+    (["--slots-exponent", "0"], "argument --slots-exponent: must be > 0, got 0"),  # not the default, silently
+    (["--steps", "0"], "argument --steps: must be > 0, got 0"),
+    (["--lr", "0"], "argument --lr: must be > 0, got 0"),
     (["--slots-exponent", "7"], "--slots-exponent 7 must be a positive multiple of 3, log2(--ramnet-factor-size 8)"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_bench_rejects_bad_settings(capsys, flags, message):
