@@ -396,7 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slots-exponent", type=_positive(int), default=None,
                         help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 12: "
                              "8^4; 6 with --quick: 8^2)")
-    parser.add_argument("--top-k", type=_positive(int), default=None, help="RAM-Net slots per token (default 8; 4 with --quick)")
+    parser.add_argument("--top-k", type=_positive(int), default=None,
+                        help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-factor-size", type=int, default=None,
                         help="d_p, the width of each softmax of RAM-Net's product address, a power of 2: the slots "
                              "are d_p**U, U = slots-exponent / log2(d_p) (default 8). At d_model 128, 64^2 slots learnt"
@@ -412,7 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=_positive(int), default=None, help="V (default 8192; 256 with --quick)")
     parser.add_argument("--test-examples", type=_positive(int), default=None,
                         help="test sequences per setting (default 1000; 100 with --quick)")
-    parser.add_argument("--eval-batch-size", type=_positive(int), default=50, help="sequences per scoring batch (default 50)")
+    parser.add_argument("--eval-batch-size", type=_positive(int), default=50,
+                        help="sequences per scoring batch (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--verbose", action="store_true", help="print the training loss every 100 steps (stderr)")
