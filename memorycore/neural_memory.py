@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.neural_memory import neural_memory
+from memorycore.causal_conv import CausalDepthwiseConv
 
 
 class NeuralMemoryState(NamedTuple):
@@ -131,7 +132,7 @@ class NeuralMemory(nn.Module):
         inner = heads * head_dim
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.qkv_conv = nn.Conv1d(3 * inner, 3 * inner, conv_kernel, groups=3 * inner) if conv_kernel else None
+        self.qkv_conv = CausalDepthwiseConv(3 * inner, conv_kernel) if conv_kernel else None
         self.to_gates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha per head
         widths = [head_dim] + [head_dim * expansion] * (depth - 1) + [head_dim]
         self.initial_weights = nn.ParameterList(
@@ -158,10 +159,8 @@ class NeuralMemory(nn.Module):
         dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)
         weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, -1, -1, -1) for w in self.initial_weights)
         momentum = tuple(torch.zeros_like(w) for w in weights)
-        conv = None
-        if self.qkv_conv is not None:
-            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
-                               dtype=self.to_qkv.weight.dtype)
+        conv = None if self.qkv_conv is None else self.qkv_conv.empty_history(batch_size, device,
+                                                                              self.to_qkv.weight.dtype)
         return NeuralMemoryState(weights, momentum, conv)
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
@@ -188,7 +187,9 @@ class NeuralMemory(nn.Module):
         if state is None:
             state = self.initial_state(batch, x.device)
 
-        qkv, conv_tail = self._causal_conv(self.to_qkv(x), state.conv)
+        qkv, conv_tail = self.to_qkv(x), None
+        if self.qkv_conv is not None:
+            qkv, conv_tail = self.qkv_conv(qkv, state.conv)
         q, k, v = F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         lr, log_eta, log_keep = self._gates(x)
@@ -217,16 +218,6 @@ class NeuralMemory(nn.Module):
             lr = lr * -torch.expm1(log_eta)
         log_keep = F.logsigmoid(-alpha) if self.use_weight_decay else torch.zeros_like(alpha)
         return lr, log_eta, log_keep
-
-    def _causal_conv(self, qkv: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Depthwise convolution over time that sees only the past; returns the output and the new history."""
-        if self.qkv_conv is None:
-            return qkv, None
-        if history is None:
-            history = qkv.new_zeros(qkv.shape[0], self.conv_kernel - 1, qkv.shape[-1])
-        padded = torch.cat([history.to(qkv.dtype), qkv], dim=1)
-        out = self.qkv_conv(padded.transpose(1, 2)).transpose(1, 2)
-        return out, padded[:, padded.shape[1] - (self.conv_kernel - 1):]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
+from memorycore.causal_conv import CausalDepthwiseConv
 from memorycore.errors import InputError
 
 MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
@@ -229,7 +230,7 @@ class RAMNet(nn.Module):
         channels = heads * (2 * self.key_dim + value_dim)
 
         self.to_qkv = nn.Linear(dim, channels, bias=False)
-        self.qkv_conv = nn.Conv1d(channels, channels, conv_kernel, groups=channels) if conv_kernel else None
+        self.qkv_conv = CausalDepthwiseConv(channels, conv_kernel) if conv_kernel else None
         # alpha: q/k weights scaled by exp(alpha)
         self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
         self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
@@ -243,10 +244,8 @@ class RAMNet(nn.Module):
 
     def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
         """The initial state without ``slots`` / ``normaliser``: ``pdma_touched`` starts from the empty memory."""
-        conv = None
-        if self.qkv_conv is not None:
-            conv = torch.zeros(batch_size, self.conv_kernel - 1, self.qkv_conv.in_channels, device=device,
-                               dtype=self.to_qkv.weight.dtype)
+        conv = None if self.qkv_conv is None else self.qkv_conv.empty_history(batch_size, device,
+                                                                              self.to_qkv.weight.dtype)
         return RAMNetState(None, None, conv, 0)
 
     def forward(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
@@ -330,7 +329,9 @@ class RAMNet(nn.Module):
     def _addresses(self, x: Tensor, state: RAMNetState) -> tuple[Tensor, ...]:
         """Read and write slots and weights [b, h, t, k], values [b, h, t, d] and the new convolution history."""
         batch, time, _ = x.shape
-        qkv, conv = self._causal_conv(self.to_qkv(x), state.conv)
+        qkv, conv = self.to_qkv(x), None
+        if self.qkv_conv is not None:
+            qkv, conv = self.qkv_conv(qkv, state.conv)
         qkv = qkv.view(batch, time, self.heads, -1).transpose(1, 2)  # [b, h, t, 2 key_dim + value_dim]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         temperature = self.log_temperature.exp()[:, None, None, None]
@@ -353,14 +354,6 @@ class RAMNet(nn.Module):
             positions = torch.arange(start, start + logits.shape[2], device=slot.device)
             slot = torch.remainder(slot - positions[:, None], self.slots)
         return slot, log_weight.exp()
-
-    def _causal_conv(self, qkv: Tensor, history: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Depthwise convolution over time that sees only the past; returns the output and the new history."""
-        if self.qkv_conv is None:
-            return qkv, None
-        padded = torch.cat([history.to(qkv.dtype), qkv], dim=1)
-        out = self.qkv_conv(padded.transpose(1, 2)).transpose(1, 2)
-        return out, padded[:, -(self.conv_kernel - 1):] if self.conv_kernel > 1 else padded[:, :0]
 
     def _check_input(self, x: Tensor, state: RAMNetState | None, *, time_axis: bool) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:

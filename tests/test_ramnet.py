@@ -284,7 +284,7 @@ def test_balance_adds_the_penalty_gradient_and_leaves_the_output_alone():
     torch.testing.assert_close(y, y_plain)
     cotangent = torch.randn_like(y)
     actual = torch.autograd.grad((y * cotangent).sum(), list(layer.parameters()))
-    qkv, _ = plain._causal_conv(plain.to_qkv(x), plain._without_memory(2, x.device).conv)
+    qkv, _ = plain.qkv_conv(plain.to_qkv(x))
     q, k, _ = qkv.view(2, 9, 2, -1).transpose(1, 2).split([plain.key_dim, plain.key_dim, plain.value_dim], -1)
     temperature = plain.log_temperature.exp()[:, None, None, None]
     penalty = sum(slot_imbalance(a.reshape(2, 2, 9, 3, 4) * temperature) for a in (q, k))

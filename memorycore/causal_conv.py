@@ -1,0 +1,47 @@
+"""The short causal convolution that the memory layers apply to their q/k/v projections."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CausalDepthwiseConv(nn.Conv1d):
+    """Depthwise convolution over time that sees only the past, on ``[batch, time, channels]``.
+
+    Its history (the last ``kernel - 1`` inputs) is carried between calls, so a sequence fed in pieces gives the same
+    output as the whole. It is an ``nn.Conv1d`` (the same parameters, ``weight [channels, 1, kernel]`` and ``bias``,
+    so checkpoints are interchangeable) but computes the output as a sum of ``kernel`` shifted products: on CPU,
+    PyTorch's depthwise ``conv1d`` backward takes twice as long on many short sequences (the forecaster's 672 x 12
+    tokens of 96 channels: 35 ms against 16 ms forward + backward, one thread) and no longer on long ones.
+
+    Examples
+    --------
+    >>> conv = CausalDepthwiseConv(8, kernel=4)
+    >>> y, history = conv(torch.randn(2, 10, 8))
+    >>> y.shape, history.shape
+    (torch.Size([2, 10, 8]), torch.Size([2, 3, 8]))
+    """
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__(channels, channels, kernel, groups=channels)
+
+    def empty_history(self, batch_size: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> Tensor:
+        """The history before the first token: zeros ``[batch, kernel - 1, channels]``."""
+        return torch.zeros(batch_size, self.kernel_size[0] - 1, self.in_channels, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """``y [batch, time, channels]`` and the new history; ``history`` None starts from zeros."""
+        kernel, time = self.kernel_size[0], x.shape[1]
+        if history is None:
+            history = self.empty_history(x.shape[0], x.device, x.dtype)
+        padded = torch.cat([history.to(x.dtype), x], dim=1)
+        # sums in float32 at least, as conv1d does; the output in x's dtype (under autocast: the autocast dtype)
+        weight = self.weight[:, 0].to(torch.promote_types(x.dtype, torch.float32))  # [channels, kernel]
+        out = padded[:, :time] * weight[:, 0]
+        for shift in range(1, kernel):
+            out = out + padded[:, shift:shift + time] * weight[:, shift]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype), padded[:, padded.shape[1] - (kernel - 1):]
