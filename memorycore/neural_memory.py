@@ -114,7 +114,8 @@ class NeuralMemory(nn.Module):
         _check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
         if head_dim is None:
             if dim % heads:
-                raise ValueError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim or set head_dim")
+                raise ValueError(f"dim={dim} is not divisible by heads={heads}; "
+                                 "pick heads that divide dim or set head_dim")
             head_dim = dim // heads
         _check_positive(head_dim=head_dim)
         if conv_kernel < 0:
