@@ -9,8 +9,8 @@
 Every test window is scored (no drop_last) on the scaled values. The ridge baseline (forecast/baseline.py) is fit in
 the same run on the same splits; the summary lists model vs ridge per horizon and their averages, and, per horizon,
 the fitted model with its memory backbone switched off (head zeroed: linear path and cycle alone), which shows what
-the memory blocks add. Datasets are read
-from ../shared/datasets beside the checkout (or --data-dir), the bundled ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
+the memory blocks add. Datasets are read from ../shared/datasets beside the checkout (or --data-dir), the bundled
+ETTh1 as a fallback. Prints a table and writes JSON (default bench/results/forecast.json).
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def _compilable_kernels(name: str = "kernels.neural_memory.triton"):
 nm = _compilable_kernels()
 H100 = GPUTarget("cuda", 90, 32)
 # Pointers to tensors in the input dtype; every other pointer is a float32 buffer (gates, state, gradients of them).
-# The depth-2 kernels add y, dq and dk into float32 sums (the parts' shares); the counter of their in-kernel wait is int32.
+# The depth-2 kernels add y, dq and dk into float32 sums (the parts' shares); the counter of their in-kernel wait is
+# int32.
 INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr"}
 INPUT_DTYPE_POINTERS_DEPTH1 = {"y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
 INT_POINTERS = {"counter_ptr"}
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         ramnet_rows(args.top_k, args.ramnet_chunk, value_dim=64)
         return
 
-    print(f"Triton {triton.__version__}, target sm_90 (H100), bf16 inputs, head dim {args.head_dim}, chunk {args.chunk}, "
-          f"expansion {args.expansion}, {args.stages} stage(s)")
+    print(f"Triton {triton.__version__}, target sm_90 (H100), bf16 inputs, head dim {args.head_dim}, "
+          f"chunk {args.chunk}, expansion {args.expansion}, {args.stages} stage(s)")
     print(f"{'kernel':<26} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9} "
           f"{'compile s':>9}")
     hidden = args.head_dim * args.expansion

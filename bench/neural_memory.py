@@ -162,7 +162,8 @@ def check_triton(device: torch.device, splits: list[str]) -> float:
                                                        dtype=torch.float64)).sum()
                            for out in (y, *weights, *momentum))
                 results.append([y, *weights, *momentum, *torch.autograd.grad(loss, leaves)])
-            errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results[1], results[0])]
+            errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                      for a, b in zip(results[1], results[0])]
             print(f"max relative error {max(errors):.2e} over y, state and {len(errors) - 1 - 2 * depth} gradients")
             worst = max(worst, max(errors))
     return worst
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variants = [(name, split) for name in backends for split in (splits if name == "triton" else ["default"])]
 
     rows = []
-    print(f"NeuralMemory {'memory op' if args.memory_op else 'layer'}: heads 8 x 64, depth 2, expansion 4, chunk 64, {dtype}, {device}")
+    print(f"NeuralMemory {'memory op' if args.memory_op else 'layer'}: heads 8 x 64, depth 2, expansion 4, chunk 64, "
+          f"{dtype}, {device}")
     print(f"{'backend':>13} {'batch x time':>13} {'pass':>8} {'tokens/s':>12} {'peak MiB':>9} {'MFU':>6}")
     for name, split in variants:
         label = name if split == "default" else f"{name}-{split}"

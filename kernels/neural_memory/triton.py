@@ -139,7 +139,8 @@ def _store_gate_grads(
 
 
 @triton.jit
-def _load_gates(keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK: tl.constexpr):
+def _load_gates(keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows,
+                CHUNK: tl.constexpr):
     """The gate coefficients of one chunk (row_offset = (program * n_chunks + chunk) * CHUNK)."""
     keep = tl.load(keep_ptr + row_offset + rows)
     carry = tl.load(carry_ptr + row_offset + rows)
@@ -675,7 +676,8 @@ def _split(batch_heads: int, hidden: int, device: torch.device) -> tuple[int, bo
                              f"{hidden} into power-of-two slices of at least 16 units")
         if device.type == "cuda" and hidden // parts < BLOCK_HIDDEN:
             raise ValueError(f"MEMORYCORE_NM_PARTS={forced} would give slices of {hidden // parts} hidden units; on a "
-                             f"GPU they must be at least {BLOCK_HIDDEN} (narrower tiles were miscompiled by Triton 3.6)")
+                             f"GPU they must be at least {BLOCK_HIDDEN} "
+                             "(narrower tiles were miscompiled by Triton 3.6)")
     in_kernel_wait = batch_heads * parts <= sms
     whole = parts == 1 or (in_kernel_wait and os.environ.get("MEMORYCORE_NM_SYNC") != "launch")
     return parts, whole

@@ -20,7 +20,8 @@ d/dw (PROXY_EPS + (1 - PROXY_EPS)(1 - w))^gamma, which stays bounded when w -> 1
 
 Exact chunk form. Inside a chunk, the value of slot j at token t is
 
-    S_t[j] = D_j(0, t) S_0[j] + sum_{s <= t} w_s[j] D_j(s, t) v_s,     D_j(s, t) = prod_{s < s' <= t} (1 - w_s'[j])^gamma
+    S_t[j] = D_j(0, t) S_0[j] + sum_{s <= t} w_s[j] D_j(s, t) v_s,
+    D_j(s, t) = prod_{s < s' <= t} (1 - w_s'[j])^gamma
 
 where only writes that address j contribute to D. Matching every read slot with every write slot of the chunk gives
 a [c, c] read matrix and one matmul with the values; the end-of-chunk state is the same formula evaluated at the last
