@@ -92,13 +92,15 @@ class KmerEmbedding(nn.Module):
         unknown = (tokens == _N_TOKEN) | (tokens == PAD)
         time = tokens.shape[1]
         out = 0
+        # padded on the right so that every offset's slice is `time` wide, even past the end of a short batch
+        longest = max(self.sizes) - 1
+        base, unknown = F.pad(base, (0, longest)), F.pad(unknown, (0, longest), value=True)
         for k, table in zip(self.sizes, self.tables):
             code = torch.zeros_like(tokens)
-            has_unknown = torch.zeros_like(unknown)
+            has_unknown = torch.zeros_like(unknown[:, :time])
             for offset in range(k):
-                shifted = F.pad(base[:, offset:], (0, offset))
-                code = code * 4 + shifted
-                has_unknown = has_unknown | F.pad(unknown[:, offset:], (0, offset), value=True)
+                code = code * 4 + base[:, offset:offset + time]
+                has_unknown = has_unknown | unknown[:, offset:offset + time]
             code = code.masked_fill(has_unknown, 4**k)
             inside = torch.arange(time, device=tokens.device)[None, :] + k <= lengths[:, None]
             out = out + table(code.masked_fill(~inside, 4**k + 1))

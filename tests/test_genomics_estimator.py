@@ -56,6 +56,8 @@ def test_prediction_does_not_depend_on_batch_companions(fitted):
     alone = fitted.predict_proba([short])
     together = fitted.predict_proba([long_, short, long_[:20]])
     np.testing.assert_allclose(alone[0], together[1], atol=1e-6)
+    # a batch narrower than the longest k-mer (3 here) less one, and the same sequence beside a long one
+    np.testing.assert_allclose(fitted.predict_proba(["A"]), fitted.predict_proba(["A", long_])[:1], atol=1e-6)
 
 
 @pytest.mark.parametrize("bidirectional, kmer_sizes", [(False, ()), (True, ()), (True, (1, 3))])
@@ -80,6 +82,16 @@ def test_kmer_embedding_indexes_overlapping_kmers():
     assert out.tolist() == [[1, 6, 16, 16, 12, 0, 0, 0], [15, 14, 0, 0, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="between 1 and 8"):
         KmerEmbedding((9,), 4)
+
+
+def test_kmers_longer_than_the_whole_batch_embed_to_zero():
+    embedding = KmerEmbedding((2, 5), 4)
+    tokens = torch.from_numpy(pad_tokens([encode("ACG"), encode("T")], 3)[0])
+    with torch.no_grad():
+        out = embedding(tokens, torch.tensor([3, 1]))
+        only_2mers = embedding.tables[0](torch.tensor([[0 * 4 + 1, 1 * 4 + 2]]))  # AC, CG
+    torch.testing.assert_close(out[0, :2], only_2mers[0])
+    assert out[0, 2:].abs().sum() == 0 and out[1].abs().sum() == 0
 
 
 def test_kmer_profile_reaches_the_head():
