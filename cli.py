@@ -16,7 +16,7 @@ from typing import Callable, Optional, TypeVar
 import typer
 
 from memorycore.errors import InputError, MemorycoreError
-from memorycore.files import write_text_atomic
+from memorycore.files import check_writable, write_text_atomic
 
 app = typer.Typer(
     help="Test-time-learning memory: forecasting, DNA classification and benchmarks.",
@@ -65,10 +65,12 @@ def _read_options(date_column: str | None, target: list[str] | None, fill: str |
     return {"date_column": date_column, "target": target or None, "fill": fill, "allow_irregular": allow_irregular}
 
 
-def _refuse_overwriting_input(out: Path, *inputs: Path | None) -> None:
+def _check_out(out: Path, *inputs: Path | None) -> None:
+    """Before any work: ``--out`` must be writable and must not be one of the inputs."""
     for given in inputs:
         if given is not None and Path(given).resolve() == Path(out).resolve():
             raise InputError(f"--out {out} is an input file; write the result elsewhere")
+    check_writable(out)
 
 
 def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
@@ -159,7 +161,7 @@ def forecast_fit(
 
     torch.set_num_threads(threads)
     data = data if data is not None else BUNDLED_ETTH1
-    _refuse_overwriting_input(out, data)
+    _check_out(out, data)
     model = MemoryForecaster(
         lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
         channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -202,7 +204,7 @@ def forecast_predict(
 
     model = MemoryForecaster.load(model_path)
     if out is not None:
-        _refuse_overwriting_input(out, data, model_path)
+        _check_out(out, data, model_path)
     levels = None if quantiles is None else [level.strip() for level in quantiles.split(",")]
     forecast = model.predict(data, h=horizon, quantiles=levels)
     text = forecast.to_csv(index=not is_long_format(forecast))
@@ -253,7 +255,7 @@ def forecast_plot(
     from forecast.plots import plot_forecast
 
     model = MemoryForecaster.load(model_path)
-    _refuse_overwriting_input(out, data, model_path)
+    _check_out(out, data, model_path)
     past = model.last_window_ if data is None else model.read_like_fit(data)
     steps = horizon or model.horizon
     # an 80% interval where the model has calibrated quantiles for these steps
@@ -306,7 +308,7 @@ def genomics_fit(
     """
     from genomics import DNAClassifier, load_sequences
 
-    _refuse_overwriting_input(out, train, labels)
+    _check_out(out, train, labels)
     data = load_sequences(train, labels=labels, split=split, require_labels=True)
     classifier = DNAClassifier(dim=dim, blocks=blocks, max_length=max_length, epochs=epochs, batch_size=batch_size,
                                lr=lr, reverse_complement=reverse_complement, device=device, random_state=seed,
@@ -342,7 +344,7 @@ def genomics_classify(
     from genomics import DNAClassifier
 
     if out is not None:
-        _refuse_overwriting_input(out, input, bed, model)
+        _check_out(out, input, bed, model)
     classifier = DNAClassifier.load(model, device=device)
     records, total = _genomics_records(input, bed, split)
     if out is None:

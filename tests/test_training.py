@@ -194,3 +194,30 @@ def test_atomic_writes_keep_the_old_file_on_failure_and_use_normal_permissions(t
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_unwritable_destinations_are_one_clear_input_error(tmp_path):
+    import os
+
+    from memorycore import InputError
+    from memorycore.files import check_writable, write_text_atomic
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for path, reason in ((tmp_path / "a_folder", "it is a folder"),
+                         (tmp_path / "a_file" / "deeper" / "out.txt", "is a file, not a folder")):
+        with pytest.raises(InputError, match=reason):
+            check_writable(path)
+        with pytest.raises(InputError, match=f"cannot write {path}"):
+            write_text_atomic(path, "text")
+    check_writable(tmp_path / "new" / "folders" / "out.txt")  # missing folders are fine: they will be made
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anywhere; then there is nothing to refuse
+            with pytest.raises(InputError, match="no permission to write"):
+                write_text_atomic(locked / "out.txt", "text")
+    finally:
+        locked.chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "a_folder", "locked"]
