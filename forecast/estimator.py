@@ -21,7 +21,7 @@ from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, Forecast
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, evaluate_loss, fit_model, predict_batches
+from memorycore.training import TrainingHistory, check_hyperparameters, evaluate_loss, fit_model, predict_batches
 
 CHECKPOINT_CLASS = "MemoryForecaster"
 _HISTORY_KEY = "__last_window__"  # tensor name of the stored lookback window in checkpoints
@@ -280,16 +280,10 @@ class MemoryForecaster(BaseEstimator):
         return cycle_phases(pd.DatetimeIndex(timestamps), self.cycle_length_, self.step_ns_)
 
     def _check_params(self) -> None:
-        for name in ("lookback", "horizon", "d_model", "n_blocks", "heads", "memory_depth", "memory_expansion",
-                     "chunk_size",
-                     "patch_len", "stride", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise InputError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.dropout < 1:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_hyperparameters(lr=self.lr, weight_decay=self.weight_decay, dropout=self.dropout, **{
+            name: getattr(self, name) for name in ("lookback", "horizon", "d_model", "n_blocks", "heads",
+                                                   "memory_depth", "memory_expansion", "chunk_size", "patch_len",
+                                                   "stride", "epochs", "batch_size")})
         for name, allowed in (("embedding", EMBEDDINGS), ("channels", CHANNEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -301,8 +295,6 @@ class MemoryForecaster(BaseEstimator):
                                                 and self.cycle_length >= 0)):
             raise InputError(f"cycle_length must be 'auto' or an integer >= 0 (0: no cycle), "
                              f"got {self.cycle_length!r}")
-        if not self.weight_decay >= 0:
-            raise InputError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.d_model % self.heads:
             raise InputError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
 

@@ -200,7 +200,8 @@ def _open_text(path: Path):
 
 
 def normalize_labels(labels: Sequence) -> list:
-    """Labels as Python ints when every one is an integer (``"1"``, ``1``, ``1.0``), otherwise as stripped str.
+    """Labels as Python ints when every one is an integer (``"1"``, ``"1.0"``, ``1``, ``1.0``), otherwise as
+    stripped str.
 
     Text files and tables then give the same classes, so a model fit on a CSV can be evaluated on FASTA + labels.
     """
@@ -213,8 +214,8 @@ def normalize_labels(labels: Sequence) -> list:
             as_int.append(value)
         elif isinstance(value, float) and value.is_integer():
             as_int.append(int(value))
-        elif isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-            as_int.append(int(value.strip()))
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.0*)?", value.strip()):  # "1" or "1.0"
+            as_int.append(int(value.strip().split(".")[0]))
         else:
             break
     else:
@@ -428,9 +429,12 @@ def read_label_file(path: str | os.PathLike) -> dict[str, object]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            fields = [f.strip() for f in re.split(r"\t|,|\s+", line, maxsplit=1)]
+            # a tab or comma separates the columns when there is one, so labels may hold spaces; else whitespace
+            separator = "\t" if "\t" in line else "," if "," in line else None
+            fields = [f.strip() for f in line.split(separator)]
             if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise InputError(f"{path}: line {line_number} should hold two columns, an id and a label: {line!r}")
+                raise InputError(f"{path}: line {line_number} should hold two columns, an id and a label, "
+                                 f"got {len(fields)}: {line!r}")
             if not ids and fields[0].lower() in _ID_COLUMNS and fields[1].lower() in _LABEL_COLUMNS:
                 continue  # header
             ids.append(fields[0])

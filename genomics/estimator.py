@@ -20,7 +20,7 @@ from genomics.model import DNANetwork, reverse_complement_batch
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, fit_model
+from memorycore.training import TrainingHistory, check_hyperparameters, fit_model
 
 CHECKPOINT_CLASS = "DNAClassifier"
 _NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "memory_momentum",
@@ -185,8 +185,15 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self._check_params()
         tokens = _encode_all(sequences)
         labels = np.asarray(labels)
-        if labels.ndim != 1 or len(labels) != len(tokens):
+        if labels.ndim != 1:
+            raise InputError(f"labels must be one-dimensional, one per sequence; got an array of shape "
+                             f"{list(labels.shape)}")
+        if len(labels) != len(tokens):
             raise InputError(f"got {len(tokens)} sequences but {labels.size} labels; give one label per sequence")
+        missing = [i for i, label in enumerate(labels.tolist()) if label is None or label != label]  # None or NaN
+        if missing:
+            raise InputError(f"{len(missing)} label(s) are missing (None or NaN), the first of sequence "
+                             f"{missing[0]}; drop those sequences or give them a label")
         self.classes_, y = np.unique(labels, return_inverse=True)
         if len(self.classes_) < 2:
             raise InputError(f"need at least two classes to train, got only {self.classes_.tolist()}")
@@ -216,6 +223,11 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         return self
 
     def _check_params(self) -> None:
+        check_hyperparameters(lr=self.lr, weight_decay=self.weight_decay, dropout=self.dropout, **{
+            name: getattr(self, name) for name in ("dim", "heads", "memory_depth", "chunk_size", "epochs",
+                                                   "batch_size")})
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, (int, np.integer)) or self.blocks < 0:
+            raise InputError(f"blocks must be an integer >= 0 (0: no memory block), got {self.blocks!r}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):

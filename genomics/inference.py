@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews
 from genomics.data import SequenceData, encode
 from genomics.estimator import DNAClassifier
 from memorycore.errors import InputError
+from memorycore.training import check_hyperparameters
 
 
 def classify_records(
@@ -42,6 +43,7 @@ def classify_records(
     n_windowed : int
         How many of these records were longer than the model's ``max_length_`` (classified by averaging windows).
     """
+    check_hyperparameters(batch_size=batch_size)
     ids, sequences = [], []
     for record_id, sequence in records:
         encode(sequence, record=f"{source}: record {record_id!r}")  # fail with the record's name, not an index

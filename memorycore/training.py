@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 import sys
 import time
@@ -108,7 +109,9 @@ def fit_model(
     -------
     TrainingHistory
     """
-    _check_training_args(epochs=epochs, batch_size=batch_size, devices=devices)
+    check_hyperparameters(weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, devices=devices)
+    if not (_is_real(lr) and math.isfinite(lr) and lr >= 0):  # 0 is allowed here: it runs the loop, frozen
+        raise InputError(f"lr must be a finite number >= 0, got {lr!r}")
     if len(train_data) == 0:
         raise InputError("no training examples: the training data is empty")
     with _process_group(devices) as distributed:
@@ -298,10 +301,34 @@ class _SilentProgress:
         pass
 
 
-def _check_training_args(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
+def check_hyperparameters(*, lr: float | None = None, weight_decay: float | None = None,
+                          dropout: float | None = None, **positive_integers: object) -> None:
+    """Raise :class:`InputError` naming the first hyperparameter out of range.
+
+    ``lr`` must be finite and > 0 (an infinite one trains to NaN weights without a word), ``weight_decay`` finite and
+    >= 0, ``dropout`` in [0, 1), and every keyword in ``positive_integers`` an integer >= 1. None skips a check.
+
+    Examples
+    --------
+    >>> check_hyperparameters(lr=1e-3, epochs=5, batch_size=32)
+    >>> check_hyperparameters(lr=float("inf"))
+    Traceback (most recent call last):
+    ...
+    memorycore.errors.InputError: lr must be a finite number > 0, got inf
+    """
+    for name, value in positive_integers.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if lr is not None and not (_is_real(lr) and math.isfinite(lr) and lr > 0):
+        raise InputError(f"lr must be a finite number > 0, got {lr!r}")
+    if weight_decay is not None and not (_is_real(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise InputError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if dropout is not None and not (_is_real(dropout) and 0 <= dropout < 1):
+        raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @contextmanager

@@ -212,6 +212,24 @@ def test_bad_input_errors(fitted):
         DNAClassifier(**TINY).fit(["ACGT", "ACGA"], [1, 0, 1])
     with pytest.raises(InputError, match="validation_fraction"):
         DNAClassifier(**dict(TINY, validation_fraction=1.5)).fit(["ACGT", "ACGA"], [1, 0])
+    with pytest.raises(InputError, match="one-dimensional"):
+        DNAClassifier(**TINY).fit(["ACGT", "ACGA"], [[1], [0]])
+    for missing in (None, float("nan")):
+        with pytest.raises(InputError, match="1 label\\(s\\) are missing .* sequence 1"):
+            DNAClassifier(**TINY).fit(["ACGT", "ACGA", "ACGG"], [1, missing, 0])
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(lr=0.0), "lr must be a finite number > 0"),
+    (dict(dim=0), "dim must be a positive integer"),
+    (dict(blocks=-1), "blocks must be an integer >= 0"),
+    (dict(dropout=1.0), "dropout must be in"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0"),
+])
+def test_bad_hyperparameters_are_refused_before_training(params, message):
+    with pytest.raises(InputError, match=message):
+        DNAClassifier(**dict(TINY, **params)).fit(["ACGT", "ACGA"], [1, 0])
 
 
 def test_memory_lr_bounds_every_memory_of_the_network():
