@@ -77,8 +77,13 @@ class Evaluation:
     def to_text(self) -> str:
         """A small plain-text report: the scores, then the confusion matrix (rows true, columns predicted)."""
         lines = [f"sequences  {self.n}", f"accuracy   {self.accuracy:.4f}", f"f1_macro   {self.f1:.4f}",
-                 f"mcc        {self.mcc:.4f}", "confusion matrix (rows: true class, columns: predicted class)"]
+                 f"mcc        {self.mcc:.4f}"]
         names = [str(c) for c in self.classes]
+        absent = [name for name, row in zip(names, self.confusion) if row.sum() == 0]
+        if absent:
+            lines.append(f"note: no sequence of class {', '.join(absent)} in these data; F1 averages over the "
+                         "classes that occur, and MCC is 0 when only one class is true")
+        lines.append("confusion matrix (rows: true class, columns: predicted class)")
         width = max(8, *(len(n) for n in names), len(str(self.confusion.max()))) + 2
         lines.append(" " * width + "".join(n.rjust(width) for n in names))
         for name, row in zip(names, self.confusion):
@@ -105,11 +110,18 @@ def evaluate_classifier(classifier: DNAClassifier, data: SequenceData) -> Evalua
     by_name = {str(c): c for c in classes}
     truth = np.asarray([by_name[str(label)] for label in data.labels])
     predicted = classifier.predict(data.sequences)
+    # F1 averages over the classes that occur (as truth or prediction): a class absent from both has no F1, and
+    # counting it as 0 would halve a perfect score on data holding one class. MCC of one-class data is 0 (sklearn).
+    occurring = [c for c in classes if c in set(truth.tolist()) | set(predicted.tolist())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's notes on undefined F1 / MCC terms; the report says it instead
+        f1 = float(f1_score(truth, predicted, average="macro", labels=occurring, zero_division=0))
+        mcc = float(matthews_corrcoef(truth, predicted))
     return Evaluation(
         n=len(truth),
         accuracy=float(accuracy_score(truth, predicted)),
-        f1=float(f1_score(truth, predicted, average="macro", labels=classes)),
-        mcc=float(matthews_corrcoef(truth, predicted)),
+        f1=f1,
+        mcc=mcc,
         classes=[c.item() if isinstance(c, np.generic) else c for c in classes],
         confusion=confusion_matrix(truth, predicted, labels=classes),
     )

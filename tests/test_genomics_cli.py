@@ -133,6 +133,25 @@ def test_evaluate_prints_metrics_and_confusion_matrix(workspace):
     assert accuracy == pytest.approx((int(matrix[0][0]) + int(matrix[1][1])) / 160, abs=1e-4)
 
 
+def test_evaluate_on_one_class_scores_that_class_alone_without_warnings(workspace, tmp_path):
+    records = [line.split("\t") for line in (workspace / "labels.tsv").read_text().splitlines()]
+    (tmp_path / "ones.tsv").write_text("".join(f"{i}\t{y}\n" for i, y in records if y == "1"))
+    fasta = (workspace / "seqs.fa").read_text().split(">")[1:]
+    ones = {i for i, y in records if y == "1"}
+    (tmp_path / "ones.fa").write_text("".join(">" + r for r in fasta if r.split()[0] in ones))
+    result = invoke("evaluate", "--model", workspace / "model.safetensors", "--data", tmp_path / "ones.fa",
+                    "--labels", tmp_path / "ones.tsv", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    text = result.stdout
+    accuracy, f1 = (float(text.split(key)[1].split()[0]) for key in ("accuracy", "f1_macro"))
+    # every true class is 1: its precision is 1 and its recall the accuracy; class 0 counts (with F1 0) only if
+    # it was predicted, so a perfect score is 1, not the mean of 1 and an absent class's 0
+    class_1 = 2 * accuracy / (1 + accuracy)
+    assert f1 == pytest.approx(class_1 if accuracy == 1.0 else class_1 / 2, abs=2e-4)
+    assert "no sequence of class 0 in these data" in text
+
+
 def test_commands_have_help_with_examples():
     for command in ("fit", "classify", "evaluate"):
         result = invoke(command, "--help")
