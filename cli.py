@@ -10,6 +10,7 @@ import ast
 import functools
 import runpy
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
@@ -37,17 +38,24 @@ F = TypeVar("F", bound=Callable)
 
 
 def friendly_errors(command: F) -> F:
-    """Turn the library's input errors into one line on stderr and exit code 2."""
+    """Turn the library's input errors into one line on stderr and exit code 2, and its warnings into one line each
+    (Python would add the file, line number and source line of the ``warnings.warn`` call)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return command(*args, **kwargs)
         except (MemorycoreError, FileNotFoundError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 @forecast_app.callback()

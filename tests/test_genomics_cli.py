@@ -105,6 +105,12 @@ def test_classify_to_stdout_and_long_sequence_warning(workspace, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[1].startswith("long\t") and len(result.stdout.splitlines()) == 3
     assert "1 sequence(s) longer than the model's max_length 40" in result.stderr
+    (tmp_path / "long.tsv").write_text("long\t1\nshort\t0\n")
+    result = invoke("evaluate", "--model", workspace / "model.safetensors", "--data", tmp_path / "long.fa",
+                    "--labels", tmp_path / "long.tsv")
+    assert result.exit_code == 0, result.output
+    warning, = result.stderr.strip().splitlines()  # the warning alone, without the file and line that raised it
+    assert warning.startswith("warning: ") and "longer than" in warning, result.stderr
 
 
 def test_classify_bed_regions_of_a_real_fasta(workspace, shared_datasets, tmp_path, monkeypatch):
