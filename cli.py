@@ -400,7 +400,7 @@ def _write_predictions(stream, classifier, records, total: int, quiet: bool, bat
     windowed = 0
     with _genomics_progress(quiet) as progress:
         task = progress.add_task("classifying", total=total)
-        header = "\t".join(["id", "predicted"] + [f"prob_{c}" for c in classifier.classes_]) + "\n"
+        header = "\t".join(["id", "predicted"] + [f"prob_{_tsv_field(c)}" for c in classifier.classes_]) + "\n"
         for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
                                                        source=source):
             # The header waits for the first classified batch: input rejected up front leaves stdout empty.
@@ -409,8 +409,13 @@ def _write_predictions(stream, classifier, records, total: int, quiet: bool, bat
             windowed += n_windowed
             predicted = classifier.classes_[proba.argmax(axis=1)]
             for record_id, label, row in zip(ids, predicted, proba):
-                stream.write("\t".join([record_id, str(label)] + [f"{p:.6f}" for p in row]) + "\n")
+                stream.write("\t".join([_tsv_field(record_id), _tsv_field(label)] + [f"{p:.6f}" for p in row]) + "\n")
     return windowed
+
+
+def _tsv_field(value) -> str:
+    """A TSV cell: tabs and line breaks inside an id or class name (a CSV can quote them) written as \\t, \\n, \\r."""
+    return str(value).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 def _genomics_records(input: Path, bed: Path | None, split: str):

@@ -246,6 +246,9 @@ def load_genomic_benchmarks(path: str | os.PathLike, split: str = "train") -> Se
     if not root.is_dir():
         raise InputError(f"dataset folder {root} does not exist or is not a folder")
     split_dir = root / split if (root / split).is_dir() else root
+    other_splits = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name in _SPLIT_NAMES)
+    if split_dir == root and other_splits:
+        raise InputError(f"{root} has no '{split}' split (it has {', '.join(other_splits)}); pick one of those")
     class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         hint = f" (no '{split}' folder either)" if split_dir == root else ""
@@ -271,6 +274,7 @@ def load_genomic_benchmarks(path: str | os.PathLike, split: str = "train") -> Se
 _SEQUENCE_COLUMNS = ("seq", "sequence", "sequences", "dna")
 _LABEL_COLUMNS = ("label", "labels", "class", "target", "y")
 _ID_COLUMNS = ("id", "name", "seq_id", "sequence_id")
+_SPLIT_NAMES = ("train", "test", "valid", "validation", "val", "dev")  # GenomicBenchmarks-style split folders
 
 
 def load_table(
@@ -297,6 +301,7 @@ def load_table(
     import pandas as pd
 
     path = _existing_file(path, "table")
+    _refuse_fastq(path)
     suffix = Path(_strip_gz(path)).suffix
     sep = "," if suffix == ".csv" else "\t" if suffix in (".tsv", ".tab", ".txt") else None
     try:
@@ -556,8 +561,8 @@ def fasta_index_path(fasta: Path) -> Path:
     """
     stat = fasta.stat()
     beside = fasta.with_name(fasta.name + ".fai")
-    if beside.is_file() and beside.stat().st_mtime >= stat.st_mtime:
-        return beside
+    if beside.is_file() and beside.stat().st_size > 0 and beside.stat().st_mtime >= stat.st_mtime:
+        return beside  # (an empty one, left by an interrupted tool, is ignored)
     key = f"{fasta.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
     return fasta_cache_dir() / f"{fasta.name}.{hashlib.sha256(key).hexdigest()[:16]}.fai"
 
@@ -569,7 +574,8 @@ def open_indexed_fasta(path: str | os.PathLike):
 
     fasta_path = _existing_file(path, "FASTA file")
     if fasta_path.name.lower().endswith(".gz"):
-        raise InputError(f"{fasta_path}: regions need random access; decompress the FASTA (or use bgzip) first")
+        raise InputError(f"{fasta_path}: regions need random access, which a gzip-compressed FASTA does not give; "
+                         f"decompress it first (gunzip -k {fasta_path})")
     index = fasta_index_path(fasta_path)
     if not index.exists():
         _build_index_atomically(fasta_path, index)
@@ -594,7 +600,11 @@ def _build_index_atomically(fasta_path: Path, index: Path) -> None:
         pyfaidx.Faidx(str(fasta_path), indexname=tmp).close()
         os.replace(tmp, index)
     except (pyfaidx.FastaIndexingError, ValueError) as error:
-        raise InputError(f"cannot index {fasta_path} as FASTA: {error}") from None
+        hint = ""
+        if "line length" in str(error).lower():
+            hint = ("; random access needs every line of a record but its last to be equally long: rewrap it, "
+                    "e.g. seqkit seq -w 60")
+        raise InputError(f"cannot index {fasta_path} as FASTA: {str(error).rstrip('.')}{hint}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -639,6 +649,15 @@ def load_bed(fasta: str | os.PathLike, bed: str | os.PathLike,
 
 
 # --------------------------------------------------------------------------------------------------- dispatch
+
+
+def _refuse_fastq(path: Path) -> None:
+    """FASTQ (reads with qualities) is not a table; say so rather than report its odd 'columns'."""
+    with _open_text(path) as handle:
+        first = next((line for line in handle if line.strip()), "")
+    if first.startswith("@"):
+        raise InputError(f"{path} looks like FASTQ (its first line starts with '@'); give FASTA, e.g. "
+                         f"seqtk seq -a {path} > reads.fa")
 
 
 def is_fasta(path: str | os.PathLike) -> bool:

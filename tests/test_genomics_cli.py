@@ -113,6 +113,14 @@ def test_classify_to_stdout_and_long_sequence_warning(workspace, tmp_path):
     assert warning.startswith("warning: ") and "longer than" in warning, result.stderr
 
 
+def test_classify_escapes_tabs_and_line_breaks_in_ids(workspace, tmp_path):
+    (tmp_path / "odd.csv").write_text('id,seq\n"a\tb",ACGTACGTAC\n"c\nd",TTGATTGACC\n')
+    result = invoke("classify", tmp_path / "odd.csv", "--model", workspace / "model.safetensors", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["id", "a\\tb", "c\\nd"] and {len(row) for row in rows} == {4}
+
+
 def test_classify_bed_regions_of_a_real_fasta(workspace, shared_datasets, tmp_path, monkeypatch):
     monkeypatch.setenv("MEMORYCORE_CACHE_DIR", str(tmp_path / "cache"))
     folder = shared_datasets / "reference_fasta"

@@ -122,6 +122,8 @@ def test_genomic_benchmarks_bad_layouts(tmp_path):
     (tmp_path / "t" / "train" / "a" / "x.txt").write_text("\n")
     with pytest.raises(InputError, match="x.txt is empty"):
         load_genomic_benchmarks(tmp_path / "t")
+    with pytest.raises(InputError, match="has no 'test' split \\(it has train\\)"):
+        load_genomic_benchmarks(tmp_path / "t", split="test")
 
 
 # ---------------------------------------------------------------------------------------------- CSV / TSV
@@ -157,6 +159,9 @@ def test_table_errors(tmp_path):
     (tmp_path / "header.csv").write_text("seq,label\n")
     with pytest.raises(InputError, match="no rows"):
         load_table(tmp_path / "header.csv")
+    (tmp_path / "reads.fastq").write_text("@r1\nACGT\n+\nIIII\n")
+    with pytest.raises(InputError, match="looks like FASTQ"):
+        load_table(tmp_path / "reads.fastq")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(InputError, match="is empty"):
         load_table(tmp_path / "empty.csv")
@@ -305,8 +310,21 @@ def test_existing_fresh_index_beside_fasta_is_used(tmp_path):
     fasta = tmp_path / "g.fa"
     fasta.write_text(">chrA\nAACCGGTT\n")
     assert fasta_index_path(fasta).parent == tmp_path / "cache" / "fai"
+    (tmp_path / "g.fa.fai").write_text("")  # an interrupted indexer's leftover is not an index
+    assert fasta_index_path(fasta).parent == tmp_path / "cache" / "fai"
     (tmp_path / "g.fa.fai").write_text("chrA\t8\t6\t8\t9\n")
     assert fasta_index_path(fasta) == tmp_path / "g.fa.fai"
+
+
+def test_fasta_for_regions_must_be_plain_and_evenly_wrapped(tmp_path):
+    (tmp_path / "r.bed").write_text("chrA\t0\t4\tr\n")
+    with gzip.open(tmp_path / "g.fa.gz", "wt") as handle:
+        handle.write(">chrA\nAACCGGTT\n")
+    with pytest.raises(InputError, match="gzip-compressed FASTA does not give; decompress it first"):
+        list(iter_bed_sequences(tmp_path / "g.fa.gz", tmp_path / "r.bed"))
+    (tmp_path / "ragged.fa").write_text(">chrA\nAACCGGTT\nACG\nAACCGGTT\n")
+    with pytest.raises(InputError, match="every line of a record but its last to be equally long"):
+        list(iter_bed_sequences(tmp_path / "ragged.fa", tmp_path / "r.bed"))
 
 
 # ---------------------------------------------------------------------------------------------- baseline
