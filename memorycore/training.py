@@ -147,6 +147,9 @@ def fit_model(
                     continue
                 val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
                                      distributed)
+                if not math.isfinite(val_loss):  # the last steps sent the weights to inf / NaN
+                    raise TrainingError(f"the validation loss became {val_loss} after epoch {epoch + 1}; "
+                                        "lower lr or check the data for extreme values")
                 history.val_loss.append(val_loss)
                 best = min(best_loss, val_loss)
                 progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})")

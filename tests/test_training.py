@@ -178,6 +178,13 @@ def test_a_diverging_loss_is_a_clear_training_error():
     with pytest.raises(TrainingError, match="lower lr"):
         fit_model(nn.Linear(4, 1), lambda m, b: m(b[0]).sum() * float("inf"), train, epochs=1, verbose=False)
 
+    def explodes_after_the_step(model, batch):  # finite while training, then the weights are NaN
+        return mse(model, batch) * (1.0 if model.training else float("nan"))
+
+    train, val = regression_data()
+    with pytest.raises(TrainingError, match="validation loss became nan after epoch 1; lower lr"):
+        fit_model(nn.Linear(4, 1), explodes_after_the_step, train, val, epochs=2, verbose=False)
+
 
 def test_atomic_writes_keep_the_old_file_on_failure_and_use_normal_permissions(tmp_path):
     import os
