@@ -99,20 +99,22 @@ def read_series(
     return _handle_missing(wide, fill)
 
 
-def _read_table(path: str | Path) -> pd.DataFrame:
+def _read_table(path: str | Path, rows: int | None = None) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, nrows=rows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as error:
         raise InputError(f"cannot read {path} as CSV ({error}); "
                          "pass a comma-separated file, optionally .csv.gz") from None
 
 
 def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame:
-    if date_column is None and isinstance(frame.index, pd.DatetimeIndex):
-        return frame  # already indexed by time (e.g. the output of read_series or predict)
+    already_indexed = isinstance(frame.index, pd.DatetimeIndex) and (
+        date_column is None or (date_column not in frame.columns and frame.index.name == date_column))
+    if already_indexed:
+        return frame  # by time, e.g. the output of read_series or predict (with the date column as its index)
     column = date_column if date_column is not None else _find_date_column(frame)
     if column not in frame.columns:
         raise InputError(f"date column {column!r} not found; the columns are: {', '.join(map(str, frame.columns))}")
@@ -243,9 +245,12 @@ def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
     return long[list(LONG_COLUMNS)].sort_values(["unique_id", "ds"], kind="stable").reset_index(drop=True)
 
 
-def is_long_format(frame: pd.DataFrame) -> bool:
-    """Whether a DataFrame is in the long format (has the columns unique_id, ds and y)."""
-    return set(LONG_COLUMNS) <= set(frame.columns)
+def is_long_format(data: str | Path | pd.DataFrame) -> bool:
+    """Whether a DataFrame, or the CSV at a path (its header is read), is in the long format (has the columns
+    unique_id, ds and y)."""
+    if isinstance(data, pd.DataFrame):
+        return set(LONG_COLUMNS) <= set(data.columns)
+    return set(LONG_COLUMNS) <= set(_read_table(data, rows=0).columns)
 
 
 # ------------------------------------------------------------------------------------------------------ protocol

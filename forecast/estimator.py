@@ -236,7 +236,7 @@ class MemoryForecaster(BaseEstimator):
         self.scaler_ = prepared.scaler
         self.columns_ = [str(c) for c in wide.columns]
         self.n_features_in_ = len(self.columns_)
-        self.input_format_ = "long" if isinstance(data, pd.DataFrame) and is_long_format(data) else "wide"
+        self.input_format_ = "long" if is_long_format(data) else "wide"
         self.read_options_ = {k: v for k, v in read_options.items() if k != "target"}
         self.last_window_ = wide.iloc[-self.lookback:].copy()
         residuals = -self._split_errors(prepared.val, phases["val"], max_windows=CALIBRATION_WINDOWS)
@@ -349,9 +349,7 @@ class MemoryForecaster(BaseEstimator):
             bounds = {float(level): pd.DataFrame(self.scaler_.inverse_transform(scaled + offset),
                                                  columns=self.columns_, index=index)
                       for level, offset in zip(quantiles, offsets)}
-        long_input = self.input_format_ == "long" if data is None else (
-            isinstance(data, pd.DataFrame) and is_long_format(data))
-        if long_input:
+        if (self.input_format_ == "long") if data is None else is_long_format(data):
             return wide_to_long(forecast).assign(**{f"y_q{level:g}": wide_to_long(bound)["y"].to_numpy()
                                                     for level, bound in bounds.items()})
         return pd.concat([forecast] + [bound.add_suffix(f"_q{level:g}") for level, bound in bounds.items()], axis=1)
@@ -469,7 +467,7 @@ class MemoryForecaster(BaseEstimator):
         check_is_fitted(self, "network_")
         wide = self.read_like_fit(data)
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
-        prepared = self.prepare(wide, protocol=chosen)
+        prepared = self._scaled_splits(wide, chosen)
         error = self._split_errors(prepared.test, self._split_phases(wide.index, prepared)["test"])
         scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
         if interval is not None and getattr(self, "residual_quantiles_", None) is not None:
@@ -493,9 +491,12 @@ class MemoryForecaster(BaseEstimator):
     def prepare(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None) -> ProtocolData:
         """Read ``data`` like ``fit`` did and cut it by the protocol, scaled with the fitted scaler."""
         check_is_fitted(self, "network_")
-        wide = self.read_like_fit(data)
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
-        prepared = prepare_protocol(wide, self.lookback, self.horizon, chosen)
+        return self._scaled_splits(self.read_like_fit(data), chosen)
+
+    def _scaled_splits(self, wide: pd.DataFrame, protocol: str) -> ProtocolData:
+        """The protocol's splits of data already read like ``fit``, scaled with the fitted scaler."""
+        prepared = prepare_protocol(wide, self.lookback, self.horizon, protocol)
         scaled = self.scaler_.transform(wide.to_numpy())
         split = prepared.split
         return ProtocolData(split, self.scaler_, *(scaled[slice(*getattr(split, p))] for p in ("train", "val", "test")))

@@ -1,5 +1,7 @@
 """Every `forecast` command through typer's CliRunner, including bad input (one stderr line, exit code 2)."""
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,6 +141,35 @@ def test_fill_interpolate_lets_nan_data_train(runner, tmp_path):
     assert result.exit_code == 0, result.stderr
     model = MemoryForecaster.load(out)
     assert model.columns_ == ["load"] and np.isfinite(model.predict().to_numpy()).all()
+
+
+def test_every_command_reads_a_date_column_named_on_the_command_line(runner, tmp_path):
+    frame = pd.read_csv(write_series(tmp_path / "s.csv")).rename(columns={"date": "when"})
+    data = tmp_path / "when.csv"
+    frame[["load", "when", "temp"]].to_csv(data, index=False)  # not first, not a known name: it must be named
+    model = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--date-column", "when", "--out", str(model),
+                                 *TINY])
+    assert result.exit_code == 0, result.stderr
+    for command in (["evaluate"], ["plot", "--out", str(tmp_path / "p.png")], ["predict"]):
+        result = runner.invoke(app, ["forecast", *command, "--model", str(model), "--data", str(data)])
+        assert result.exit_code == 0, (command, result.stderr)
+    assert result.stdout.splitlines()[0] == "when,load,temp"
+
+
+def test_long_format_file_in_long_format_out(runner, tmp_path):
+    wide = pd.read_csv(write_series(tmp_path / "s.csv"))
+    data = tmp_path / "long.csv"
+    wide.melt(id_vars="date", var_name="unique_id", value_name="y").rename(columns={"date": "ds"}).to_csv(
+        data, index=False)
+    model = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(model), *TINY])
+    assert result.exit_code == 0, result.stderr
+    for extra in ([], ["--data", str(data)]):
+        result = runner.invoke(app, ["forecast", "predict", "--model", str(model), *extra])
+        assert result.exit_code == 0, result.stderr
+        forecast = pd.read_csv(io.StringIO(result.stdout))
+        assert list(forecast.columns) == ["unique_id", "ds", "y"] and len(forecast) == 2 * 8
 
 
 def bad_inputs(folder):
