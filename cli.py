@@ -167,6 +167,9 @@ def forecast_fit(
 
     from forecast.estimator import MemoryForecaster
 
+    if threads < 1 or max_steps is not None and max_steps < 0:
+        raise InputError(f"--threads must be >= 1 and --max-steps >= 0 (0: every window), got {threads} and "
+                         f"{max_steps}")
     torch.set_num_threads(threads)
     data = data if data is not None else BUNDLED_ETTH1
     _check_out(out, data)
@@ -251,7 +254,8 @@ def forecast_plot(
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the training data's end."),
     out: Path = typer.Option(Path("forecast.png"), help="Image to write (.png, .pdf, .svg)."),
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
-    history: Optional[int] = typer.Option(None, help="Past steps to draw; default 2 x lookback."),
+    history: Optional[int] = typer.Option(
+        None, help="Past steps to draw; default 2 x lookback (without --data: the lookback the model keeps)."),
 ) -> None:
     """Draw the recent history and the forecast after it, one panel per channel.
 
@@ -262,6 +266,8 @@ def forecast_plot(
     from forecast.estimator import MemoryForecaster
     from forecast.plots import plot_forecast
 
+    if history is not None and history < 1:
+        raise InputError(f"--history must be >= 1 past step, got {history}")
     model = MemoryForecaster.load(model_path)
     _check_out(out, data, model_path)
     past = model.last_window_ if data is None else model.read_like_fit(data)

@@ -18,6 +18,7 @@ The protocol (thuml/Time-Series-Library) is kept exactly, because published numb
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,10 +105,26 @@ def _read_table(path: str | Path, rows: int | None = None) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
     try:
-        return pd.read_csv(path, nrows=rows)
+        frame = pd.read_csv(path, nrows=rows)
+        if frame.shape[1] == 1:  # one column: perhaps another separator (European CSVs use ';')
+            separator = next((sep for sep in (";", "\t", "|") if sep in str(frame.columns[0])), None)
+            if separator is not None:
+                frame = pd.read_csv(path, nrows=rows, sep=separator)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as error:
         raise InputError(f"cannot read {path} as CSV ({error}); "
                          "pass a comma-separated file, optionally .csv.gz") from None
+    return _drop_written_row_numbers(frame)
+
+
+def _drop_written_row_numbers(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop a first column that pandas' ``to_csv`` wrote as the row numbers (``Unnamed: 0`` = 0, 1, 2, ...):
+    otherwise it would be forecast as a channel."""
+    first = frame.columns[0] if frame.shape[1] else None
+    if first == "Unnamed: 0" and np.array_equal(frame[first].to_numpy(), np.arange(len(frame))):
+        warnings.warn("ignored the first column 'Unnamed: 0': it holds the row numbers pandas writes (to_csv "
+                      "without index=False)", stacklevel=3)
+        return frame.drop(columns=[first])
+    return frame
 
 
 def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame:
@@ -120,8 +137,8 @@ def _index_by_date(frame: pd.DataFrame, date_column: str | None) -> pd.DataFrame
         raise InputError(f"date column {column!r} not found; the columns are: {', '.join(map(str, frame.columns))}")
     dates = _parse_dates(frame[column])
     if dates is None:
-        raise InputError(f"column {column!r} does not hold dates (e.g. {frame[column].iloc[0]!r}); "
-                         "name the timestamp column with --date-column")
+        raise InputError(f"column {column!r} does not hold dates ({_not_a_date(frame[column])}); fix it, or name "
+                         "the timestamp column with --date-column")
     return frame.drop(columns=[column]).set_index(pd.DatetimeIndex(dates, name=str(column)))
 
 
@@ -138,14 +155,39 @@ def _find_date_column(frame: pd.DataFrame) -> str:
 
 
 def _parse_dates(values: pd.Series) -> pd.Series | None:
+    """The dates of a column, or None when it does not hold dates. Timestamps whose UTC offset changes (a time zone
+    with daylight saving) are converted to UTC, where the steps stay equal; a mix of zoned and naive ones raises."""
     if pd.api.types.is_datetime64_any_dtype(values):
         return values
     if pd.api.types.is_numeric_dtype(values):
         return None  # numbers would parse as nanoseconds since 1970: not a date column
     try:
-        return pd.to_datetime(values, format="mixed")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pandas' note on mixed offsets; handled below
+            dates = pd.to_datetime(values, format="mixed")
     except (ValueError, TypeError, OverflowError):
-        return None
+        dates = None
+    if dates is not None and pd.api.types.is_datetime64_any_dtype(dates):
+        return dates
+    zoned = values.astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
+    if zoned.all():
+        try:
+            return pd.to_datetime(values, format="mixed", utc=True).dt.tz_localize(None)
+        except (ValueError, TypeError, OverflowError):
+            return None
+    if zoned.any():
+        raise InputError(f"some timestamps carry a UTC offset and some do not (e.g. {values[zoned].iloc[0]!r} and "
+                         f"{values[~zoned].iloc[0]!r}); write them all one way")
+    return None
+
+
+def _not_a_date(values: pd.Series) -> str:
+    """Where a column that is not dates shows it, for error messages: its first value that does not parse."""
+    if pd.api.types.is_numeric_dtype(values):
+        return f"numbers, e.g. {values.iloc[0]}; write the dates as text such as 2024-01-31 13:00"
+    parsed = pd.to_datetime(values.astype(str), format="mixed", errors="coerce", utc=True)
+    row = int(np.argmax(parsed.isna().to_numpy()))
+    return f"row {row} holds {values.iloc[row]!r}"
 
 
 class MissingColumnsError(InputError):
@@ -159,7 +201,7 @@ class MissingColumnsError(InputError):
 def _select_target(wide: pd.DataFrame, target: str | list[str] | None) -> pd.DataFrame:
     if target is None:
         return wide
-    names = [target] if isinstance(target, str) else list(target)
+    names = [target] if isinstance(target, str) else list(dict.fromkeys(target))  # each column once
     missing = [name for name in names if name not in wide.columns]
     if missing:
         raise MissingColumnsError(f"unknown target column(s) {', '.join(map(repr, missing))}; "
@@ -170,13 +212,24 @@ def _select_target(wide: pd.DataFrame, target: str | list[str] | None) -> pd.Dat
 def _check_numeric(wide: pd.DataFrame) -> None:
     if wide.shape[1] == 0:
         raise InputError("no value columns: the data holds only the date column")
-    bad = [str(c) for c in wide.columns if not pd.api.types.is_numeric_dtype(wide[c])]
+    bad = [c for c in wide.columns if not pd.api.types.is_numeric_dtype(wide[c])]
     if bad:
-        raise InputError(f"non-numeric column(s): {', '.join(bad)}; drop them, or keep only numeric columns with "
+        first = wide[bad[0]]
+        row = int(np.argmax(pd.to_numeric(first, errors="coerce").isna().to_numpy() & first.notna().to_numpy()))
+        raise InputError(f"non-numeric column(s): {', '.join(map(str, bad))} ({bad[0]} holds {first.iloc[row]!r} at "
+                         f"{wide.index[row]}); fix those values, drop the columns, or keep only numeric columns with "
                          "target= (forecast fit --target)")
 
 
 def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
+    if index.isna().any():  # no option makes a row without a date usable
+        row = int(np.argmax(index.isna()))
+        raise InputError(f"row {row} has no timestamp (an empty or unreadable date); fix or drop that row")
+    backwards = np.diff(index.asi8) < 0
+    if backwards.any():  # e.g. a file written newest first; not an irregularity --allow-irregular could accept
+        row = int(np.argmax(backwards)) + 1
+        raise InputError(f"timestamps go back in time at row {row} ({index[row - 1]} then {index[row]}); sort the "
+                         "rows by date, oldest first")
     if allow_irregular or len(index) < 3:
         return
     hint = "; fix the file or pass --allow-irregular to use the rows as equally spaced steps"
@@ -203,7 +256,8 @@ def _handle_missing(wide: pd.DataFrame, fill: str | None) -> pd.DataFrame:
         counts = bad.sum(axis=0)
         where = [f"{column} ({count} value(s), the first at {wide.index[int(np.argmax(bad[:, j]))]})"
                  for j, (column, count) in enumerate(zip(wide.columns, counts)) if count]
-        raise InputError(f"NaN/inf values in {'; '.join(where)}; "
+        more = f"; and {len(where) - 5} more columns" if len(where) > 5 else ""  # one line, even for 800 channels
+        raise InputError(f"NaN/inf values in {'; '.join(where[:5])}{more}; "
                          "clean the data or pass --fill interpolate")
     if bad.all(axis=0).any():
         empty = [str(c) for c, all_bad in zip(wide.columns, bad.all(axis=0)) if all_bad]
@@ -228,7 +282,7 @@ def long_to_wide(frame: pd.DataFrame) -> pd.DataFrame:
         raise InputError(f"long format needs columns unique_id, ds, y; missing: {', '.join(missing)}")
     dates = _parse_dates(frame["ds"])
     if dates is None:
-        raise InputError(f"column 'ds' does not hold dates (e.g. {frame['ds'].iloc[0]!r})")
+        raise InputError(f"column 'ds' does not hold dates ({_not_a_date(frame['ds'])})")
     long = frame.assign(ds=dates)
     if long.duplicated(["unique_id", "ds"]).any():
         row = long[long.duplicated(["unique_id", "ds"])].iloc[0]
@@ -427,8 +481,16 @@ def infer_step(index: pd.DatetimeIndex) -> pd.Timedelta | pd.DateOffset:
 
 
 def future_index(index: pd.DatetimeIndex, steps: int) -> pd.DatetimeIndex:
-    """The ``steps`` timestamps that follow ``index``."""
+    """The ``steps`` timestamps that follow ``index``; InputError if the last would fall after 2262-04-11, the
+    last date pandas can hold."""
     step = infer_step(index)
+    try:
+        index[-1] + step * steps
+    except (pd.errors.OutOfBoundsDatetime, OverflowError, ValueError):
+        raise InputError(f"{steps} steps after {index[-1]} run past {pd.Timestamp.max.date()}, the last date "
+                         "pandas can hold; ask for fewer steps") from None
+    if isinstance(step, pd.Timedelta):
+        return pd.DatetimeIndex(index[-1] + step * np.arange(1, steps + 1), name=index.name)
     return pd.DatetimeIndex([index[-1] + step * (i + 1) for i in range(steps)], name=index.name)
 
 

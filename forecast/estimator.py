@@ -262,7 +262,7 @@ class MemoryForecaster(BaseEstimator):
             return default_cycle_length(self.step_ns_)
         if self.cycle_length and not self.step_ns_:
             raise InputError(f"cycle_length={self.cycle_length} needs a fixed time step (hours, minutes, days); "
-                             "this index has none (e.g. months): pass cycle_length=0")
+                             "this index has none (e.g. months): pass cycle_length=0 (--cycle-length 0)")
         return int(self.cycle_length)
 
     def _split_phases(self, index: pd.DatetimeIndex, prepared: ProtocolData) -> dict[str, np.ndarray | None]:
@@ -338,10 +338,10 @@ class MemoryForecaster(BaseEstimator):
         history = self.last_window_ if data is None else self.read_like_fit(data)
         if len(history) < self.lookback:
             raise InputError(f"the series has {len(history)} rows but the model needs lookback = {self.lookback}")
+        index = future_index(history.index, steps)  # first: it refuses dates pandas cannot hold before any work
         window = self.scaler_.transform(history.to_numpy()[-self.lookback:])
         phase = self.phases_at(history.index[-self.lookback:][:1])
         scaled = self.forecast_scaled(window[None], steps, phases=phase)[0]
-        index = future_index(history.index, steps)
         forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_, index=index)
         bounds = {}  # level -> the forecast plus that residual quantile
         if quantiles is not None:
@@ -363,7 +363,7 @@ class MemoryForecaster(BaseEstimator):
             levels = np.array([float(level) for level in quantiles])
         except (TypeError, ValueError):
             raise InputError(f"quantiles must be numbers in [0.01, 0.99], got {quantiles!r}") from None
-        if not len(levels) or ((levels < QUANTILE_LEVELS[0]) | (levels > QUANTILE_LEVELS[-1])).any():
+        if not len(levels) or not ((levels >= QUANTILE_LEVELS[0]) & (levels <= QUANTILE_LEVELS[-1])).all():  # NaN
             raise InputError(f"quantile levels must lie in [0.01, 0.99] (e.g. 0.1,0.9), got {quantiles!r}")
         steps = self.horizon if steps is None else steps
         if steps > self.horizon:
@@ -381,10 +381,16 @@ class MemoryForecaster(BaseEstimator):
         """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order (other
         columns, numeric or not, are ignored)."""
         try:
-            return read_series(data, target=self.columns_, **self.read_options_)
+            wide = read_series(data, target=self.columns_, **self.read_options_)
         except MissingColumnsError as error:
             raise InputError(f"the data lacks the fitted column(s) {', '.join(map(str, error.columns))}; "
                              f"the model was trained on: {', '.join(self.columns_)}") from None
+        step = step_nanoseconds(wide.index)
+        if self.step_ns_ and step and step != self.step_ns_ and not self.read_options_.get("allow_irregular"):
+            raise InputError(f"the data's time step is {pd.Timedelta(step)} but the model was fitted on steps of "
+                             f"{pd.Timedelta(self.step_ns_)}; resample the data to the model's step, or fit a model "
+                             "on it")
+        return wide
 
     def forecast_scaled(self, windows: np.ndarray, steps: int | None = None, batch_size: int = 256,
                         phases: np.ndarray | None = None) -> np.ndarray:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memorycore import NeuralMemory
+from memorycore.errors import InputError
 
 EMBEDDINGS = ("patch", "token")
 CHANNEL_MODES = ("independent", "mixing")
@@ -105,7 +106,8 @@ class EinFFT(nn.Module):
     def __init__(self, dim: int, blocks: int = 4, expansion: int = 1, sparsity: float = 0.01) -> None:
         super().__init__()
         if dim % blocks:
-            raise ValueError(f"EinFFT: dim={dim} is not divisible by blocks={blocks}")
+            raise InputError(f"EinFFT mixes channels in {blocks} blocks: the model width {dim} (d_model) must be a "
+                             f"multiple of {blocks}")
         self.blocks, self.block_size, self.sparsity = blocks, dim // blocks, sparsity
         hidden = self.block_size * expansion
         scale = 0.02
@@ -281,12 +283,14 @@ def _token_count(config: ForecastNetConfig) -> int:
 
 def _check_config(config: ForecastNetConfig) -> None:
     if config.embedding not in EMBEDDINGS:
-        raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {config.embedding!r}")
+        raise InputError(f"embedding must be one of {EMBEDDINGS}, got {config.embedding!r}")
     if config.channels not in CHANNEL_MODES:
-        raise ValueError(f"channels must be one of {CHANNEL_MODES}, got {config.channels!r}")
+        raise InputError(f"channels must be one of {CHANNEL_MODES}, got {config.channels!r}")
     if config.embedding == "patch" and config.lookback + config.stride < config.patch_len:
-        raise ValueError(f"lookback={config.lookback} is shorter than one patch ({config.patch_len})")
+        # the window is padded with `stride` copies of its last step, so one patch needs patch_len - stride steps
+        raise InputError(f"lookback={config.lookback} is too short for patches of {config.patch_len} steps every "
+                         f"{config.stride}: it must be at least {config.patch_len - config.stride}")
     if config.cycle_amplitude not in CYCLE_AMPLITUDES:
-        raise ValueError(f"cycle_amplitude must be one of {CYCLE_AMPLITUDES}, got {config.cycle_amplitude!r}")
+        raise InputError(f"cycle_amplitude must be one of {CYCLE_AMPLITUDES}, got {config.cycle_amplitude!r}")
     if config.cycle_length < 0:
-        raise ValueError(f"cycle_length must be >= 0 (0: no cycle), got {config.cycle_length}")
+        raise InputError(f"cycle_length must be >= 0 (0: no cycle), got {config.cycle_length}")

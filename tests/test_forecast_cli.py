@@ -244,6 +244,32 @@ def test_predict_refuses_data_without_the_fitted_columns_and_overwriting_input(t
     assert data.read_bytes() == before
 
 
+def test_data_at_another_time_step_than_the_model_is_refused(trained, runner, tmp_path):
+    data, model, _ = trained
+    quarter_hours = pd.read_csv(data).assign(date=pd.date_range("2024-01-01", periods=300, freq="15min").astype(str))
+    quarter_hours.to_csv(tmp_path / "15min.csv", index=False)
+    for command in ("predict", "evaluate"):
+        result = runner.invoke(app, ["forecast", command, "--model", str(model), "--data", str(tmp_path / "15min.csv")])
+        assert_one_line_error(result, "the data's time step is 0 days 00:15:00 but the model was fitted on steps of "
+                                      "0 days 01:00:00")
+
+
+def test_options_out_of_range_are_one_line(trained, runner, tmp_path):
+    data, model, _ = trained
+    for extra, expected in ((["--threads", "0"], "--threads must be >= 1"), (["--max-steps", "-1"], "--max-steps >= 0"),
+                            (["--lookback", "7"], "lookback=7 is too short for patches of 16 steps every 8"),
+                            (["--d-model", "30", "--heads", "3"], "must be a multiple of 4")):
+        result = runner.invoke(app, ["forecast", "fit", "--data", str(data), "--out", str(tmp_path / "m.safetensors"),
+                                     *TINY, *extra])
+        assert_one_line_error(result, expected)
+    for extra, expected in ((["plot", "--history", "0", "--out", str(tmp_path / "p.png")], "--history must be >= 1"),
+                            (["predict", "--quantiles", "nan"], "quantile levels must lie in [0.01, 0.99]"),
+                            (["predict", "--horizon", "100000000"], "the last date pandas can hold")):
+        result = runner.invoke(app, ["forecast", extra[0], "--model", str(model), *extra[1:]])
+        assert_one_line_error(result, expected)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_help_has_examples(runner):
     for command in ("fit", "predict", "evaluate", "plot"):
         result = runner.invoke(app, ["forecast", command, "--help"])

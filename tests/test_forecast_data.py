@@ -94,11 +94,65 @@ def test_reads_csv_gz(tmp_path):
                    "a": [1.0, 2, 3, 4]}), "duplicate timestamp 2024-01-01 01:00:00 (row 2)"),
     (pd.DataFrame({"date": ["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 02:00", "2024-01-01 05:00"],
                    "a": [1.0, 2, 3, 4]}), "irregular timestamps"),
+    (pd.DataFrame({"date": ["2024-01-01 00:00", "unknown", "2024-01-01 02:00"], "a": [1.0, 2, 3]}),
+     "column 'date' does not hold dates (row 1 holds 'unknown')"),
+    (pd.DataFrame({"date": [1704067200, 1704070800, 1704074400], "a": [1.0, 2, 3]}),
+     "does not hold dates (numbers, e.g. 1704067200; write the dates as text"),
+    (pd.DataFrame({"date": pd.date_range("2024", periods=3, freq="h"), "a": ["1", "1,234", "2"]}),
+     "non-numeric column(s): a (a holds '1,234' at 2024-01-01 01:00:00)"),
+    (pd.DataFrame({"date": ["2024-03-31 01:00+01:00", "2024-03-31 02:00", "2024-03-31 03:00+02:00"],
+                   "a": [1.0, 2, 3]}), "some timestamps carry a UTC offset and some do not"),
 ])
 def test_bad_input_is_named(frame, message):
+    accepted_as_steps = message.startswith(("duplicate timestamp", "irregular timestamps"))  # --allow-irregular
+    for allow_irregular in (False,) if accepted_as_steps else (False, True):
+        with pytest.raises(InputError) as error:
+            read_series(frame, allow_irregular=allow_irregular)
+        assert message in str(error.value)
+
+
+@pytest.mark.parametrize("dates, message", [
+    (pd.date_range("2024", periods=5, freq="h").astype(str)[::-1], "timestamps go back in time at row 1"),
+    ([*pd.date_range("2024", periods=4, freq="h").astype(str), ""], "row 4 has no timestamp"),
+])
+def test_time_must_run_forward_even_with_allow_irregular(dates, message):
+    for allow_irregular in (False, True):
+        with pytest.raises(InputError, match=message):
+            read_series(pd.DataFrame({"date": dates, "a": np.arange(5.0)}), allow_irregular=allow_irregular)
+
+
+def test_dates_across_a_daylight_saving_change_are_read_in_utc():
+    local = pd.date_range("2024-03-30", periods=72, freq="h", tz="Europe/Paris")  # 31 March: +01:00 -> +02:00
+    wide = read_series(pd.DataFrame({"date": local.astype(str), "a": np.arange(72.0)}))
+    assert wide.index[0] == pd.Timestamp("2024-03-29 23:00") and (np.diff(wide.index.asi8) == 3600e9).all()
+
+
+def test_other_separators_and_written_row_numbers(tmp_path):
+    frame = as_csv_frame(hourly(20))
+    frame.to_csv(tmp_path / "semicolon.csv", sep=";", index=False)
+    assert list(read_series(tmp_path / "semicolon.csv").columns) == ["a", "b"]
+    frame.to_csv(tmp_path / "with_index.csv")  # pandas writes the row numbers as a first column 'Unnamed: 0'
+    with pytest.warns(UserWarning, match="ignored the first column 'Unnamed: 0'"):
+        assert list(read_series(tmp_path / "with_index.csv").columns) == ["a", "b"]
+    assert list(read_series(frame, target=["b", "b"]).columns) == ["b"]
+
+
+def test_nan_message_stays_one_short_line_for_many_channels():
+    wide = hourly(10, columns=[f"c{i}" for i in range(40)])
+    wide.iloc[3] = np.nan
     with pytest.raises(InputError) as error:
-        read_series(frame)
-    assert message in str(error.value)
+        read_series(as_csv_frame(wide))
+    assert "c4 (1 value(s)" in str(error.value) and "c5 (" not in str(error.value)
+    assert "and 35 more columns; clean the data or pass --fill interpolate" in str(error.value)
+
+
+def test_future_index_stays_within_pandas_dates():
+    from forecast.data import future_index
+
+    days = pd.date_range("2024-01-01", periods=10, freq="D")
+    assert future_index(days, 3)[-1] == pd.Timestamp("2024-01-13")
+    with pytest.raises(InputError, match="run past 2262-04-11"):
+        future_index(days, 100_000)
 
 
 def test_unknown_target_and_missing_file(tmp_path):
