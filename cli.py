@@ -45,17 +45,23 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args, **kwargs):
         try:
             with warnings.catch_warnings():
-                warnings.showwarning = _one_line_warning
+                shown: set[str] = set()  # data read several times would repeat its warnings
+
+                def one_line(message, *_, **__) -> None:
+                    if str(message) not in shown:
+                        shown.add(str(message))
+                        typer.echo(f"warning: {message}", err=True)
+
+                warnings.showwarning = one_line
+                # numpy's overflow / invalid-value notes: what they lead to (a NaN loss or forecast) is an error
+                # of its own that says what to do
+                warnings.simplefilter("ignore", RuntimeWarning)
                 return command(*args, **kwargs)
         except (MemorycoreError, FileNotFoundError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.echo(f"warning: {message}", err=True)
 
 
 @forecast_app.callback()
@@ -454,8 +460,9 @@ def _genomics_progress(quiet: bool):
 
     from memorycore.training import stderr_console
 
+    # transient: the bar vanishes when done, so where stderr is not a terminal it would leave only an empty line
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                    console=stderr_console(), disable=quiet, transient=True)
+                    console=stderr_console(), disable=quiet or not sys.stderr.isatty(), transient=True)
 
 
 @bench_app.callback()

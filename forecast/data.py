@@ -113,7 +113,7 @@ def _read_table(path: str | Path, rows: int | None = None) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as error:
         raise InputError(f"cannot read {path} as CSV ({error}); "
                          "pass a comma-separated file, optionally .csv.gz") from None
-    return _drop_written_row_numbers(frame)
+    return frame if rows is not None else _drop_written_row_numbers(frame)
 
 
 def _drop_written_row_numbers(frame: pd.DataFrame) -> pd.DataFrame:
@@ -295,8 +295,11 @@ def long_to_wide(frame: pd.DataFrame) -> pd.DataFrame:
 
 def wide_to_long(wide: pd.DataFrame) -> pd.DataFrame:
     """The inverse of :func:`long_to_wide`: columns ``unique_id, ds, y``, sorted by id then time."""
-    long = wide.rename_axis("ds").reset_index().melt(id_vars="ds", var_name="unique_id", value_name="y")
-    return long[list(LONG_COLUMNS)].sort_values(["unique_id", "ds"], kind="stable").reset_index(drop=True)
+    # built from the arrays, not with melt: a series may itself be named "y" or "ds"
+    rows, ids = len(wide), [str(c) for c in wide.columns]
+    long = pd.DataFrame({"unique_id": np.repeat(ids, rows), "ds": np.tile(wide.index.to_numpy(), len(ids)),
+                         "y": wide.to_numpy().T.ravel()})
+    return long.sort_values(["unique_id", "ds"], kind="stable").reset_index(drop=True)
 
 
 def is_long_format(data: str | Path | pd.DataFrame) -> bool:

@@ -342,6 +342,10 @@ class MemoryForecaster(BaseEstimator):
         window = self.scaler_.transform(history.to_numpy()[-self.lookback:])
         phase = self.phases_at(history.index[-self.lookback:][:1])
         scaled = self.forecast_scaled(window[None], steps, phases=phase)[0]
+        if not np.isfinite(scaled).all():
+            raise InputError(f"the forecast is not finite (NaN/inf): the input window's values (as large as "
+                             f"{np.abs(history.to_numpy()[-self.lookback:]).max():.3g}) are far outside what the model "
+                             "was fitted on; check the data")
         forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_, index=index)
         bounds = {}  # level -> the forecast plus that residual quantile
         if quantiles is not None:

@@ -395,6 +395,8 @@ def iter_fasta(path: str | os.PathLike, *, on_progress: Callable[[int], None] | 
                     record_id = _header_id(path, line, line_number, seen)
                     parts = []
                 elif record_id is None:
+                    if line.startswith(b"@"):
+                        _refuse_fastq(path)
                     raise InputError(f"{path} is not FASTA: line {line_number} comes before any '>' header")
                 else:
                     parts.append(line.decode("latin-1"))
@@ -715,6 +717,7 @@ def load_sequences(
     elif is_fasta(source):
         data = load_fasta(source, labels)
     else:
+        _refuse_fastq(source)
         if labels is not None:
             raise InputError(f"{source} is a table: its labels come from its label column, not from --labels")
         data = load_table(source, require_labels=require_labels)

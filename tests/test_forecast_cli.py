@@ -270,6 +270,23 @@ def test_options_out_of_range_are_one_line(trained, runner, tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_a_warning_is_printed_once_though_the_data_is_read_several_times(runner, tmp_path):
+    pd.read_csv(write_series(tmp_path / "s.csv")).to_csv(tmp_path / "with_index.csv")  # + pandas' row numbers
+    result = runner.invoke(app, ["forecast", "fit", "--data", str(tmp_path / "with_index.csv"), "--out",
+                                 str(tmp_path / "m.safetensors"), *TINY])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "warning: ignored the first column 'Unnamed: 0': it holds the row numbers pandas writes (to_csv without "
+        "index=False)"]
+
+
+def test_data_far_outside_the_fit_gives_an_error_not_blank_forecasts(trained, runner, tmp_path):
+    data, model, _ = trained
+    pd.read_csv(data).assign(load=1e300).to_csv(tmp_path / "huge.csv", index=False)
+    result = runner.invoke(app, ["forecast", "predict", "--model", str(model), "--data", str(tmp_path / "huge.csv")])
+    assert_one_line_error(result, "the forecast is not finite (NaN/inf)")
+
+
 def test_help_has_examples(runner):
     for command in ("fit", "predict", "evaluate", "plot"):
         result = runner.invoke(app, ["forecast", command, "--help"])

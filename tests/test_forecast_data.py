@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows, ridge_benchmark
-from forecast.data import (StandardScaler, dataset_name, long_to_wide, prepare_protocol, read_series,
+from forecast.data import (StandardScaler, dataset_name, is_long_format, long_to_wide, prepare_protocol, read_series,
                            resolve_protocol, split_borders, wide_to_long)
 from memorycore import InputError
 
@@ -75,6 +75,9 @@ def test_long_and_wide_round_trip():
     back = long_to_wide(long)
     pd.testing.assert_frame_equal(back, wide.rename_axis("ds"), check_freq=False)
     pd.testing.assert_frame_equal(read_series(long), back)
+    named_like_columns = hourly(10, columns=("ds", "y"))  # series may carry the long format's own column names
+    again = long_to_wide(wide_to_long(named_like_columns.rename_axis("ds")))
+    pd.testing.assert_frame_equal(again, named_like_columns.rename_axis("ds"), check_freq=False)
 
 
 def test_reads_csv_gz(tmp_path):
@@ -132,8 +135,10 @@ def test_other_separators_and_written_row_numbers(tmp_path):
     frame.to_csv(tmp_path / "semicolon.csv", sep=";", index=False)
     assert list(read_series(tmp_path / "semicolon.csv").columns) == ["a", "b"]
     frame.to_csv(tmp_path / "with_index.csv")  # pandas writes the row numbers as a first column 'Unnamed: 0'
-    with pytest.warns(UserWarning, match="ignored the first column 'Unnamed: 0'"):
+    with pytest.warns(UserWarning, match="ignored the first column 'Unnamed: 0'") as caught:
         assert list(read_series(tmp_path / "with_index.csv").columns) == ["a", "b"]
+        assert not is_long_format(tmp_path / "with_index.csv")  # reads the header only: no second warning
+    assert len(caught) == 1
     assert list(read_series(frame, target=["b", "b"]).columns) == ["b"]
 
 

@@ -160,8 +160,12 @@ def test_table_errors(tmp_path):
     with pytest.raises(InputError, match="no rows"):
         load_table(tmp_path / "header.csv")
     (tmp_path / "reads.fastq").write_text("@r1\nACGT\n+\nIIII\n")
-    with pytest.raises(InputError, match="looks like FASTQ"):
-        load_table(tmp_path / "reads.fastq")
+    (tmp_path / "reads.fa").write_text("@r1\nACGT\n+\nIIII\n")
+    (tmp_path / "labels.tsv").write_text("r1\t0\n")
+    for read in (lambda: load_table(tmp_path / "reads.fastq"), lambda: list(iter_fasta(tmp_path / "reads.fa")),
+                 lambda: load_sequences(tmp_path / "reads.fastq", labels=tmp_path / "labels.tsv")):
+        with pytest.raises(InputError, match="looks like FASTQ"):
+            read()
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(InputError, match="is empty"):
         load_table(tmp_path / "empty.csv")
