@@ -21,7 +21,8 @@ from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, Forecast
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, check_hyperparameters, evaluate_loss, fit_model, predict_batches
+from memorycore.training import (TrainingHistory, check_hyperparameters, evaluate_loss, fit_model,
+                                 ordered_batches, predict_batches, resolve_seed, seeded)
 
 CHECKPOINT_CLASS = "MemoryForecaster"
 _HISTORY_KEY = "__last_window__"  # tensor name of the stored lookback window in checkpoints
@@ -214,20 +215,20 @@ class MemoryForecaster(BaseEstimator):
         self.cycle_length_ = self._resolve_cycle_length()
         phases = self._split_phases(wide.index, prepared)
 
-        torch.manual_seed(self.random_state)
-        self.network_ = MemoryForecastNet(self._network_config(wide.shape[1]))
-        if self.init == "closed_form":
-            self._closed_form_start(prepared, phases)
-        train, val = (WindowDataset(getattr(prepared, part), self.lookback, self.horizon, phases[part])
-                      for part in ("train", "val"))
-        start_state = copy.deepcopy(self.network_.state_dict())
-        device = resolve_device(self.device)
-        start_loss = evaluate_loss(self.network_.to(device), _loss_function(self.loss), val, device=device)
-        self.history_ = fit_model(
-            self.network_, _loss_function(self.loss), train, val, epochs=self.epochs, batch_size=self.batch_size,
-            lr=self.lr, weight_decay=self.weight_decay, patience=self.patience, device=self.device,
-            random_state=self.random_state, verbose=self.verbose, description="forecast fit",
-            max_steps_per_epoch=self.max_steps_per_epoch)
+        seed, device = resolve_seed(self.random_state), resolve_device(self.device)
+        with seeded(seed, device):
+            self.network_ = MemoryForecastNet(self._network_config(wide.shape[1]))
+            if self.init == "closed_form":
+                self._closed_form_start(prepared, phases)
+            train, val = (WindowDataset(getattr(prepared, part), self.lookback, self.horizon, phases[part])
+                          for part in ("train", "val"))
+            start_state = copy.deepcopy(self.network_.state_dict())
+            start_loss = evaluate_loss(self.network_.to(device), _loss_function(self.loss), val, device=device)
+            self.history_ = fit_model(
+                self.network_, _loss_function(self.loss), train, val, epochs=self.epochs,
+                batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, patience=self.patience,
+                device=device, random_state=seed, verbose=self.verbose, description="forecast fit",
+                max_steps_per_epoch=self.max_steps_per_epoch)
         self.start_val_loss_ = start_loss
         if start_loss <= min(self.history_.val_loss, default=math.inf):  # training never beat its start
             self.network_.load_state_dict(start_state)
@@ -297,6 +298,9 @@ class MemoryForecaster(BaseEstimator):
                              f"got {self.cycle_length!r}")
         if self.d_model % self.heads:
             raise InputError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        for name in ("max_steps_per_epoch", "patience"):  # None: no cap, never stop early
+            if getattr(self, name) is not None:
+                check_hyperparameters(**{name: getattr(self, name)})
 
     def _network_config(self, n_channels: int) -> ForecastNetConfig:
         return ForecastNetConfig(
@@ -389,12 +393,17 @@ class MemoryForecaster(BaseEstimator):
         except MissingColumnsError as error:
             raise InputError(f"the data lacks the fitted column(s) {', '.join(map(str, error.columns))}; "
                              f"the model was trained on: {', '.join(self.columns_)}") from None
-        step = step_nanoseconds(wide.index)
-        if self.step_ns_ and step and step != self.step_ns_ and not self.read_options_.get("allow_irregular"):
-            raise InputError(f"the data's time step is {pd.Timedelta(step)} but the model was fitted on steps of "
+        self.check_time_step(step_nanoseconds(wide.index))
+        return wide
+
+    def check_time_step(self, step_ns: int) -> None:
+        """Raise InputError when data at a step of ``step_ns`` nanoseconds (0: no fixed length) cannot be forecast
+        by this model: its cycle and its dynamics were learnt at another step."""
+        check_is_fitted(self, "network_")
+        if self.step_ns_ and step_ns and step_ns != self.step_ns_ and not self.read_options_.get("allow_irregular"):
+            raise InputError(f"the data's time step is {pd.Timedelta(step_ns)} but the model was fitted on steps of "
                              f"{pd.Timedelta(self.step_ns_)}; resample the data to the model's step, or fit a model "
                              "on it")
-        return wide
 
     def forecast_scaled(self, windows: np.ndarray, steps: int | None = None, batch_size: int = 256,
                         phases: np.ndarray | None = None) -> np.ndarray:
@@ -624,7 +633,7 @@ def _residual_moments(network: MemoryForecastNet, values: np.ndarray, phases: np
     its validation error need (float64)."""
     gram, cross, target_square, count = np.zeros((lookback, lookback)), np.zeros((lookback, horizon)), 0.0, 0
     windows = WindowDataset(values, lookback, horizon, phases)
-    for x, y, *phase in torch.utils.data.DataLoader(windows, batch_size=batch_size):
+    for x, y, *phase in ordered_batches(windows, batch_size):
         x, y = x.double(), y.double()
         input_cycle, output_cycle = network.cycle_parts(x, phase[0] if phase else None)
         x, y = x - input_cycle, y - output_cycle

@@ -77,6 +77,8 @@ class MemoryPredictor(RepresentablePredictor):
 
     def _forecast_batch(self, items: list[dict]) -> list[Forecast]:
         model, lookback = self.forecaster, self.forecaster.lookback
+        for item in items:
+            model.check_time_step(_step_nanoseconds(item))
         channels = np.array([self._channel_of(item) for item in items])
         windows = np.stack([self._last_window(item, lookback) for item in items])
         mean, scale = model.scaler_.mean[channels, None], model.scaler_.scale[channels, None]
@@ -122,6 +124,17 @@ def _window_start(item: dict, lookback: int) -> pd.Timestamp:
     """Timestamp of the first value of the item's last ``lookback`` values (where its cycle phase is read)."""
     start = item["start"] + (len(item["target"]) - lookback)
     return start.to_timestamp() if isinstance(start, pd.Period) else pd.Timestamp(start)
+
+
+def _step_nanoseconds(item: dict) -> int:
+    """The item's time step (its start's frequency) in nanoseconds; 0 when it has no fixed length (months)."""
+    start = item["start"]
+    if not isinstance(start, pd.Period):
+        return 0  # a bare timestamp says nothing about the step
+    try:
+        return int(pd.Timedelta(start.freq).value)
+    except (ValueError, TypeError):
+        return 0
 
 
 def _forecast_start(item: dict) -> pd.Period:

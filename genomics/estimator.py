@@ -20,7 +20,7 @@ from genomics.model import DNANetwork, reverse_complement_batch
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, check_hyperparameters, fit_model
+from memorycore.training import TrainingHistory, check_hyperparameters, fit_model, resolve_seed, seeded
 
 CHECKPOINT_CLASS = "DNAClassifier"
 _NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "memory_momentum",
@@ -198,7 +198,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         if len(self.classes_) < 2:
             raise InputError(f"need at least two classes to train, got only {self.classes_.tolist()}")
         self.max_length_ = int(self.max_length or max(len(t) for t in tokens))
-        seed = self.random_state if self.random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+        seed = resolve_seed(self.random_state)
 
         train_index, val_index = self._validation_split(y, seed)
         self._warn_long(tokens, "fit", "every window becomes a training example with its sequence's label")
@@ -206,11 +206,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         val_data = self._windowed_dataset([tokens[i] for i in val_index], y[val_index]) if len(val_index) else None
 
         device = resolve_device(self.device)
-        # The global generators drive weight init and dropout: seed them, and restore the caller's state afterwards.
-        cuda_devices = [torch.cuda.current_device() if device.index is None else device.index] \
-            if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda_devices):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             self.network_ = DNANetwork(len(self.classes_), **self._network_kwargs())
             augment = torch.Generator().manual_seed(seed + 1)
             self.history_: TrainingHistory | None = fit_model(

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
@@ -174,7 +175,7 @@ def evaluate_loss(model: nn.Module, loss_fn: LossFn, data: Dataset, *, batch_siz
     device = resolve_device(device)
     model.eval()
     total, count = 0.0, 0
-    for batch in DataLoader(data, batch_size=batch_size):
+    for batch in ordered_batches(data, batch_size):
         batch = tuple(t.to(device) for t in batch)
         with _autocast(device):
             total += loss_fn(model, batch).item() * len(batch[0])
@@ -206,7 +207,7 @@ def predict_batches(
         Label of the progress bar.
     """
     device = resolve_device(device)
-    loader = DataLoader(data, batch_size=batch_size)
+    loader = ordered_batches(data, batch_size)
     outputs = []
     with torch.inference_mode(), _progress(verbose, description) as progress:
         task = progress.add_task(description, total=len(loader), status="")
@@ -302,6 +303,29 @@ class _SilentProgress:
 
     def update(self, *args, **kwargs) -> None:
         pass
+
+
+def ordered_batches(data: Dataset, batch_size: int) -> DataLoader:
+    """A DataLoader over ``data`` in order that leaves torch's global generator alone: without a generator of its
+    own, a DataLoader draws a seed from the global one on every pass, so evaluating or predicting would change the
+    caller's random numbers."""
+    return DataLoader(data, batch_size=batch_size, generator=torch.Generator())
+
+
+def resolve_seed(random_state: int | None) -> int:
+    """``random_state``, or a fresh seed drawn from the operating system's entropy when it is None."""
+    return random_state if random_state is not None else int(np.random.SeedSequence().entropy % 2**31)
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device):
+    """Seed torch's global generators (CPU, and ``device`` when it is CUDA) for the block, and give the caller's
+    state back afterwards: weight init and dropout draw from them, the caller's own draws must not change."""
+    cuda_devices = [torch.cuda.current_device() if device.index is None else device.index] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_hyperparameters(*, lr: float | None = None, weight_decay: float | None = None,

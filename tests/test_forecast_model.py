@@ -330,6 +330,9 @@ def test_gluonts_rejects_unknown_items(fitted):
     item = {"start": pd.Period("2024-01-01", freq="h"), "target": np.zeros(30), "item_id": "wind"}
     with pytest.raises(InputError, match="not a fitted column"):
         predictor.predict_item(item)
+    daily = {"start": pd.Period("2024-01-01", freq="D"), "target": np.zeros(30), "item_id": "load"}
+    with pytest.raises(InputError, match="the data's time step is 1 days .* fitted on steps of 0 days 01:00:00"):
+        predictor.predict_item(daily)
 
 
 def test_auto_amplitude_keeps_the_start_that_is_better_on_validation():
@@ -339,3 +342,20 @@ def test_auto_amplitude_keeps_the_start_that_is_better_on_validation():
     auto = MemoryForecaster(**small, cycle_amplitude="auto").fit(synthetic())
     assert auto.network_.config.cycle_amplitude == min(starts, key=starts.get)
     assert auto.start_val_loss_ == pytest.approx(min(starts.values()), rel=1e-5)
+
+
+def test_fit_leaves_the_callers_random_generator_alone_and_draws_a_seed_for_none():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    model = MemoryForecaster(**dict(TINY, epochs=1, max_steps_per_epoch=2, random_state=None)).fit(synthetic())
+    model.evaluate(synthetic())
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("params, message", [(dict(max_steps_per_epoch=-1), "max_steps_per_epoch must be a positive"),
+                                             (dict(max_steps_per_epoch=0), "max_steps_per_epoch must be a positive"),
+                                             (dict(patience=0), "patience must be a positive integer")])
+def test_training_caps_must_be_positive_or_none(params, message):
+    with pytest.raises(InputError, match=message):
+        MemoryForecaster(**dict(TINY, **params)).fit(synthetic())
