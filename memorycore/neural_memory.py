@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.neural_memory import neural_memory
+from memorycore.errors import InputError
 from memorycore.causal_conv import CausalDepthwiseConv
 
 
@@ -122,8 +123,8 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
         if max_lr is None:
             max_lr = min(0.1, 1.0 / chunk_size)
-        if not max_lr > 0:
-            raise ValueError(f"max_lr must be > 0, got {max_lr}")
+        if not 0 < max_lr < math.inf:
+            raise ValueError(f"max_lr must be a finite number > 0, got {max_lr}")
         if max_momentum is not None and not 0 < max_momentum < 1:
             raise ValueError(f"max_momentum must be in (0, 1) or None, got {max_momentum}")
         self.max_momentum = max_momentum
@@ -180,10 +181,7 @@ class NeuralMemory(nn.Module):
         y : Tensor [batch, time, dim]
         state : NeuralMemoryState
         """
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"expected input of shape [batch, time, {self.dim}], got {list(x.shape)}")
-        if x.shape[1] == 0:
-            raise ValueError("the input sequence is empty (time = 0); pass at least one token")
+        self._check_input(x, state)
         batch, time, _ = x.shape
         if state is None:
             state = self.initial_state(batch, x.device)
@@ -205,6 +203,23 @@ class NeuralMemory(nn.Module):
         y = y.transpose(1, 2).reshape(batch, time, -1)
         y = y * F.silu(self.to_out_gate(x))
         return self.to_out(y), NeuralMemoryState(weights, momentum, conv_tail)
+
+    def _check_input(self, x: Tensor, state: NeuralMemoryState | None) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise InputError(f"expected input of shape [batch, time, {self.dim}], got {list(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise InputError(f"the input is empty (batch {x.shape[0]}, time {x.shape[1]}); pass at least one token "
+                             "of one sequence")
+        if state is None:
+            return
+        # a state of another layer would run: the memory's shapes come from the state, so compare them here
+        expected = [(x.shape[0], *w.shape) for w in self.initial_weights]
+        given = getattr(state, "weights", None), getattr(state, "momentum", None)
+        if not isinstance(state, NeuralMemoryState) or any(
+                ws is None or [tuple(w.shape) for w in ws] != expected for ws in given):
+            raise InputError(f"state does not fit this layer and batch: expected memory weights of shapes "
+                             f"{[list(e) for e in expected]}; pass the state this layer returned for the same "
+                             "batch, or None")
 
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per token and head: learning rate theta, log momentum log(eta), log retention log(1 - alpha)."""

@@ -38,6 +38,7 @@ class RAMNetState:
                  *, touched: TouchedRows | None = None) -> None:
         self._slots, self._normaliser, self._touched = slots, normaliser, touched
         self.conv, self.position = conv, position
+        self._lent = False  # whether a state made from this one reads our built tensors (then step copies them)
 
     @property
     def slots(self) -> Tensor | None:
@@ -58,7 +59,15 @@ class RAMNetState:
         """The memory as :func:`kernels.ramnet.pdma_touched` takes it: still as touched rows if not built yet."""
         if self._touched is not None:
             return self._touched, None
+        self._lent = self._slots is not None
         return self._slots, self._normaliser
+
+    def _own_memory(self) -> None:
+        """Before an in-place update: copy the built tensors if a state made from this one still reads them."""
+        self._build()
+        if self._lent:
+            self._slots, self._normaliser = self._slots.clone(), self._normaliser.clone()
+            self._lent = False
 
     def memory_shape(self) -> tuple[int, ...] | None:
         """Shape of ``slots`` without building it (None for a state without memory)."""
@@ -283,7 +292,8 @@ class RAMNet(nn.Module):
         x : Tensor [batch, dim]
         state : RAMNetState, optional
             Its ``slots`` and ``normaliser`` are updated IN PLACE (copying them would cost O(slots)); clone them first
-            if you need the old state.
+            if you need the old state. States that ``forward`` made from it are not affected (the memory they read
+            is copied once before the first such update).
 
         Returns
         -------
@@ -296,6 +306,7 @@ class RAMNet(nn.Module):
         self._check_input(x, state, time_axis=False)
         if state is None:
             state = self.initial_state(x.shape[0], x.device)
+        state._own_memory()  # states made from it by forward keep their memory
         read_index, read_weight, write_index, write_weight, v, conv = self._addresses(x, state)
         out = pdma_step(
             v[:, :, 0], write_index[:, :, 0], write_weight[:, :, 0], read_index[:, :, 0], read_weight[:, :, 0],
@@ -360,6 +371,8 @@ class RAMNet(nn.Module):
             raise InputError(f"expected input of shape [batch, time, {self.dim}], got {list(x.shape)}")
         if time_axis and x.shape[1] == 0:
             raise InputError("the input sequence is empty (time = 0); pass at least one token")
+        if x.shape[0] == 0:
+            raise InputError("the batch is empty (batch = 0); pass at least one sequence")
         if state is None:
             return
         expected = (x.shape[0], self.heads, self.slots, self.value_dim)

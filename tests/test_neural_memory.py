@@ -220,6 +220,23 @@ def test_wrong_input_shape_is_a_clear_error(shape):
         layer(torch.randn(*shape))
 
 
+def test_a_state_of_another_layer_or_batch_is_a_clear_error():
+    from memorycore import InputError
+
+    layer, x = NeuralMemory(16, heads=2, chunk_size=4, expansion=4), torch.randn(2, 8, 16)
+    others = [NeuralMemory(16, heads=2, chunk_size=4, expansion=1)(x)[1],  # narrower memory: it ran before
+              NeuralMemory(16, heads=2, chunk_size=4, depth=1)(x)[1],
+              NeuralMemory(16, heads=4, chunk_size=4, expansion=4)(x)[1],
+              layer(x[:1])[1],  # another batch size
+              (None, None, None)]
+    for state in others:
+        with pytest.raises(InputError, match="state does not fit this layer and batch"):
+            layer(x, state=state)
+    with pytest.raises(InputError, match="the input is empty \\(batch 0"):
+        layer(x[:0])
+    layer(x, state=layer(x)[1])  # its own state fits
+
+
 def test_default_memory_stays_finite_on_long_sequences():
     """With the default inner learning rate, 64-token chunks of correlated keys do not blow the memory up."""
     layer = NeuralMemory(128, heads=2, chunk_size=64)

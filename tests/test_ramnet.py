@@ -214,6 +214,10 @@ def test_bad_inputs_raise_input_error():
         layer(torch.randn(3, 3, 32), state)
     with pytest.raises(InputError, match="one token"):
         layer.step(torch.randn(2, 3, 32), state)
+    with pytest.raises(InputError, match="the batch is empty"):
+        layer(torch.randn(0, 3, 32))
+    with pytest.raises(InputError, match="the batch is empty"):
+        layer.step(torch.randn(0, 32))
 
 
 def test_layer_on_the_triton_backend_matches_the_reference(monkeypatch):
@@ -336,3 +340,17 @@ def test_temperature_scales_the_logits_and_keeps_the_chosen_slots():
         plain.qkv_conv.weight.mul_(3.0)
         plain.qkv_conv.bias.mul_(3.0)
     torch.testing.assert_close(plain.addresses(x)["read_weights"], b["read_weights"])
+
+
+@torch.no_grad()
+def test_step_leaves_states_that_forward_made_from_it_alone():
+    layer = small_layer().eval()
+    x = torch.randn(2, 12, 32)
+    _, first = layer(x[:, :10])
+    first.slots  # built: a later state reads these tensors as its base
+    _, later = layer(x[:, 10:], state=first)
+    expected = layer(x[:, 10:], state=first)[1].slots.clone()
+    for _ in range(3):
+        layer.step(10 * torch.randn(2, 32), first)
+    torch.testing.assert_close(later.slots, expected)
+    assert not torch.equal(first.slots, layer(x[:, :10])[1].slots)  # step did update `first` in place
