@@ -30,9 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._arguments import positive, writable_path  # noqa: E402
 from forecast.baseline import ridge_benchmark  # noqa: E402
 from forecast.data import dataset_name, prepare_protocol, read_series, resolve_protocol  # noqa: E402
 from forecast.estimator import MemoryForecaster  # noqa: E402
+from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.errors import InputError  # noqa: E402
+from memorycore.files import write_text_atomic  # noqa: E402
 
 DATASET_FILES = {"ETTh1": "ETTh1/ETTh1.csv.gz", "ETTm1": "ETTm1/ETTm1.csv.gz", "Weather": "weather/weather.csv.gz"}
 # Titans (arXiv 2501.00663) Table 3, average over the four horizons: (Neural Memory MSE, MAE), (Simba MSE, MAE)
@@ -50,7 +54,6 @@ MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    files = resolve_files(args)
     # MemoryForecaster's defaults (those of `forecast fit`, chosen on CPU on ETTh1 validation) on every machine, with
     # the flags' overrides: a GPU run only adds datasets and leaves out no training window. (The GPU configuration of
     # 2026-11-22, d_model 64 / 2 blocks / batch 256 / lr 1e-3 / at most 40 steps x 5 epochs, trained far less and lost
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_linear_path:
         config["linear_path"] = False
     horizons = args.horizons or [96, 192, 336, 720]
+    check_settings(args, config, horizons)
+    files = resolve_files(args)
     results, start = [], time.perf_counter()
     for name, path in files.items():
         wide = read_series(path, allow_irregular=True)  # the protocol uses the rows as they are (Weather has a gap)
@@ -88,19 +93,33 @@ def parse_args(argv):
     parser.add_argument("--datasets", nargs="+", choices=list(DATASET_FILES), help="default: all (ETTh1 with --quick)")
     parser.add_argument("--data", nargs="+", type=Path, help="any CSV(s) instead of the benchmark datasets")
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "datasets")
-    parser.add_argument("--horizons", nargs="+", type=int)
-    parser.add_argument("--lookback", type=int, default=96)
+    parser.add_argument("--horizons", nargs="+", type=positive(int))
+    parser.add_argument("--lookback", type=positive(int), default=96)
     for key, kind in MODEL_FLAGS.items():
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind)
     parser.add_argument("--no-cycle", action="store_true", help="cycle_length=0: no learned periodic component")
     parser.add_argument("--no-linear-path", action="store_true", help="no linear lookback->horizon path")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: see forecast fit --help)")
+    parser.add_argument("--threads", type=positive(int), default=1,
+                        help="CPU threads for torch (1: see forecast fit --help)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress bars")
-    parser.add_argument("--time-budget", type=float, help="seconds after which the remaining rows are skipped")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "forecast.json")
+    parser.add_argument("--time-budget", type=positive(float),
+                        help="seconds after which the remaining rows are skipped")
+    parser.add_argument("--out", type=writable_path, default=ROOT / "bench" / "results" / "forecast.json")
     return parser.parse_args(argv)
+
+
+def check_settings(args, config: dict, horizons: list[int]) -> None:
+    """Refuse settings that would fail, before any data is read or the results file is touched: argparse's error
+    (one line, exit 2)."""
+    try:
+        for horizon in horizons:
+            MemoryForecaster(lookback=args.lookback, horizon=horizon, device=args.device, **config)._check_params()
+        resolve_device(args.device)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def model_settings(config: dict) -> dict:
@@ -222,10 +241,7 @@ def machine() -> dict:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 if __name__ == "__main__":

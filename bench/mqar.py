@@ -32,7 +32,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +39,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._arguments import positive, writable_path  # noqa: E402
 from memorycore import CheckpointError, NeuralMemory, RAMNet  # noqa: E402
 from memorycore.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
@@ -365,18 +365,6 @@ def evaluate(model: nn.Module, args: argparse.Namespace, settings, device: torch
     return accuracies
 
 
-def _positive(kind: type) -> Callable[[str], int | float]:
-    """An argparse type for a number > 0, so that the `or` defaults below never swallow a 0 the user gave."""
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked, with the defaults of --quick or of the full run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,18 +373,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, of: {', '.join(MODEL_NAMES)} (default all)")
     parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256; 64 with "
                                                      "--quick)")
-    parser.add_argument("--steps", type=_positive(int), default=None, help="optimiser steps per model (default 4000)")
-    parser.add_argument("--batch-size", type=_positive(int), default=None,
+    parser.add_argument("--steps", type=positive(int), default=None, help="optimiser steps per model (default 4000)")
+    parser.add_argument("--batch-size", type=positive(int), default=None,
                         help="sequences per batch at the shortest length (default 128; 32 with --quick)")
-    parser.add_argument("--lr", type=_positive(float), default=None,
+    parser.add_argument("--lr", type=positive(float), default=None,
                         help="peak learning rate (default 3e-4; 3e-3 with --quick). RAM-Net at d_model 128 learnt "
                              "best at 3e-3 (docs/ramnet.md)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1, Zoology's)")
     parser.add_argument("--max-train-seconds", type=float, default=None, help="also stop training after this long")
-    parser.add_argument("--slots-exponent", type=_positive(int), default=None,
+    parser.add_argument("--slots-exponent", type=positive(int), default=None,
                         help="RAM-Net slots per head = 2**this, a multiple of log2(--ramnet-factor-size) (default 12: "
                              "8^4; 6 with --quick: 8^2)")
-    parser.add_argument("--top-k", type=_positive(int), default=None,
+    parser.add_argument("--top-k", type=positive(int), default=None,
                         help="RAM-Net slots per token (default 8; 4 with --quick)")
     parser.add_argument("--ramnet-factor-size", type=int, default=None,
                         help="d_p, the width of each softmax of RAM-Net's product address, a power of 2: the slots "
@@ -410,10 +398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="RAMNet's reads weigh their top-K slots by weights that sum to 1 (normalize_reads)")
     parser.add_argument("--ramnet-temperature", type=float, default=1.0,
                         help="initial value of RAMNet's learned q/k temperature (default 1.0)")
-    parser.add_argument("--vocab-size", type=_positive(int), default=None, help="V (default 8192; 256 with --quick)")
-    parser.add_argument("--test-examples", type=_positive(int), default=None,
+    parser.add_argument("--vocab-size", type=positive(int), default=None, help="V (default 8192; 256 with --quick)")
+    parser.add_argument("--test-examples", type=positive(int), default=None,
                         help="test sequences per setting (default 1000; 100 with --quick)")
-    parser.add_argument("--eval-batch-size", type=_positive(int), default=50,
+    parser.add_argument("--eval-batch-size", type=positive(int), default=50,
                         help="sequences per scoring batch (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -426,9 +414,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--call-seconds", type=float, default=None,
                         help="end this call's training after this long, saved, and score only models whose training "
                              "is done (needs --checkpoint-dir); run the same command again to go on")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mqar.json",
+    parser.add_argument("--out", type=writable_path, default=Path(__file__).parent / "results" / "mqar.json",
                         help="JSON file for the results (written atomically)")
-    parser.add_argument("--plot", type=Path, default=None,
+    parser.add_argument("--plot", type=writable_path, default=None,
                         help="also draw the accuracy of every test setting, one line per model, into this PNG")
     parser.add_argument("--from", dest="from_results", type=Path, nargs="+", default=None, metavar="JSON",
                         help="train nothing: draw --plot from these results of earlier runs (their --out files)")

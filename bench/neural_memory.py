@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._arguments import positive, writable_path  # noqa: E402
 from kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
 from memorycore import NeuralMemory  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
@@ -68,6 +69,7 @@ def attention_flops_per_token(time_steps: int, backward: bool) -> float:
 # How the depth-2 Triton kernels share out one (batch, head) (kernels/neural_memory/triton.py, _split): "default" (what
 # a user gets), "p1" (one program per (batch, head)), "split" (on a GPU several programs split its hidden units and
 # wait for each other inside one launch) and "launch" (that split, with one launch per chunk and phase instead).
+BACKENDS = ("torch", "triton", "sdpa", "titans")  # --backends: our reference, our kernels, flash attention, titans
 SPLITS = {"default": {}, "p1": {"MEMORYCORE_NM_PARTS": "1"}, "split": {"MEMORYCORE_NM_PARTS": "auto"},
           "launch": {"MEMORYCORE_NM_PARTS": "auto", "MEMORYCORE_NM_SYNC": "launch"}}
 
@@ -261,12 +263,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "as its own backend: default (what a user gets), p1 (one program per batch and head), "
                              "split (several per batch and head, waiting inside one launch) and launch (that split, "
                              "one launch per chunk and phase); default: p1,split on CUDA, default on CPU")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "neural_memory.json")
+    parser.add_argument("--peak-tflops", type=positive(float), default=989.0,
+                        help="the device's dense bf16 peak, for MFU")
+    parser.add_argument("--repeats", type=positive(int), default=None)
+    parser.add_argument("--out", type=writable_path, default=Path(__file__).parent / "results" / "neural_memory.json")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"unknown --device {args.device}: use cpu, cuda or cuda:N")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     backends = (args.backends or ("torch,triton,sdpa" + (",titans" if _titans_installed() else "")
                                   if device.type == "cuda" else "torch")).split(",")
@@ -277,6 +283,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         parser.error(f"unknown --triton-splits {', '.join(unknown)}: use {', '.join(SPLITS)}")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        parser.error(f"unknown --backends {', '.join(unknown)}: use {', '.join(BACKENDS)}")
     if args.check or args.check_only:
         worst = check_triton(device, splits)
         if not worst <= 2e-2:  # NaN fails too

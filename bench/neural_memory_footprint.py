@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench._arguments import positive, writable_path  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 
 
@@ -81,11 +82,12 @@ def measure_one(which: str, batch: int, time_steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--time", type=int, default=32768)
+    parser.add_argument("--batch", type=positive(int), default=1)
+    parser.add_argument("--time", type=positive(int), default=32768)
     parser.add_argument("--implementations", default="ours,titans", help="comma list of ours,titans")
     parser.add_argument("--one", choices=["ours", "titans"], help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "neural_memory_footprint.json")
+    parser.add_argument("--out", type=writable_path,
+                        default=Path(__file__).parent / "results" / "neural_memory_footprint.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.one:

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench._arguments import positive, writable_path  # noqa: E402
 from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
 from memorycore.files import pyplot, save_figure  # noqa: E402
@@ -96,21 +97,23 @@ def tokens_per_second(layer: RAMNet, batch: int, time_steps: int, device: torch.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU run")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--time", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--max-factors", type=int, default=None,
+    parser.add_argument("--batch", type=positive(int), default=None)
+    parser.add_argument("--time", type=positive(int), default=None)
+    parser.add_argument("--heads", type=positive(int), default=4)
+    parser.add_argument("--repeats", type=positive(int), default=None)
+    parser.add_argument("--max-factors", type=positive(int), default=None,
                         help="at most 4^U slots; default U = 7 with --quick, 10 otherwise")
     parser.add_argument("--grow", choices=("factors", "factor-size"), default="factors",
                         help="add factors of 4 (default) or widen 5 factors")
-    parser.add_argument("--pieces", type=int, default=1,
+    parser.add_argument("--pieces", type=positive(int), default=1,
                         help="stream each sequence in this many pieces, carrying the state (default 1: one call)")
     parser.add_argument("--kernel", choices=TRAINING_KERNELS, default=None,
                         help="Triton training kernel (default: MEMORYCORE_RAMNET_KERNEL, else scan)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ramnet_throughput.json",
+    parser.add_argument("--out", type=writable_path,
+                        default=Path(__file__).parent / "results" / "ramnet_throughput.json",
                         help="JSON file for the results (written atomically)")
-    parser.add_argument("--plot", type=Path, default=None, help="also draw tokens/s against slots into this PNG")
+    parser.add_argument("--plot", type=writable_path, default=None,
+                        help="also draw tokens/s against slots into this PNG")
     args = parser.parse_args(argv)
     if args.pieces < 1:
         parser.error(f"--pieces must be at least 1, got {args.pieces}")

@@ -1,0 +1,34 @@
+"""Argument types shared by the benchmark scripts (a module, not a script: `cli.py bench list` skips names
+starting with an underscore)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from memorycore.errors import InputError
+from memorycore.files import check_writable
+
+
+def positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type for a number > 0 (NaN is refused too): a 0 or a negative count fails at parse time, with
+    argparse's one line and exit code 2, instead of being swallowed by an ``or`` default or failing mid-run."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def writable_path(text: str) -> Path:
+    """An argparse type for an output file: refused at parse time if it could not be written (a folder, under a
+    file, read-only), so that a long run does not fail at its end."""
+    try:
+        check_writable(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return Path(text)
