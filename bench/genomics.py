@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench._arguments import positive, writable_path  # noqa: E402
 from genomics import DNAClassifier, kmer_logistic_regression, load_sequences  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.errors import InputError  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared/datasets/genomic_benchmarks/sequences/human_nontata_promoters/test.csv.gz"
@@ -90,7 +91,9 @@ def run_neural(params, device, seed, verbose, x_train, y_train, x_test, y_test) 
 def _overrides(pairs: list[str]) -> dict:
     values = {}
     for pair in pairs:
-        name, _, text = pair.partition("=")
+        name, equals, text = pair.partition("=")
+        if not equals or not name:
+            raise InputError(f"--set takes NAME=VALUE (e.g. --set dim=128), got {pair!r}")
         try:
             values[name] = json.loads(text)
         except json.JSONDecodeError:
@@ -124,12 +127,19 @@ def main(argv=None) -> int:
     # The reference recipe is scikit-learn's default logistic regression, which stops at 100 iterations on purpose.
     warnings.filterwarnings("ignore", message="lbfgs failed to converge")
 
+    params = dict(QUICK if args.quick else FULL)
+    try:  # the model's settings, before the data and the baselines take their time
+        params.update(_overrides(args.set))
+        DNAClassifier(**params, device=args.device)._check_params()
+        resolve_device(args.device)
+    except (TypeError, InputError) as error:
+        parser.error(f"--set / --device: {error}")
+    if not 0 < args.test_fraction < 1:
+        parser.error(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
     x_train, y_train, x_test, y_test, protocol = split_data(args.data, args.test_fraction, args.seed)
     lengths = [len(s) for s in x_train]
     print(f"data: {args.data.name}: {len(x_train)} train / {len(x_test)} test sequences, {len(set(y_train))} classes, "
           f"{min(lengths)}-{max(lengths)} bp ({protocol})", file=sys.stderr)
-    params = dict(QUICK if args.quick else FULL)
-    params.update(_overrides(args.set))
 
     rows = []
     if not args.skip_baseline:

@@ -449,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.checkpoint_every = args.checkpoint_every or 60.0
     quick = args.quick
     args.dims = args.dims or ("64" if quick else "64,128,256")
+    if not all(d.strip().isdigit() and int(d) > 0 for d in args.dims.split(",")):
+        parser.error(f"--dims takes comma-separated positive integers (e.g. 64,128), got {args.dims}")
     args.steps = args.steps or 4000  # --quick: at 1000 steps attention had not learnt recall yet (~1 / pairs)
     args.lr = args.lr or (3e-3 if quick else 3e-4)
     args.batch_size = args.batch_size or (32 if quick else 128)

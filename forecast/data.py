@@ -17,6 +17,7 @@ The protocol (thuml/Time-Series-Library) is kept exactly, because published numb
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def read_series(
     """
     if fill not in FILL_METHODS:
         raise InputError(f"unknown fill method {fill!r}; use one of: interpolate")
+    if not isinstance(data, (pd.DataFrame, str, os.PathLike)):
+        raise InputError(f"data must be a path to a CSV or a pandas DataFrame (a date column and numeric columns), "
+                         f"got {type(data).__name__}")
     frame = _read_table(data) if not isinstance(data, pd.DataFrame) else data.copy()
     if frame.empty or frame.shape[1] == 0:
         raise InputError("the data is empty; pass a CSV with a date column and at least one numeric column")

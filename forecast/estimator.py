@@ -337,7 +337,7 @@ class MemoryForecaster(BaseEstimator):
         """
         check_is_fitted(self, "network_")
         steps = self.horizon if h is None else h
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"the forecast horizon (h, --horizon) must be a positive integer, got {h!r}")
         history = self.last_window_ if data is None else self.read_like_fit(data)
         if len(history) < self.lookback:

@@ -22,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from forecast.estimator import MemoryForecaster
 from memorycore.errors import InputError
+from memorycore.training import check_hyperparameters
 
 DEFAULT_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -52,6 +53,8 @@ class MemoryPredictor(RepresentablePredictor):
         check_is_fitted(forecaster, "network_")
         if forecaster.channels != "independent":
             raise InputError("the GluonTS adapter forecasts one channel per item: fit with channels='independent'")
+        if prediction_length is not None:
+            check_hyperparameters(prediction_length=prediction_length)
         super().__init__(prediction_length=prediction_length or forecaster.horizon)
         self.forecaster = forecaster
         self.batch_size = batch_size

@@ -286,6 +286,10 @@ def test_bad_parameters_and_inputs(fitted):
         fitted.predict(synthetic()[["load"]])
     with pytest.raises(InputError, match="needs lookback = 24"):
         fitted.predict(synthetic().iloc[:10])
+    with pytest.raises(InputError, match="must be a positive integer, got True"):
+        fitted.predict(h=True)
+    with pytest.raises(InputError, match="a path to a CSV or a pandas DataFrame .* got ndarray"):
+        fitted.predict(synthetic().to_numpy())
 
 
 def test_gluonts_evaluation_runs_on_our_model(fitted):
@@ -330,6 +334,8 @@ def test_gluonts_rejects_unknown_items(fitted):
     item = {"start": pd.Period("2024-01-01", freq="h"), "target": np.zeros(30), "item_id": "wind"}
     with pytest.raises(InputError, match="not a fitted column"):
         predictor.predict_item(item)
+    with pytest.raises(InputError, match="prediction_length must be a positive integer"):
+        MemoryPredictor(fitted, prediction_length=-3)
     daily = {"start": pd.Period("2024-01-01", freq="D"), "target": np.zeros(30), "item_id": "load"}
     with pytest.raises(InputError, match="the data's time step is 1 days .* fitted on steps of 0 days 01:00:00"):
         predictor.predict_item(daily)
