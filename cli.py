@@ -55,7 +55,8 @@ def friendly_errors(command: F) -> F:
                 warnings.showwarning = one_line
                 # numpy's overflow / invalid-value notes: what they lead to (a NaN loss or forecast) is an error
                 # of its own that says what to do
-                warnings.simplefilter("ignore", RuntimeWarning)
+                warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                        RuntimeWarning)
                 return command(*args, **kwargs)
         except (MemorycoreError, FileNotFoundError) as error:
             typer.echo(f"error: {error}", err=True)

@@ -173,16 +173,16 @@ def _parse_dates(values: pd.Series) -> pd.Series | None:
         dates = None
     if dates is not None and pd.api.types.is_datetime64_any_dtype(dates):
         return dates
-    zoned = values.astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
-    if zoned.all():
-        try:
-            return pd.to_datetime(values, format="mixed", utc=True).dt.tz_localize(None)
-        except (ValueError, TypeError, OverflowError):
-            return None
-    if zoned.any():
-        raise InputError(f"some timestamps carry a UTC offset and some do not (e.g. {values[zoned].iloc[0]!r} and "
-                         f"{values[~zoned].iloc[0]!r}); write them all one way")
-    return None
+    try:  # every value a date once offsets are allowed? (text such as state codes is not)
+        utc = pd.to_datetime(values, format="mixed", utc=True)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    present = values.notna()  # a missing date is reported as such later, not as a naive one
+    zoned = values[present].astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
+    if not zoned.all():
+        raise InputError(f"some timestamps carry a UTC offset and some do not (e.g. {values[present][zoned].iloc[0]!r} "
+                         f"and {values[present][~zoned].iloc[0]!r}); write them all one way")
+    return utc.dt.tz_localize(None)
 
 
 def _not_a_date(values: pd.Series) -> str:
@@ -219,10 +219,11 @@ def _check_numeric(wide: pd.DataFrame) -> None:
     bad = [c for c in wide.columns if not pd.api.types.is_numeric_dtype(wide[c])]
     if bad:
         first = wide[bad[0]]
-        row = int(np.argmax(pd.to_numeric(first, errors="coerce").isna().to_numpy() & first.notna().to_numpy()))
-        raise InputError(f"non-numeric column(s): {', '.join(map(str, bad))} ({bad[0]} holds {first.iloc[row]!r} at "
-                         f"{wide.index[row]}); fix those values, drop the columns, or keep only numeric columns with "
-                         "target= (forecast fit --target)")
+        unparsed = pd.to_numeric(first, errors="coerce").isna().to_numpy() & first.notna().to_numpy()
+        where = (f"{bad[0]} holds {first.iloc[int(np.argmax(unparsed))]!r} at {wide.index[int(np.argmax(unparsed))]}"
+                 if unparsed.any() else f"{bad[0]} holds numbers as text, e.g. {first.iloc[0]!r}")
+        raise InputError(f"non-numeric column(s): {', '.join(map(str, bad))} ({where}); fix those values, drop the "
+                         "columns, or keep only numeric columns with target= (forecast fit --target)")
 
 
 def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
@@ -230,10 +231,13 @@ def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
         row = int(np.argmax(index.isna()))
         raise InputError(f"row {row} has no timestamp (an empty or unreadable date); fix or drop that row")
     backwards = np.diff(index.asi8) < 0
-    if backwards.any():  # e.g. a file written newest first; not an irregularity --allow-irregular could accept
+    # A step back is refused, except with --allow-irregular where it is rare: local clock times repeat an hour when
+    # daylight saving ends. A file mostly going back (written newest first) would be forecast into the past.
+    if backwards.any() and (not allow_irregular or backwards.mean() > 0.5):
         row = int(np.argmax(backwards)) + 1
         raise InputError(f"timestamps go back in time at row {row} ({index[row - 1]} then {index[row]}); sort the "
-                         "rows by date, oldest first")
+                         "rows by date, oldest first (local clock times that repeat an hour when daylight saving "
+                         "ends: write them with their UTC offset, or pass --allow-irregular)")
     if allow_irregular or len(index) < 3:
         return
     hint = "; fix the file or pass --allow-irregular to use the rows as equally spaced steps"
@@ -242,9 +246,6 @@ def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
         row = int(np.argmax(duplicated))
         raise InputError(f"duplicate timestamp {index[row]} (row {row}){hint}")
     steps = np.diff(index.asi8)
-    if (steps <= 0).any():
-        row = int(np.argmax(steps <= 0)) + 1
-        raise InputError(f"timestamps are not increasing at row {row} ({index[row - 1]} then {index[row]}){hint}")
     if pd.infer_freq(index) is None and not (steps == steps[0]).all():
         usual = pd.Timedelta(int(pd.Series(steps).mode().iloc[0]))
         row = int(np.argmax(steps != usual.value)) + 1

@@ -104,14 +104,16 @@ class MemoryForecaster(BaseEstimator):
     lr : float, default 1e-4
         Peak learning rate. Small because training refines the closed-form start; chosen over 3e-4 and 3e-3 by the
         validation MSE averaged over the four ETTh1 horizons (3e-3 made every epoch worse than the start).
-    patience : int, default 3
-        Epochs without a better validation loss before stopping.
+    patience : int or None, default 3
+        Epochs without a better validation loss before stopping (None: never stop early).
     max_steps_per_epoch : int, optional
-        Cap on optimiser steps per epoch: each epoch then sees a random subset of the windows (None: every window).
+        Cap on optimiser steps per epoch: each epoch then sees a random subset of the windows (None or 0: every
+        window).
         The defaults are sized for a few minutes on 2 CPU cores; on a GPU raise the width and the blocks.
     protocol : {"auto", "etth", "ettm", "ratio"}, default "auto"
         The split; "auto" picks it from the file name (ETTh*/ETTm* borders, else 70/10/20).
-    random_state : int, default 0
+    random_state : int or None, default 0
+        Seeds weight init, dropout and the batch order (None: a fresh seed each fit).
     device : str, default "auto"
     verbose : bool, default True
         Show a progress bar on stderr.
@@ -298,8 +300,8 @@ class MemoryForecaster(BaseEstimator):
                              f"got {self.cycle_length!r}")
         if self.d_model % self.heads:
             raise InputError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        for name in ("max_steps_per_epoch", "patience"):  # None: no cap, never stop early
-            if getattr(self, name) is not None:
+        for name, unset in (("max_steps_per_epoch", (None, 0)), ("patience", (None,))):  # no cap; never stop early
+            if getattr(self, name) not in unset:
                 check_hyperparameters(**{name: getattr(self, name)})
 
     def _network_config(self, n_channels: int) -> ForecastNetConfig:

@@ -436,12 +436,14 @@ def read_label_file(path: str | os.PathLike) -> dict[str, object]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            # a tab or comma separates the columns when there is one, so labels may hold spaces; else whitespace
+            # A tab or comma separates exactly two columns (a third is an error: it would join the label); without
+            # either, the first run of spaces does, and the label may hold spaces ("no tata").
             separator = "\t" if "\t" in line else "," if "," in line else None
-            fields = [f.strip() for f in line.split(separator)]
+            fields = [f.strip() for f in (line.split(separator) if separator else line.split(None, 1))]
             if len(fields) != 2 or not fields[0] or not fields[1]:
-                raise InputError(f"{path}: line {line_number} should hold two columns, an id and a label, "
-                                 f"got {len(fields)}: {line!r}")
+                raise InputError(f"{path}: line {line_number} should hold an id and a label, "
+                                 f"{'separated by one ' + repr(separator) if separator else 'separated by spaces'}: "
+                                 f"{line!r}")
             if not ids and fields[0].lower() in _ID_COLUMNS and fields[1].lower() in _LABEL_COLUMNS:
                 continue  # header
             ids.append(fields[0])

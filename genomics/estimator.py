@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
@@ -190,7 +191,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
                              f"{list(labels.shape)}")
         if len(labels) != len(tokens):
             raise InputError(f"got {len(tokens)} sequences but {labels.size} labels; give one label per sequence")
-        missing = [i for i, label in enumerate(labels.tolist()) if label is None or label != label]  # None or NaN
+        missing = [i for i, label in enumerate(labels.tolist()) if label is None or pd.isna(label)]  # None/NaN/NA
         if missing:
             raise InputError(f"{len(missing)} label(s) are missing (None or NaN), the first of sequence "
                              f"{missing[0]}; drop those sequences or give them a label")
@@ -222,6 +223,8 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         check_hyperparameters(lr=self.lr, weight_decay=self.weight_decay, dropout=self.dropout, **{
             name: getattr(self, name) for name in ("dim", "heads", "memory_depth", "chunk_size", "epochs",
                                                    "batch_size")})
+        if self.patience is not None:
+            check_hyperparameters(patience=self.patience)
         if isinstance(self.blocks, bool) or not isinstance(self.blocks, (int, np.integer)) or self.blocks < 0:
             raise InputError(f"blocks must be an integer >= 0 (0: no memory block), got {self.blocks!r}")
         if not 0.0 <= self.validation_fraction < 1.0:

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef
 
-from genomics.data import SequenceData, encode
+from genomics.data import SequenceData, encode, normalize_labels
 from genomics.estimator import DNAClassifier
 from memorycore.errors import InputError
 from memorycore.training import check_hyperparameters
@@ -63,6 +63,10 @@ def _classify_batch(classifier: DNAClassifier, ids: list[str], sequences: list[s
     return ids, proba, sum(len(s) > classifier.max_length_ for s in sequences)
 
 
+def _label_key(label) -> str:
+    return str(normalize_labels([label])[0])
+
+
 @dataclass
 class Evaluation:
     """Scores of a classifier on labelled data (F1 is macro-averaged over classes)."""
@@ -101,14 +105,14 @@ def evaluate_classifier(classifier: DNAClassifier, data: SequenceData) -> Evalua
     """
     if data.labels is None:
         raise InputError("the evaluation data have no labels")
-    known = {str(c) for c in classifier.classes_}
-    unknown = sorted({str(label) for label in data.labels} - known)
-    if unknown:
-        raise InputError(f"labels {unknown} are not classes of the model (it knows {sorted(known)}); "
-                         f"evaluate on data labelled like the training data")
     classes = classifier.classes_
-    by_name = {str(c): c for c in classes}
-    truth = np.asarray([by_name[str(label)] for label in data.labels])
+    # compared as normalize_labels writes them, so "1.0" in a file matches a model fitted on 1 or on "1.0"
+    by_name = {_label_key(c): c for c in classes}
+    unknown = sorted({_label_key(label) for label in data.labels} - set(by_name))
+    if unknown:
+        raise InputError(f"labels {unknown} are not classes of the model (it knows {sorted(by_name)}); "
+                         f"evaluate on data labelled like the training data")
+    truth = np.asarray([by_name[_label_key(label)] for label in data.labels])
     predicted = classifier.predict(data.sequences)
     # F1 averages over the classes that occur (as truth or prediction): a class absent from both has no F1, and
     # counting it as 0 would halve a perfect score on data holding one class. MCC of one-class data is 0 (sklearn).

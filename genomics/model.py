@@ -93,7 +93,7 @@ class KmerEmbedding(nn.Module):
         time = tokens.shape[1]
         out = 0
         # padded on the right so that every offset's slice is `time` wide, even past the end of a short batch
-        longest = max(self.sizes) - 1
+        longest = max(self.sizes, default=1) - 1
         base, unknown = F.pad(base, (0, longest)), F.pad(unknown, (0, longest), value=True)
         for k, table in zip(self.sizes, self.tables):
             code = torch.zeros_like(tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,10 +31,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
-    except OSError as error:  # what check_writable cannot see ahead, e.g. a full disk
+    except OSError as error:  # what check_writable cannot see ahead
         raise InputError(f"cannot write {path}: {error.strerror or error}") from None
     try:
-        yield Path(tmp)
+        try:
+            yield Path(tmp)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise  # e.g. an input that cannot be read: not ours to rename
+            raise InputError(f"cannot write {path}: {error.strerror}") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.neural_memory import neural_memory
-from memorycore.errors import InputError
 from memorycore.causal_conv import CausalDepthwiseConv
+from memorycore.errors import InputError
 
 
 class NeuralMemoryState(NamedTuple):

@@ -84,7 +84,10 @@ class RAMNetState:
                 rows=self._touched.rows.detach(), norms=self._touched.norms.detach(),
                 base_slots=_detach(self._touched.base_slots), base_normaliser=_detach(self._touched.base_normaliser))
             return RAMNetState(None, None, conv, self.position, touched=touched)
-        return RAMNetState(_detach(self._slots), _detach(self._normaliser), conv, self.position)
+        detached = RAMNetState(_detach(self._slots), _detach(self._normaliser), conv, self.position)
+        if self._slots is not None:  # both hold the same tensors now: an in-place step on either copies first
+            self._lent = detached._lent = True
+        return detached
 
     def __repr__(self) -> str:
         return f"RAMNetState(memory {self.memory_shape()}, position={self.position})"
@@ -291,9 +294,9 @@ class RAMNet(nn.Module):
         ----------
         x : Tensor [batch, dim]
         state : RAMNetState, optional
-            Its ``slots`` and ``normaliser`` are updated IN PLACE (copying them would cost O(slots)); clone them first
-            if you need the old state. States that ``forward`` made from it are not affected (the memory they read
-            is copied once before the first such update).
+            Updated IN PLACE and returned (copying the memory would cost O(slots)); keep a ``copy.deepcopy`` if you
+            need the old state. States that ``forward`` or ``detach`` made from it are not affected (the memory they
+            share is copied once before the first such update).
 
         Returns
         -------
@@ -313,7 +316,8 @@ class RAMNet(nn.Module):
             state.slots, state.normaliser, gamma=self.gamma, eps=self.eps,
         )
         y = self.to_out(out.flatten(1).to(x.dtype))
-        return y, RAMNetState(state.slots, state.normaliser, conv, state.position + 1)
+        state.conv, state.position = conv, state.position + 1  # the same object: no second holder of its memory
+        return y, state
 
     @torch.no_grad()
     def addresses(self, x: Tensor, state: RAMNetState | None = None) -> dict[str, Tensor]:

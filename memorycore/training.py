@@ -13,6 +13,7 @@ import numbers
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -149,8 +150,13 @@ def fit_model(
                 val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
                                      distributed)
                 if not math.isfinite(val_loss):  # the last steps sent the weights to inf / NaN
-                    raise TrainingError(f"the validation loss became {val_loss} after epoch {epoch + 1}; "
-                                        "lower lr or check the data for extreme values")
+                    if best_state is None:
+                        raise TrainingError(f"the validation loss became {val_loss} after epoch {epoch + 1}; "
+                                            "lower lr or check the data for extreme values")
+                    warnings.warn(f"the validation loss became {val_loss} after epoch {epoch + 1}: training stops "
+                                  f"and keeps epoch {history.best_epoch + 1}'s weights; a lower lr may do better",
+                                  stacklevel=2)
+                    break
                 history.val_loss.append(val_loss)
                 best = min(best_loss, val_loss)
                 progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})")
@@ -333,7 +339,7 @@ def check_hyperparameters(*, lr: float | None = None, weight_decay: float | None
     """Raise :class:`InputError` naming the first hyperparameter out of range.
 
     ``lr`` must be finite and > 0 (an infinite one trains to NaN weights without a word), ``weight_decay`` finite and
-    >= 0, ``dropout`` in [0, 1), and every keyword in ``positive_integers`` an integer >= 1. None skips a check.
+    >= 0, ``dropout`` in [0, 1) (each unchecked when None), and every other keyword an integer >= 1.
 
     Examples
     --------

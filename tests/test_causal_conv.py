@@ -54,3 +54,11 @@ def test_parameters_are_those_of_conv1d():
     conv.load_state_dict(plain.state_dict())
     assert list(conv.state_dict()) == ["weight", "bias"]
     torch.testing.assert_close(conv(torch.ones(1, 5, 4))[0][0, -1], plain.weight.sum(-1)[:, 0] + plain.bias)
+
+
+def test_both_ways_of_computing_it_agree():
+    """The shifted sum runs on CPU, conv1d elsewhere: the same function."""
+    torch.manual_seed(3)
+    conv = CausalDepthwiseConv(6, 4).double()
+    padded = torch.randn(2, 12, 6, dtype=torch.float64)
+    torch.testing.assert_close(conv._shifted_sum(padded), conv._convolution(padded))

@@ -124,6 +124,16 @@ def test_time_must_run_forward_even_with_allow_irregular(dates, message):
             read_series(pd.DataFrame({"date": dates, "a": np.arange(5.0)}), allow_irregular=allow_irregular)
 
 
+def test_local_clock_times_repeating_an_hour_pass_with_allow_irregular_only():
+    local = pd.date_range("2024-10-27", periods=16, freq="15min", tz="Europe/Paris").tz_localize(None)  # 02:xx twice
+    frame = pd.DataFrame({"date": local.astype(str), "a": np.arange(16.0)})
+    with pytest.raises(InputError, match="go back in time at row 12 .* pass --allow-irregular"):
+        read_series(frame)
+    assert len(read_series(frame, allow_irregular=True)) == 16
+    with pytest.raises(InputError, match="no date column found"):  # text is not taken for dates with offsets
+        read_series(pd.DataFrame({"state": ["AZ", "CA", "NY"], "a": [1.0, 2, 3]}))
+
+
 def test_dates_across_a_daylight_saving_change_are_read_in_utc():
     local = pd.date_range("2024-03-30", periods=72, freq="h", tz="Europe/Paris")  # 31 March: +01:00 -> +02:00
     wide = read_series(pd.DataFrame({"date": local.astype(str), "a": np.arange(72.0)}))

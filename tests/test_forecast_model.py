@@ -360,7 +360,6 @@ def test_fit_leaves_the_callers_random_generator_alone_and_draws_a_seed_for_none
 
 
 @pytest.mark.parametrize("params, message", [(dict(max_steps_per_epoch=-1), "max_steps_per_epoch must be a positive"),
-                                             (dict(max_steps_per_epoch=0), "max_steps_per_epoch must be a positive"),
                                              (dict(patience=0), "patience must be a positive integer")])
 def test_training_caps_must_be_positive_or_none(params, message):
     with pytest.raises(InputError, match=message):

@@ -222,11 +222,11 @@ def test_fasta_missing_file_and_missing_labels(tmp_path):
     with pytest.raises(InputError, match="duplicate id 'a'"):
         load_fasta(tmp_path / "s.fa", labels=tmp_path / "dup.txt")
     assert load_fasta(tmp_path / "s.fa", labels=_labels(tmp_path, "a 1\nb 0\nc 1\n")).labels == [1, 0, 1]
-    # "1.0" is an integer label as much as 1.0 is; a tab or comma keeps spaces inside labels
+    # "1.0" is an integer label as much as 1.0 is; labels may hold spaces, with any separator
     assert load_fasta(tmp_path / "s.fa", labels=_labels(tmp_path, "a,1.0\nb,0.0\nc,1\n")).labels == [1, 0, 1]
-    assert load_fasta(tmp_path / "s.fa", labels=_labels(tmp_path, "a\tno tata\nb\ttata\nc\ttata\n")).labels == [
-        "no tata", "tata", "tata"]
-    with pytest.raises(InputError, match="line 2 should hold two columns, an id and a label, got 3"):
+    for text in ("a\tno tata\nb\ttata\nc\ttata\n", "a no tata\nb tata\nc tata\n"):
+        assert load_fasta(tmp_path / "s.fa", labels=_labels(tmp_path, text)).labels == ["no tata", "tata", "tata"]
+    with pytest.raises(InputError, match=r"line 2 should hold an id and a label, separated by one '\\t'"):
         load_fasta(tmp_path / "s.fa", labels=_labels(tmp_path, "a\t1\nb\t0\ttrain\nc\t1\n"))
 
 

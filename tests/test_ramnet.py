@@ -354,3 +354,17 @@ def test_step_leaves_states_that_forward_made_from_it_alone():
         layer.step(10 * torch.randn(2, 32), first)
     torch.testing.assert_close(later.slots, expected)
     assert not torch.equal(first.slots, layer(x[:, :10])[1].slots)  # step did update `first` in place
+
+
+@torch.no_grad()
+def test_step_leaves_forks_of_earlier_steps_and_detached_copies_alone():
+    layer = small_layer().eval()
+    _, state = layer.step(torch.randn(2, 32))
+    _, again = layer.step(torch.randn(2, 32), state)
+    assert again is state  # step updates its state and returns it: one holder of the memory
+    _, fork = layer(torch.randn(2, 4, 32), state)
+    detached = state.detach()
+    fork_before, detached_before = fork.slots.clone(), detached.slots.clone()
+    layer.step(10 * torch.randn(2, 32), state)
+    torch.testing.assert_close(fork.slots, fork_before)
+    torch.testing.assert_close(detached.slots, detached_before)

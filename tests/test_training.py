@@ -185,6 +185,18 @@ def test_a_diverging_loss_is_a_clear_training_error():
     with pytest.raises(TrainingError, match="validation loss became nan after epoch 1; lower lr"):
         fit_model(nn.Linear(4, 1), explodes_after_the_step, train, val, epochs=2, verbose=False)
 
+    modes = []  # the mode of every call: an evaluation is a run of False after a True
+
+    def explodes_at_the_second_evaluation(model, batch):
+        modes.append(model.training)
+        evaluation = sum(1 for before, now in zip([True, *modes], modes) if before and not now)
+        return mse(model, batch) * (float("nan") if evaluation > 1 and not model.training else 1.0)
+
+    model = nn.Linear(4, 1)
+    with pytest.warns(UserWarning, match="training stops and keeps epoch 1's weights"):
+        history = fit_model(model, explodes_at_the_second_evaluation, train, val, epochs=3, verbose=False)
+    assert history.best_epoch == 0 and len(history.val_loss) == 1 and torch.isfinite(model.weight).all()
+
 
 def test_atomic_writes_keep_the_old_file_on_failure_and_use_normal_permissions(tmp_path):
     import os
@@ -220,6 +232,12 @@ def test_unwritable_destinations_are_one_clear_input_error(tmp_path):
         with pytest.raises(InputError, match=f"cannot write {path}"):
             write_text_atomic(path, "text")
     check_writable(tmp_path / "new" / "folders" / "out.txt")  # missing folders are fine: they will be made
+    import errno
+
+    from memorycore.files import atomic_path
+    with pytest.raises(InputError, match="cannot write .*out.txt: No space left on device"):
+        with atomic_path(tmp_path / "out.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk does mid-write
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # root may write anywhere; then there is nothing to refuse
