@@ -220,8 +220,9 @@ def _check_numeric(wide: pd.DataFrame) -> None:
     if bad:
         first = wide[bad[0]]
         unparsed = pd.to_numeric(first, errors="coerce").isna().to_numpy() & first.notna().to_numpy()
-        where = (f"{bad[0]} holds {first.iloc[int(np.argmax(unparsed))]!r} at {wide.index[int(np.argmax(unparsed))]}"
-                 if unparsed.any() else f"{bad[0]} holds numbers as text, e.g. {first.iloc[0]!r}")
+        row = int(np.argmax(unparsed))
+        where = (f"{bad[0]} holds {first.iloc[row]!r} at {wide.index[row]}" if unparsed.any()
+                 else f"{bad[0]} holds numbers as text, e.g. {first.iloc[0]!r}")
         raise InputError(f"non-numeric column(s): {', '.join(map(str, bad))} ({where}); fix those values, drop the "
                          "columns, or keep only numeric columns with target= (forecast fit --target)")
 

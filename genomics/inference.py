@@ -116,7 +116,8 @@ def evaluate_classifier(classifier: DNAClassifier, data: SequenceData) -> Evalua
     predicted = classifier.predict(data.sequences)
     # F1 averages over the classes that occur (as truth or prediction): a class absent from both has no F1, and
     # counting it as 0 would halve a perfect score on data holding one class. MCC of one-class data is 0 (sklearn).
-    occurring = [c for c in classes if c in set(truth.tolist()) | set(predicted.tolist())]
+    seen = set(truth.tolist()) | set(predicted.tolist())
+    occurring = [c for c in classes if c in seen]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's notes on undefined F1 / MCC terms; the report says it instead
         f1 = float(f1_score(truth, predicted, average="macro", labels=occurring, zero_division=0))

@@ -56,3 +56,20 @@ class CausalDepthwiseConv(nn.Conv1d):
 
     def _convolution(self, padded: Tensor) -> Tensor:
         return super().forward(padded.transpose(1, 2)).transpose(1, 2)
+
+
+class NoConvolution(nn.Module):
+    """Stands in for :class:`CausalDepthwiseConv` when a layer has none (``conv_kernel=0``): the input unchanged,
+    no history. It holds no parameters, so checkpoints are those of a layer without convolution."""
+
+    def empty_history(self, batch_size: int, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+        return None
+
+    def forward(self, x: Tensor, history: Tensor | None = None) -> tuple[Tensor, None]:
+        return x, None
+
+
+def causal_conv(channels: int, kernel: int) -> CausalDepthwiseConv | NoConvolution:
+    """The q/k/v convolution of a memory layer: ``kernel`` 0 means none."""
+    return CausalDepthwiseConv(channels, kernel) if kernel else NoConvolution()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.neural_memory import neural_memory
-from memorycore.causal_conv import CausalDepthwiseConv
+from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
 
 
@@ -134,7 +134,7 @@ class NeuralMemory(nn.Module):
         inner = heads * head_dim
 
         self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.qkv_conv = CausalDepthwiseConv(3 * inner, conv_kernel) if conv_kernel else None
+        self.qkv_conv = causal_conv(3 * inner, conv_kernel)
         self.to_gates = nn.Linear(dim, 3 * heads)  # theta, eta, alpha per head
         widths = [head_dim] + [head_dim * expansion] * (depth - 1) + [head_dim]
         self.initial_weights = nn.ParameterList(
@@ -161,8 +161,7 @@ class NeuralMemory(nn.Module):
         dtype = torch.promote_types(self.initial_weights[0].dtype, torch.float32)
         weights = tuple(w.to(dtype).unsqueeze(0).expand(batch_size, -1, -1, -1) for w in self.initial_weights)
         momentum = tuple(torch.zeros_like(w) for w in weights)
-        conv = None if self.qkv_conv is None else self.qkv_conv.empty_history(batch_size, device,
-                                                                              self.to_qkv.weight.dtype)
+        conv = self.qkv_conv.empty_history(batch_size, device, self.to_qkv.weight.dtype)
         return NeuralMemoryState(weights, momentum, conv)
 
     def forward(self, x: Tensor, state: NeuralMemoryState | None = None) -> tuple[Tensor, NeuralMemoryState]:
@@ -186,9 +185,7 @@ class NeuralMemory(nn.Module):
         if state is None:
             state = self.initial_state(batch, x.device)
 
-        qkv, conv_tail = self.to_qkv(x), None
-        if self.qkv_conv is not None:
-            qkv, conv_tail = self.qkv_conv(qkv, state.conv)
+        qkv, conv_tail = self.qkv_conv(self.to_qkv(x), state.conv)
         q, k, v = F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         lr, log_eta, log_keep = self._gates(x)

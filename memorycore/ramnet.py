@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
-from memorycore.causal_conv import CausalDepthwiseConv
+from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
 
 MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
@@ -242,7 +242,7 @@ class RAMNet(nn.Module):
         channels = heads * (2 * self.key_dim + value_dim)
 
         self.to_qkv = nn.Linear(dim, channels, bias=False)
-        self.qkv_conv = CausalDepthwiseConv(channels, conv_kernel) if conv_kernel else None
+        self.qkv_conv = causal_conv(channels, conv_kernel)
         # alpha: q/k weights scaled by exp(alpha)
         self.log_temperature = nn.Parameter(torch.full((heads,), math.log(temperature)))
         self.to_out = nn.Linear(heads * value_dim, dim, bias=False)
@@ -256,8 +256,7 @@ class RAMNet(nn.Module):
 
     def _without_memory(self, batch_size: int, device: torch.device) -> RAMNetState:
         """The initial state without ``slots`` / ``normaliser``: ``pdma_touched`` starts from the empty memory."""
-        conv = None if self.qkv_conv is None else self.qkv_conv.empty_history(batch_size, device,
-                                                                              self.to_qkv.weight.dtype)
+        conv = self.qkv_conv.empty_history(batch_size, device, self.to_qkv.weight.dtype)
         return RAMNetState(None, None, conv, 0)
 
     def forward(self, x: Tensor, state: RAMNetState | None = None) -> tuple[Tensor, RAMNetState]:
@@ -344,9 +343,7 @@ class RAMNet(nn.Module):
     def _addresses(self, x: Tensor, state: RAMNetState) -> tuple[Tensor, ...]:
         """Read and write slots and weights [b, h, t, k], values [b, h, t, d] and the new convolution history."""
         batch, time, _ = x.shape
-        qkv, conv = self.to_qkv(x), None
-        if self.qkv_conv is not None:
-            qkv, conv = self.qkv_conv(qkv, state.conv)
+        qkv, conv = self.qkv_conv(self.to_qkv(x), state.conv)
         qkv = qkv.view(batch, time, self.heads, -1).transpose(1, 2)  # [b, h, t, 2 key_dim + value_dim]
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         temperature = self.log_temperature.exp()[:, None, None, None]

@@ -111,9 +111,9 @@ def fit_model(
     -------
     TrainingHistory
     """
-    check_hyperparameters(weight_decay=weight_decay, epochs=epochs, batch_size=batch_size, devices=devices)
-    if not (_is_real(lr) and math.isfinite(lr) and lr >= 0):  # 0 is allowed here: it runs the loop, frozen
-        raise InputError(f"lr must be a finite number >= 0, got {lr!r}")
+    # lr 0 is allowed here (the loop runs, frozen: tests of the loop itself use it), so only a non-zero one is checked
+    check_hyperparameters(lr=lr or None, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
+                          devices=devices)
     if len(train_data) == 0:
         raise InputError("no training examples: the training data is empty")
     with _process_group(devices) as distributed:

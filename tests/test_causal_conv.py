@@ -62,3 +62,13 @@ def test_both_ways_of_computing_it_agree():
     conv = CausalDepthwiseConv(6, 4).double()
     padded = torch.randn(2, 12, 6, dtype=torch.float64)
     torch.testing.assert_close(conv._shifted_sum(padded), conv._convolution(padded))
+
+
+def test_a_layer_without_convolution_keeps_no_parameters_and_no_history():
+    from memorycore import NeuralMemory, RAMNet
+
+    for layer in (NeuralMemory(16, heads=2, conv_kernel=0), RAMNet(32, heads=2, factors=2, factor_size=4, top_k=2,
+                                                                   conv_kernel=0)):
+        assert not any(name.startswith("qkv_conv") for name in layer.state_dict())  # as checkpoints before
+        _, state = layer(torch.randn(2, 5, layer.dim))
+        assert state.conv is None
