@@ -1,6 +1,6 @@
 """Registers and spilled stack of the Triton kernels, compiled for an H100 on any machine (no GPU).
 
-Spills are the first suspect when these kernels run far below the tensor cores' rate (kernels/neural_memory/
+Spills are the first suspect when these kernels run far below the tensor cores' rate (memorycore/kernels/neural_memory/
 PERFORMANCE.md). Triton's NVIDIA backend compiles for a target without a GPU, and its bundled cuobjdump reads the
 registers per thread and the stack (spilled values) from the cubin, so a change meant to cut register pressure can be
 checked here before it is timed on a GPU; the compile time is printed too (a kernel that takes minutes to compile
@@ -50,7 +50,7 @@ def _environment(name: str, value: str):
             os.environ[name] = previous
 
 
-def _compilable_kernels(name: str = "kernels.neural_memory.triton"):
+def _compilable_kernels(name: str = "memorycore.kernels.neural_memory.triton"):
     """The kernel module ``name`` loaded with the interpreter off, so its kernels can be compiled even in a process
     (the test suite) that runs them through TRITON_INTERPRET=1."""
     module = importlib.import_module(name)
@@ -129,8 +129,8 @@ def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_ty
 
 def ramnet_rows(top_k: int, chunk_size: int, value_dim: int) -> None:
     """Print the resources of the RAM-Net kernels at the blocks their launchers pick (float32 tensors)."""
-    chunk = _compilable_kernels("kernels.ramnet.chunk")
-    scan = _compilable_kernels("kernels.ramnet.triton")
+    chunk = _compilable_kernels("memorycore.kernels.ramnet.chunk")
+    scan = _compilable_kernels("memorycore.kernels.ramnet.triton")
     block_c, block_k, block_d = chunk.chunk_blocks(top_k, value_dim, chunk_size)
     print(f"RAM-Net, top_k {top_k}, chunk {chunk_size} ({block_c * block_k} (token, slot) pairs per chunk), "
           f"value dim {value_dim}, float32")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._arguments import positive, writable_path  # noqa: E402
-from kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
+from memorycore.kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
 from memorycore import NeuralMemory  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 
@@ -66,7 +66,7 @@ def attention_flops_per_token(time_steps: int, backward: bool) -> float:
     return 3.5 * forward if backward else forward
 
 
-# How the depth-2 Triton kernels share out one (batch, head) (kernels/neural_memory/triton.py, _split): "default" (what
+# How the depth-2 Triton kernels share out one (batch, head) (memorycore/kernels/neural_memory/triton.py, _split): "default" (what
 # a user gets), "p1" (one program per (batch, head)), "split" (on a GPU several programs split its hidden units and
 # wait for each other inside one launch) and "launch" (that split, with one launch per chunk and phase instead).
 BACKENDS = ("torch", "triton", "sdpa", "titans")  # --backends: our reference, our kernels, flash attention, titans

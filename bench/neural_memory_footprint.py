@@ -51,7 +51,7 @@ class _SkippedLaunch:
 
 def our_layer() -> torch.nn.Module:
     """Our NeuralMemory layer wired to the Triton path with every kernel launch skipped."""
-    import kernels.neural_memory.triton as triton_path
+    import memorycore.kernels.neural_memory.triton as triton_path
     import memorycore.neural_memory as layer_module
     from neural_memory import DIM, EXPANSION, HEAD_DIM, HEADS, CHUNK
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench._arguments import positive, writable_path  # noqa: E402
-from kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
+from memorycore.kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
 from memorycore.files import pyplot, save_figure  # noqa: E402
 from mqar import write_json  # noqa: E402  (bench/ is on sys.path when this script runs)

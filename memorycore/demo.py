@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from kernels.neural_memory import neural_memory
+from memorycore.kernels.neural_memory import neural_memory
 from memorycore import NeuralMemory
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.neural_memory import neural_memory
+from memorycore.kernels.neural_memory import neural_memory
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
+from memorycore.kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
 
@@ -56,7 +56,7 @@ class RAMNetState:
             self._touched = None
 
     def _memory(self) -> tuple[Tensor | TouchedRows | None, Tensor | None]:
-        """The memory as :func:`kernels.ramnet.pdma_touched` takes it: still as touched rows if not built yet."""
+        """The memory as :func:`memorycore.kernels.ramnet.pdma_touched` takes it: still as touched rows if not built yet."""
         if self._touched is not None:
             return self._touched, None
         self._lent = self._slots is not None

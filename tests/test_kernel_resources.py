@@ -45,7 +45,7 @@ def test_the_signature_marks_constexprs_and_input_pointers():
 
 
 def test_the_ramnet_signature_marks_int64_indices_and_float_scalars():
-    chunk = kernel_resources._compilable_kernels("kernels.ramnet.chunk")
+    chunk = kernel_resources._compilable_kernels("memorycore.kernels.ramnet.chunk")
     types, names = kernel_resources.signature(chunk._pdma_chunk_backward_kernel, "fp32")
     assert types["write_index_ptr"] == types["read_index_ptr"] == "*i64"
     assert types["gamma"] == types["proxy_eps"] == "fp32"

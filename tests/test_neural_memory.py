@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.neural_memory import neural_memory
+from memorycore.kernels.neural_memory import neural_memory
 from memorycore import NeuralMemory
 
 

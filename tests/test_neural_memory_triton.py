@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.neural_memory.triton as nm_triton
-from kernels.neural_memory import neural_memory
-from kernels.neural_memory.reference import neural_memory_reference
-from kernels.neural_memory.triton import neural_memory_triton
+import memorycore.kernels.neural_memory.triton as nm_triton
+from memorycore.kernels.neural_memory import neural_memory
+from memorycore.kernels.neural_memory.reference import neural_memory_reference
+from memorycore.kernels.neural_memory.triton import neural_memory_triton
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the kernels run on CPU only through the Triton interpreter", allow_module_level=True)

@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from kernels.ramnet.reference import pdma_recurrent_reference
+from memorycore.kernels.ramnet.reference import pdma_recurrent_reference
 from memorycore import InputError, RAMNet, RAMNetState
 from memorycore.ramnet import slot_imbalance
 

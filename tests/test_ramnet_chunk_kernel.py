@@ -1,10 +1,10 @@
-"""The chunk-form Triton training kernel (kernels/ramnet/chunk.py) == the PyTorch chunk form (TRITON_INTERPRET=1)."""
+"""The chunk-form Triton training kernel (memorycore/kernels/ramnet/chunk.py) == the PyTorch chunk form (TRITON_INTERPRET=1)."""
 
 import pytest
 import torch
 
-from kernels.ramnet import pdma, training_kernel
-from kernels.ramnet.reference import pdma_chunked_reference, pdma_recurrent_reference
+from memorycore.kernels.ramnet import pdma, training_kernel
+from memorycore.kernels.ramnet.reference import pdma_chunked_reference, pdma_recurrent_reference
 from test_ramnet_kernels import outputs_and_grads, random_problem, triton_backend  # noqa: F401 (a fixture)
 
 NAMES = ["out", "slots", "normaliser", "grad v", "grad write_weight", "grad read_weight", "grad slots",
@@ -14,7 +14,7 @@ NAMES = ["out", "slots", "normaliser", "grad v", "grad write_weight", "grad read
 @pytest.fixture
 def chunk_kernel(triton_backend):
     """The chunk kernels module, run on CPU by the interpreter with NaN-filled fresh buffers (``triton_backend``)."""
-    import kernels.ramnet.chunk as ramnet_chunk
+    import memorycore.kernels.ramnet.chunk as ramnet_chunk
 
     return ramnet_chunk
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from kernels.ramnet import pdma, pdma_step
-from kernels.ramnet.reference import (
+from memorycore.kernels.ramnet import pdma, pdma_step
+from memorycore.kernels.ramnet.reference import (
     pdma_chunked_reference,
     pdma_recurrent_reference,
     pdma_step_reference,
@@ -123,8 +123,8 @@ def triton_backend(monkeypatch):
     pytest.importorskip("triton")
     if __import__("os").environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 (set before triton is imported) to run Triton kernels on CPU")
-    import kernels.ramnet.chunk as ramnet_chunk
-    import kernels.ramnet.triton as ramnet_triton
+    import memorycore.kernels.ramnet.chunk as ramnet_chunk
+    import memorycore.kernels.ramnet.triton as ramnet_triton
 
     monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
     for module in (ramnet_triton, ramnet_chunk):

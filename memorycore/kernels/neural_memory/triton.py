@@ -1,6 +1,6 @@
 """Triton kernels for the chunk-wise Titans neural memory, forward and backward.
 
-Same function as :func:`kernels.neural_memory.reference.neural_memory_reference` (read its docstring for the math);
+Same function as :func:`memorycore.kernels.neural_memory.reference.neural_memory_reference` (read its docstring for the math);
 this module only changes where the arithmetic happens.
 
 Design
@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.neural_memory.reference import Weights, chunk_coefficients, neural_memory_reference
+from memorycore.kernels.neural_memory.reference import Weights, chunk_coefficients, neural_memory_reference
 
 _MATMUL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -813,7 +813,7 @@ def neural_memory_triton(
 ) -> tuple[Tensor, Weights, Weights]:
     """Chunk-wise memory update and causal retrieval on the Triton kernels.
 
-    Takes and returns exactly what :func:`kernels.neural_memory.reference.neural_memory_reference` does (same shapes,
+    Takes and returns exactly what :func:`memorycore.kernels.neural_memory.reference.neural_memory_reference` does (same shapes,
     y in the dtype of q, the state in float32) and is differentiable in every input, the initial state included.
     Inputs outside :func:`kernel_supports` go to the reference.
     """

@@ -1,6 +1,6 @@
 """Triton kernels for the RAM-Net PDMA memory: a fused scan over time, forward and backward.
 
-Training on CUDA runs the chunk-form kernel (kernels/ramnet/chunk.py) by default; this scan is kept selectable
+Training on CUDA runs the chunk-form kernel (memorycore/kernels/ramnet/chunk.py) by default; this scan is kept selectable
 (MEMORYCORE_RAMNET_KERNEL=scan) and is always the one-token inference step.
 
 One program owns one (batch, head): it walks the tokens in order and, per token, gathers the K written rows of the
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ramnet.reference import DECAY_FLOOR, PROXY_EPS
+from memorycore.kernels.ramnet.reference import DECAY_FLOOR, PROXY_EPS
 
 # Fresh buffers come from here; the tests swap it for a NaN-filling allocator to catch reads of uninitialised memory.
 new_buffer = torch.empty
@@ -211,7 +211,7 @@ def pdma_triton(
     gamma: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused scan with autograd; same contract as :func:`kernels.ramnet.reference.pdma_chunked_reference`."""
+    """The fused scan with autograd; same contract as :func:`memorycore.kernels.ramnet.reference.pdma_chunked_reference`."""
     batch, heads, _, dim = v.shape
     out, new_slots, new_norm = PDMAFunction.apply(
         flat_heads(v), flat_heads(write_index, torch.int64), flat_heads(write_weight),

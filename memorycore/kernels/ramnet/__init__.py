@@ -2,15 +2,15 @@
 
 ``product_topk`` decodes addresses (plain PyTorch: O(U K^2) per token, no kernel needed). ``pdma`` runs the memory
 over a sequence with autograd (training) and ``pdma_step`` runs one token in place (inference); both dispatch to the
-Triton kernels or the PyTorch reference by the rule in :mod:`kernels`.
+Triton kernels or the PyTorch reference by the rule in :mod:`memorycore.kernels`.
 
-Two Triton training kernels exist: ``scan`` (:mod:`kernels.ramnet.triton`, a fused token-by-token scan, the default)
-and ``chunk`` (:mod:`kernels.ramnet.chunk`, the exact chunk form). Pick one with ``pdma(..., kernel=...)`` or the
+Two Triton training kernels exist: ``scan`` (:mod:`memorycore.kernels.ramnet.triton`, a fused token-by-token scan, the default)
+and ``chunk`` (:mod:`memorycore.kernels.ramnet.chunk`, the exact chunk form). Pick one with ``pdma(..., kernel=...)`` or the
 environment variable ``MEMORYCORE_RAMNET_KERNEL=scan|chunk``; both give the same result up to rounding. The scan is
 the default because it is the one measured on a GPU: on an H100 with Triton 3.6 the chunk kernels, then with
 full-precision float32 matmuls, took 12 s (forward) and 37 s (backward) to compile at 64 (token, slot) pairs per
 chunk and minutes at the 128 pairs of ``top_k=8``; with tf32x3 matmuls they compile faster but still spill heavily,
-and have not run on a GPU since (2026-11-23; see :mod:`kernels.ramnet.chunk`).
+and have not run on a GPU since (2026-11-23; see :mod:`memorycore.kernels.ramnet.chunk`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import Tensor
 import os
 from typing import NamedTuple
 
-from kernels import use_triton
-from kernels.ramnet.reference import (
+from memorycore.kernels import use_triton
+from memorycore.kernels.ramnet.reference import (
     pdma_chunked_reference,
     pdma_recurrent_reference,
     pdma_step_reference,
@@ -173,13 +173,13 @@ def pdma_touched(
         start_norms = normaliser.gather(2, slot_ids)
     compact = (start_rows, start_norms)
     if use_triton(v, start_rows) and training_kernel(kernel) == "chunk":
-        from kernels.ramnet.chunk import pdma_chunk_triton
+        from memorycore.kernels.ramnet.chunk import pdma_chunk_triton
 
         out, rows, norms = pdma_chunk_triton(
             v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps, chunk_size
         )
     elif use_triton(v, start_rows):
-        from kernels.ramnet.triton import pdma_triton
+        from memorycore.kernels.ramnet.triton import pdma_triton
 
         out, rows, norms = pdma_triton(v, write_local, write_weight, read_local, read_weight, *compact, gamma, eps)
     else:
@@ -216,7 +216,7 @@ def pdma(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Write every token into the slot memory and read it back (causal), returning the output and the new state.
 
-    See :func:`kernels.ramnet.reference.pdma_chunked_reference` for the shapes and the math. The input state is not
+    See :func:`memorycore.kernels.ramnet.reference.pdma_chunked_reference` for the shapes and the math. The input state is not
     modified; ``slots=None, normaliser=None`` with ``num_slots`` starts from the empty memory (S = 0, z = 1/M)
     without materialising it first. The backends run on the touched slots only (:func:`compact_slots`), so the cost
     depends on the number of slots only through building the returned full state (:func:`pdma_touched` skips
@@ -246,7 +246,7 @@ def pdma_step(
     O(K d) work per (batch, head) whatever the number of slots; no autograd. Returns the read [b, h, d].
     """
     if use_triton(v, slots):
-        from kernels.ramnet.triton import pdma_step_triton
+        from memorycore.kernels.ramnet.triton import pdma_step_triton
 
         return pdma_step_triton(v, write_index, write_weight, read_index, read_weight, slots, normaliser, gamma, eps)
     out, _, _ = pdma_step_reference(

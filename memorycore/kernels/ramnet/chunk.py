@@ -1,6 +1,6 @@
 """Triton kernels for the RAM-Net PDMA memory in the exact chunk form, forward and backward (training).
 
-The math is :func:`kernels.ramnet.reference.pdma_chunk_reference`. Tiling: one program owns one (batch, head) and
+The math is :func:`memorycore.kernels.ramnet.reference.pdma_chunk_reference`. Tiling: one program owns one (batch, head) and
 walks its chunks in order (the state is carried from chunk to chunk). A chunk of BLOCK_C tokens holds
 BLOCK_P = BLOCK_C * BLOCK_K (token, k) pairs, laid out as ``p = token * BLOCK_K + k`` (k >= K and tokens past the
 end are masked). Per chunk:
@@ -28,7 +28,7 @@ state is float32. Matmuls use ``input_precision="tf32x3"`` (three tf32 tensor-co
 to fp32 accuracy; plain tf32 would not do, as the log-decays need full precision). Index arithmetic is 64-bit and
 every load is masked.
 
-Not the default training kernel (see :mod:`kernels.ramnet`). Until 2026-11-23 the matmuls were ``"ieee"``, which
+Not the default training kernel (see :mod:`memorycore.kernels.ramnet`). Until 2026-11-23 the matmuls were ``"ieee"``, which
 Triton lowers to unrolled fp32 FMAs (4,152 in the forward at 64 pairs): on an H100 with Triton 3.6 that compiled in
 12 s (forward) and 37 s (backward) at BLOCK_P = 64 and not within minutes at BLOCK_P = 128 (top_k 8, chunks of 16).
 Compiled for sm_90 on a CPU (``python bench/kernel_resources.py --ramnet``, Triton 3.9), "ieee" at 128 pairs had not
@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.ramnet.reference import DECAY_FLOOR, PROXY_EPS
-from kernels.ramnet.triton import flat_heads
+from memorycore.kernels.ramnet.reference import DECAY_FLOOR, PROXY_EPS
+from memorycore.kernels.ramnet.triton import flat_heads
 
 # Fresh buffers come from here; the tests swap it for a NaN-filling allocator to catch reads of uninitialised memory.
 new_buffer = torch.empty
@@ -342,7 +342,7 @@ def pdma_chunk_triton(
     eps: float,
     chunk_size: int = 8,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The chunk kernels with autograd; same contract as :func:`kernels.ramnet.reference.pdma_chunked_reference`.
+    """The chunk kernels with autograd; same contract as :func:`memorycore.kernels.ramnet.reference.pdma_chunked_reference`.
 
     ``chunk_size`` is rounded to a power of two and kept so that a chunk holds 16 to 128 (token, k) pairs where K
     allows; the result does not depend on it (the chunk form is exact).
