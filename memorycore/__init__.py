@@ -15,6 +15,7 @@ __version__ = "0.3.0"
 _LAZY = {
     "NeuralMemory": "memorycore.neural_memory", "NeuralMemoryState": "memorycore.neural_memory",
     "RAMNet": "memorycore.ramnet", "RAMNetState": "memorycore.ramnet",
+    "MemoryBlock": "memorycore.blocks",
     "mqar_batch": "memorycore.mqar", "mqar_accuracy": "memorycore.mqar",
 }
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from memorycore.kernels.neural_memory import neural_memory
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
+from memorycore.validation import check_positive
 
 
 class NeuralMemoryState(NamedTuple):
@@ -112,21 +113,21 @@ class NeuralMemory(nn.Module):
         max_momentum: float | None = None,
     ) -> None:
         super().__init__()
-        _check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
+        check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
         if head_dim is None:
             if dim % heads:
-                raise ValueError(f"dim={dim} is not divisible by heads={heads}; "
+                raise InputError(f"dim={dim} is not divisible by heads={heads}; "
                                  "pick heads that divide dim or set head_dim")
             head_dim = dim // heads
-        _check_positive(head_dim=head_dim)
+        check_positive(head_dim=head_dim)
         if conv_kernel < 0:
-            raise ValueError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
+            raise InputError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
         if max_lr is None:
             max_lr = min(0.1, 1.0 / chunk_size)
         if not 0 < max_lr < math.inf:
-            raise ValueError(f"max_lr must be a finite number > 0, got {max_lr}")
+            raise InputError(f"max_lr must be a finite number > 0, got {max_lr}")
         if max_momentum is not None and not 0 < max_momentum < 1:
-            raise ValueError(f"max_momentum must be in (0, 1) or None, got {max_momentum}")
+            raise InputError(f"max_momentum must be in (0, 1) or None, got {max_momentum}")
         self.max_momentum = max_momentum
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.chunk_size, self.conv_kernel, self.max_lr = chunk_size, conv_kernel, max_lr
@@ -188,7 +189,7 @@ class NeuralMemory(nn.Module):
         qkv, conv_tail = self.qkv_conv(self.to_qkv(x), state.conv)
         q, k, v = F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        lr, log_eta, log_keep = self._gates(x)
+        lr, log_eta, log_keep = self.gates(x)
 
         y, weights, momentum = neural_memory(
             q, k, v, lr, log_eta, log_keep, state.weights, state.momentum, self.chunk_size
@@ -218,7 +219,7 @@ class NeuralMemory(nn.Module):
                              f"{[list(e) for e in expected]}; pass the state this layer returned for the same "
                              "batch, or None")
 
-    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per token and head: learning rate theta, log momentum log(eta), log retention log(1 - alpha)."""
         raw = self.to_gates(x).float() if x.dtype in (torch.float16, torch.bfloat16) else self.to_gates(x)
         theta, eta, alpha = raw.view(*x.shape[:2], 3, self.heads).permute(2, 0, 3, 1)  # each [batch, heads, time]
@@ -235,9 +236,3 @@ class NeuralMemory(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
                 f"chunk_size={self.chunk_size}, momentum={self.use_momentum}, weight_decay={self.use_weight_decay}")
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from memorycore.kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
+from memorycore.validation import check_positive
 
 MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
 
@@ -207,13 +208,13 @@ class RAMNet(nn.Module):
         temperature: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_positive(dim=dim, heads=heads, factors=factors, top_k=top_k, chunk_size=chunk_size)
+        check_positive(dim=dim, heads=heads, factors=factors, top_k=top_k, chunk_size=chunk_size)
         if value_dim is None:
             if dim % heads:
                 raise InputError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim "
                                  "or set value_dim")
             value_dim = dim // heads
-        _check_positive(value_dim=value_dim)
+        check_positive(value_dim=value_dim)
         if not isinstance(factor_size, int) or factor_size < 2:
             raise InputError(f"factor_size must be an integer >= 2 (a softmax over one logit addresses nothing), "
                              f"got {factor_size!r}")
@@ -420,12 +421,6 @@ class _WithPenaltyGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
         return grad, torch.ones((), dtype=ctx.penalty_dtype, device=grad.device)
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
 
 
 __all__ = ["RAMNet", "RAMNetState"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from memorycore.devices import resolve_device
 from memorycore.errors import InputError, TrainingError
+from memorycore.validation import POSITIVE_INT, TRAINING_CONSTRAINTS, check_params
 
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
 
@@ -349,19 +349,10 @@ def check_hyperparameters(*, lr: float | None = None, weight_decay: float | None
     ...
     memorycore.errors.InputError: lr must be a finite number > 0, got inf
     """
-    for name, value in positive_integers.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
-    if lr is not None and not (_is_real(lr) and math.isfinite(lr) and lr > 0):
-        raise InputError(f"lr must be a finite number > 0, got {lr!r}")
-    if weight_decay is not None and not (_is_real(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise InputError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-    if dropout is not None and not (_is_real(dropout) and 0 <= dropout < 1):
-        raise InputError(f"dropout must be in [0, 1), got {dropout!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    given = {"lr": lr, "weight_decay": weight_decay, "dropout": dropout}
+    constraints = {name: [POSITIVE_INT] for name in positive_integers}
+    constraints.update({name: TRAINING_CONSTRAINTS[name] for name, value in given.items() if value is not None})
+    check_params({**positive_integers, **given}, constraints)
 
 
 @contextmanager

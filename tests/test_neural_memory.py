@@ -252,8 +252,8 @@ def test_max_momentum_bounds_eta_and_default_leaves_it_alone():
     bounded, free = NeuralMemory(16, heads=2, max_momentum=0.5), NeuralMemory(16, heads=2)
     torch.nn.init.normal_(bounded.to_gates.weight, std=10.0)  # push the gates to their extremes
     free.load_state_dict(bounded.state_dict())
-    _, log_eta_bounded, _ = bounded._gates(x)
-    _, log_eta_free, _ = free._gates(x)
+    _, log_eta_bounded, _ = bounded.gates(x)
+    _, log_eta_free, _ = free.gates(x)
     assert log_eta_free.exp().max() > 0.99
     assert log_eta_bounded.exp().max() <= 0.5
     torch.testing.assert_close(log_eta_bounded, log_eta_free + math.log(0.5))
@@ -264,7 +264,7 @@ def test_gates_bound_the_total_step_of_a_gradient():
     torch.manual_seed(0)
     layer = NeuralMemory(16, heads=2, chunk_size=8)
     torch.nn.init.normal_(layer.to_gates.weight, std=10.0)  # push the gates to their extremes
-    lr, log_eta, _ = layer._gates(torch.randn(2, 64, 16))
+    lr, log_eta, _ = layer.gates(torch.randn(2, 64, 16))
     one_minus_eta = -torch.expm1(log_eta)
     assert (lr <= layer.max_lr * one_minus_eta * (1 + 1e-5)).all()
     assert (lr / one_minus_eta)[one_minus_eta > 0].max() > 0.9 * layer.max_lr  # the bound is reached
