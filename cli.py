@@ -16,6 +16,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from memorycore.config import estimator_defaults
 from memorycore.errors import InputError, MemorycoreError
 from memorycore.files import check_writable, write_text_atomic
 
@@ -71,6 +72,9 @@ def forecast_main() -> None:
 
 
 BUNDLED_ETTH1 = Path(__file__).resolve().parent / "datasets" / "ETTh1" / "ETTh1.csv.gz"
+# the estimators' defaults, read from their signatures (importing them would import torch before --help)
+_FORECASTER = estimator_defaults(Path(__file__).resolve().parent / "forecast" / "estimator.py", "MemoryForecaster")
+_CLASSIFIER = estimator_defaults(Path(__file__).resolve().parent / "genomics" / "estimator.py", "DNAClassifier")
 _DATA_HELP = "CSV or .csv.gz: a date column + numeric columns, or the long format unique_id, ds, y."
 _MODEL_OPTION = typer.Option(..., "--model", help="A model written by `forecast fit`.")
 
@@ -125,36 +129,44 @@ def _cycle_length(text: str) -> int | str:
 @friendly_errors
 def forecast_fit(
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
-    horizon: int = typer.Option(96, help="Steps to forecast."),
-    lookback: int = typer.Option(96, help="Past steps the model reads."),
-    epochs: int = typer.Option(5, help="Passes over the training windows (early stopping may end sooner)."),
+    horizon: int = typer.Option(_FORECASTER["horizon"], help="Steps to forecast."),
+    lookback: int = typer.Option(_FORECASTER["lookback"], help="Past steps the model reads."),
+    epochs: int = typer.Option(_FORECASTER["epochs"],
+                               help="Passes over the training windows (early stopping may end sooner)."),
     max_steps: Optional[int] = typer.Option(
-        0, help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
-    batch_size: int = typer.Option(32, help="Windows per optimiser step."),
-    lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
-    d_model: int = typer.Option(32, help="Model width."),
-    heads: int = typer.Option(2, help="Neural memory heads (must divide --d-model)."),
-    blocks: int = typer.Option(1, help="Memory + EinFFT blocks."),
-    dropout: float = typer.Option(0.3, help="Dropout in the blocks and the head."),
-    chunk_size: int = typer.Option(8, help="Neural memory chunk (tokens sharing one gradient base)."),
-    channels: str = typer.Option("independent", help="independent (one sequence per channel) or mixing."),
-    linear_path: bool = typer.Option(True, help="A linear lookback->horizon path beside the memory backbone."),
+        _FORECASTER["max_steps_per_epoch"] or 0,
+        help="Optimiser steps per epoch at most (a random subset of windows); 0 = every window."),
+    batch_size: int = typer.Option(_FORECASTER["batch_size"], help="Windows per optimiser step."),
+    lr: float = typer.Option(_FORECASTER["lr"], help="Peak learning rate (AdamW, warm-up then cosine)."),
+    d_model: int = typer.Option(_FORECASTER["d_model"], help="Model width."),
+    heads: int = typer.Option(_FORECASTER["heads"], help="Neural memory heads (must divide --d-model)."),
+    blocks: int = typer.Option(_FORECASTER["n_blocks"], help="Memory + EinFFT blocks."),
+    dropout: float = typer.Option(_FORECASTER["dropout"], help="Dropout in the blocks and the head."),
+    chunk_size: int = typer.Option(_FORECASTER["chunk_size"],
+                                   help="Neural memory chunk (tokens sharing one gradient base)."),
+    channels: str = typer.Option(_FORECASTER["channels"], help="independent (one sequence per channel) or mixing."),
+    linear_path: bool = typer.Option(_FORECASTER["linear_path"],
+                                     help="A linear lookback->horizon path beside the memory backbone."),
     cycle_length: str = typer.Option(
-        "auto", help="Learned periodic component: steps per cycle, 'auto' (one day of steps) or 0 (none)."),
+        str(_FORECASTER["cycle_length"]),
+        help="Learned periodic component: steps per cycle, 'auto' (one day of steps) or 0 (none)."),
     cycle_amplitude: str = typer.Option(
-        "auto", help="window (the cycle scaled to its strength in each input window), fixed (CycleNet) or auto "
-                     "(the one whose closed-form start is better on validation)."),
-    init: str = typer.Option("closed_form", help="closed_form (cycle means + ridge start) or random."),
-    loss: str = typer.Option("mse", help="Training loss: mse, mae or huber (early stopping uses validation MSE)."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay of the weight matrices."),
-    protocol: str = typer.Option("auto", help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
+        _FORECASTER["cycle_amplitude"],
+        help="window (the cycle scaled to its strength in each input window), fixed (CycleNet) or auto "
+             "(the one whose closed-form start is better on validation)."),
+    init: str = typer.Option(_FORECASTER["init"], help="closed_form (cycle means + ridge start) or random."),
+    loss: str = typer.Option(_FORECASTER["loss"],
+                             help="Training loss: mse, mae or huber (early stopping uses validation MSE)."),
+    weight_decay: float = typer.Option(_FORECASTER["weight_decay"], help="AdamW weight decay of the weight matrices."),
+    protocol: str = typer.Option(_FORECASTER["protocol"],
+                                 help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
     target: Optional[list[str]] = typer.Option(None, help="Column(s) to forecast (repeat the option); default all."),
     date_column: Optional[str] = typer.Option(None, help="Timestamp column; default 'date' or the like."),
     fill: Optional[str] = typer.Option(None, help="'interpolate' fills NaN/inf linearly in time."),
     allow_irregular: bool = typer.Option(False, help="Accept duplicate/uneven timestamps (rows as steps)."),
     out: Path = typer.Option(Path("runs/forecast/model.safetensors"), help="Where to write the model."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, help="Random seed."),
+    device: str = typer.Option(_FORECASTER["device"], help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(_FORECASTER["random_state"], help="Random seed."),
     threads: int = typer.Option(
         1, help="CPU threads for torch. 1 suits the default small model: 2 were only ~1.3x faster on an idle 2-core "
                 "machine and 20-60x slower on a busy one (threads spin-wait on tiny tensors)."),
@@ -308,15 +320,18 @@ def genomics_fit(
     out: Path = typer.Option(..., "--out", help="Where to write the model (.safetensors)."),
     labels: Path | None = typer.Option(None, "--labels", help="Two-column 'id label' file (FASTA input)."),
     split: str = typer.Option("train", help="Split to read from a GenomicBenchmarks folder."),
-    epochs: int = typer.Option(12, help="Maximum training epochs (early stopping on a 10% validation split)."),
-    dim: int = typer.Option(64, help="Model width."),
-    blocks: int = typer.Option(1, help="Number of NeuralMemory blocks."),
-    max_length: int | None = typer.Option(None, help="Longest input read at once; default: longest training sequence."),
-    batch_size: int = typer.Option(128, help="Training batch size."),
-    lr: float = typer.Option(4e-3, help="Peak learning rate."),
-    reverse_complement: bool = typer.Option(False, help="Average both strands (reverse-complement invariant model)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(0, help="Random seed."),
+    epochs: int = typer.Option(_CLASSIFIER["epochs"],
+                               help="Maximum training epochs (early stopping on a 10% validation split)."),
+    dim: int = typer.Option(_CLASSIFIER["dim"], help="Model width."),
+    blocks: int = typer.Option(_CLASSIFIER["blocks"], help="Number of NeuralMemory blocks."),
+    max_length: int | None = typer.Option(_CLASSIFIER["max_length"],
+                                          help="Longest input read at once; default: longest training sequence."),
+    batch_size: int = typer.Option(_CLASSIFIER["batch_size"], help="Training batch size."),
+    lr: float = typer.Option(_CLASSIFIER["lr"], help="Peak learning rate."),
+    reverse_complement: bool = typer.Option(_CLASSIFIER["reverse_complement"],
+                                            help="Average both strands (reverse-complement invariant model)."),
+    device: str = typer.Option(_CLASSIFIER["device"], help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(_CLASSIFIER["random_state"], help="Random seed."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a DNA classifier and save it.

@@ -1,5 +1,8 @@
 """Reading time series and the Time-Series-Library benchmark protocol.
 
+(Over 400 lines and one concern: most of it is the checks of what users pass, each with a message naming the row,
+the column and the fix.)
+
 A series is held as a *wide* DataFrame: a ``DatetimeIndex`` (regular, unique, increasing) and one numeric column per
 channel, like ETT, ECL, Traffic and Weather CSVs. The *long* format of Nixtla and GluonTS users (columns
 ``unique_id, ds, y``) converts to and from it with :func:`long_to_wide` / :func:`wide_to_long`.

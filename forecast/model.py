@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memorycore import NeuralMemory
+from memorycore.blocks import MemoryBlock
+from memorycore.config import config_from_params
 from memorycore.errors import InputError
 
 EMBEDDINGS = ("patch", "token")
@@ -34,37 +36,41 @@ CHANNEL_MODES = ("independent", "mixing")
 CYCLE_AMPLITUDES = ("window", "fixed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ForecastNetConfig:
     """Everything needed to rebuild a :class:`MemoryForecastNet` (stored as JSON in checkpoints).
 
-    ``chunk_size`` is the neural memory's chunk: with 12 patches (lookback 96, patch 16, stride 8) a chunk of 8 gives
-    two chunks (8 + 4); with 96 time-step tokens 16 gives six. ``linear_path`` adds the lookback -> horizon linear
-    map beside the backbone (whose head then starts at zero); ``cycle_length`` > 0 adds the learned cycle table, and
-    the forward pass then needs the phase of each window's first step. ``cycle_amplitude="window"`` scales the cycle
-    of each window by its least-squares amplitude in that window (clipped to [0, 2]): a daily cycle that is weaker
-    in winter than in the training summer is then removed and forecast at its current strength; "fixed" uses the
-    table as it is (CycleNet).
+    :class:`~forecast.estimator.MemoryForecaster` builds it from its parameters (see there for what each means and
+    its default); ``cycle_length`` is then the resolved length (0: no cycle, else the forward pass needs the phase of
+    each window's first step) and ``cycle_amplitude`` "window" or "fixed".
     """
 
     n_channels: int
     lookback: int
     horizon: int
-    d_model: int = 64
-    n_blocks: int = 2
-    heads: int = 4
-    memory_depth: int = 2
-    memory_expansion: int = 2
-    chunk_size: int = 8
-    embedding: str = "patch"
-    patch_len: int = 16
-    stride: int = 8
-    channels: str = "independent"
-    fft_blocks: int = 4
-    dropout: float = 0.1
+    d_model: int
+    n_blocks: int
+    heads: int
+    memory_depth: int
+    memory_expansion: int
+    chunk_size: int
+    embedding: str
+    patch_len: int
+    stride: int
+    channels: str
+    dropout: float
+    fft_blocks: int = 4  # EinFFT's channel blocks (d_model must be a multiple)
     linear_path: bool = False  # False/0/"fixed" so that checkpoints written before these parts existed still load
     cycle_length: int = 0
     cycle_amplitude: str = "fixed"
+
+    @classmethod
+    def from_params(cls, params: dict, *, n_channels: int, cycle_length: int) -> "ForecastNetConfig":
+        """The config of a MemoryForecaster with parameters ``params`` (its ``get_params()``) on ``n_channels``
+        channels, with the cycle length resolved (an amplitude of "auto" starts as "window")."""
+        amplitude = "window" if params["cycle_amplitude"] == "auto" else params["cycle_amplitude"]
+        return config_from_params(cls, params, n_channels=n_channels, linear_path=bool(params["linear_path"]),
+                                  cycle_length=cycle_length, cycle_amplitude=amplitude)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,23 +142,12 @@ class EinFFT(nn.Module):
         return new_real + bias[0], new_imag + bias[1]
 
 
-class MemoryBlock(nn.Module):
+def memory_block(config: ForecastNetConfig) -> MemoryBlock:
     """``x + NeuralMemory(LN(x))`` then ``x + EinFFT(LN(x))``."""
-
-    def __init__(self, config: ForecastNetConfig) -> None:
-        super().__init__()
-        dim = config.d_model
-        self.memory_norm = nn.LayerNorm(dim)
-        self.memory = NeuralMemory(dim, heads=config.heads, depth=config.memory_depth,
-                                   expansion=config.memory_expansion, chunk_size=config.chunk_size)
-        self.mixer_norm = nn.LayerNorm(dim)
-        self.mixer = EinFFT(dim, blocks=config.fft_blocks)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        read, _ = self.memory(self.memory_norm(x))
-        x = x + self.dropout(read)
-        return x + self.dropout(self.mixer(self.mixer_norm(x)))
+    memory = NeuralMemory(config.d_model, heads=config.heads, depth=config.memory_depth,
+                          expansion=config.memory_expansion, chunk_size=config.chunk_size)
+    return MemoryBlock(config.d_model, memory, EinFFT(config.d_model, blocks=config.fft_blocks),
+                       dropout=config.dropout)
 
 
 class MemoryForecastNet(nn.Module):
@@ -165,7 +160,9 @@ class MemoryForecastNet(nn.Module):
     Examples
     --------
     >>> import torch
-    >>> net = MemoryForecastNet(ForecastNetConfig(n_channels=3, lookback=96, horizon=24, d_model=32))
+    >>> from forecast import MemoryForecaster
+    >>> params = MemoryForecaster(lookback=96, horizon=24).get_params()
+    >>> net = MemoryForecastNet(ForecastNetConfig.from_params(params, n_channels=3, cycle_length=0))
     >>> net(torch.randn(2, 96, 3)).shape
     torch.Size([2, 24, 3])
     """
@@ -182,7 +179,7 @@ class MemoryForecastNet(nn.Module):
         self.revin = RevIN(c.n_channels)
         self.embed = nn.Linear(in_features, c.d_model)
         self.position = nn.Parameter(0.02 * torch.randn(self.n_tokens, c.d_model))
-        self.blocks = nn.ModuleList(MemoryBlock(c) for _ in range(c.n_blocks))
+        self.blocks = nn.ModuleList(memory_block(c) for _ in range(c.n_blocks))
         self.final_norm = nn.LayerNorm(c.d_model)
         out_channels = 1 if self.independent else c.n_channels
         self.head = nn.Sequential(nn.Flatten(1), nn.Dropout(c.dropout),
@@ -253,7 +250,7 @@ class MemoryForecastNet(nn.Module):
         """[b', l, k] normalised windows -> [b', horizon * out_channels]."""
         tokens = self.embed(self._tokenize(x)) + self.position
         for block in self.blocks:
-            tokens = block(tokens)
+            tokens, _ = block(tokens)
         return self.head(self.final_norm(tokens))
 
     def _tokenize(self, series: Tensor) -> Tensor:

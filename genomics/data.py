@@ -1,5 +1,8 @@
 """DNA as tokens, and the loaders that read labelled sequences from disk.
 
+(Over 400 lines and one concern: five input formats, each with the checks and messages of its own; a split into a
+tokenizer and one module per format is the next step when a format is added.)
+
 Tokenizer: one token per base, ``A C G T N`` -> 1..5, with 0 reserved for padding. Soft-masked (lowercase) bases are
 accepted and upper-cased; the IUPAC ambiguity codes (R Y S W K M B D H V) become N; anything else is an error that
 names the record and the 1-based position.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from contextlib import nullcontext
@@ -17,15 +18,15 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import TensorDataset
 
 from genomics.data import encode, pad_tokens, split_windows
-from genomics.model import DNANetwork, reverse_complement_batch
+from genomics.model import DNANetConfig, DNANetwork, reverse_complement_batch, upgrade_state_dict
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, check_hyperparameters, fit_model, resolve_seed, seeded
+from memorycore.training import TrainingHistory, fit_model, resolve_seed, seeded
+from memorycore.validation import (FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, TRAINING_CONSTRAINTS, Interval,
+                                  check_params)
 
 CHECKPOINT_CLASS = "DNAClassifier"
-_NETWORK_PARAMS = ("dim", "blocks", "heads", "memory_depth", "chunk_size", "memory_lr", "memory_momentum",
-                   "stem_kernel", "stem_stride", "bidirectional", "reverse_complement", "dropout", "kmer_sizes")
 
 
 class DNAClassifier(ClassifierMixin, BaseEstimator):
@@ -54,13 +55,10 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     chunk_size : int, default 16
         NeuralMemory chunk: tokens (stem positions) whose gradients share one set of base weights.
     memory_lr : float, default 0.02
-        Upper bound of the memory's inner (test-time) step ``theta / (1 - eta)`` (NeuralMemory's ``max_lr``).
-        Chosen when theta had no factor ``1 - eta`` (before memorycore 0.2): then larger values let a depth-2 memory
-        diverge within a sequence (seen from ~0.03 on NonTATA promoters: NaN gradients after a few steps).
+        Upper bound of the memory's inner (test-time) step ``theta / (1 - eta)`` (NeuralMemory's ``max_lr``); why
+        0.02: docs/genomics.md.
     memory_momentum : float or None, default 0.5
-        Upper bound of the memory's momentum eta. Before memorycore 0.2 a memory that learnt eta ~0.99 had an inner
-        step ``theta / (1 - eta)`` above 1 and overflowed (NaN loss in epoch 3 on NonTATA promoters); NeuralMemory
-        now bounds that step itself, and 0.5 stays the measured default. None: unbounded.
+        Upper bound of the memory's momentum eta (NeuralMemory's ``max_momentum``; None: unbounded).
     stem_kernel, stem_stride : int, default 12, 4
         Width (bases) of the stem convolution and the max-pool that shortens the sequence for the memory.
     bidirectional : bool, default True
@@ -77,8 +75,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         Dropout on the stem output, inside the blocks and on the pooled features.
     kmer_sizes : tuple of int, default (2, 3, 4, 5, 6, 7, 8)
         Lengths k (1-8) of the overlapping k-mers whose learned embeddings (one table of 4**k rows per k) are added
-        to the stem and averaged into the head; () turns them off. On NonTATA promoters they carry most of the
-        accuracy (see docs/genomics.md).
+        to the stem and averaged into the head; () turns them off (their effect: docs/genomics.md).
     max_length : int or None, default None
         Longest input the network reads at once; None uses the longest training sequence.
     epochs : int, default 12
@@ -208,7 +205,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
 
         device = resolve_device(self.device)
         with seeded(seed, device):
-            self.network_ = DNANetwork(len(self.classes_), **self._network_kwargs())
+            self.network_ = DNANetwork(DNANetConfig.from_params(self.get_params(), num_classes=len(self.classes_)))
             augment = torch.Generator().manual_seed(seed + 1)
             self.history_: TrainingHistory | None = fit_model(
                 self.network_, self._loss_function(augment), train_data, val_data,
@@ -219,25 +216,21 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self.network_.to("cpu").eval()  # a fitted estimator lives on CPU; predict moves it where it runs
         return self
 
+    _parameter_constraints = {
+        **TRAINING_CONSTRAINTS,
+        **{name: [POSITIVE_INT] for name in ("dim", "heads", "memory_depth", "chunk_size", "stem_kernel",
+                                              "stem_stride")},
+        "blocks": [NON_NEGATIVE_INT],  # 0: no memory block
+        "memory_lr": [POSITIVE],
+        "memory_momentum": [Interval(numbers.Real, 0, 1, "neither"), None],
+        "validation_fraction": [FRACTION],
+        "max_length": [POSITIVE_INT, None],
+    }
+
     def _check_params(self) -> None:
-        check_hyperparameters(lr=self.lr, weight_decay=self.weight_decay, dropout=self.dropout, **{
-            name: getattr(self, name) for name in ("dim", "heads", "memory_depth", "chunk_size", "epochs",
-                                                   "batch_size")})
-        if self.patience is not None:
-            check_hyperparameters(patience=self.patience)
-        if isinstance(self.blocks, bool) or not isinstance(self.blocks, (int, np.integer)) or self.blocks < 0:
-            raise InputError(f"blocks must be an integer >= 0 (0: no memory block), got {self.blocks!r}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise InputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise InputError(f"max_length must be a positive integer or None, got {self.max_length!r}")
+        check_params(self.get_params(), self._parameter_constraints)
         if self.dim % self.heads:
             raise InputError(f"dim={self.dim} must be divisible by heads={self.heads}")
-        if self.stem_kernel < 1 or self.stem_stride < 1:
-            raise InputError(f"stem_kernel and stem_stride must be >= 1, got {self.stem_kernel} and {self.stem_stride}")
-
-    def _network_kwargs(self) -> dict:
-        return {name: getattr(self, name) for name in _NETWORK_PARAMS}
 
     def _validation_split(self, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         index = np.arange(len(y))
@@ -366,8 +359,8 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
             if device is not None:
                 params["device"] = device
             model = cls(**params)
-            network = DNANetwork(len(classes), **model._network_kwargs())
-            network.load_state_dict(tensors)
+            network = DNANetwork(DNANetConfig.from_params(model.get_params(), num_classes=len(classes)))
+            network.load_state_dict(upgrade_state_dict(tensors))
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} is a corrupt DNAClassifier: {str(error).splitlines()[0][:200]}") from None
         model.network_ = network.eval()

@@ -12,12 +12,17 @@ is in the batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genomics.data import ALPHABET, PAD, VOCAB_SIZE
 from memorycore import NeuralMemory
+from memorycore.blocks import MemoryBlock
+from memorycore.config import config_from_params
+from memorycore.errors import InputError
 
 # Token complement, as in genomics.data: pad->pad, A<->T, C<->G, N->N.
 _COMPLEMENT = (PAD, 4, 3, 2, 1, 5)
@@ -42,30 +47,28 @@ def padding_mask(lengths: Tensor, time: int) -> Tensor:
     return torch.arange(time, device=lengths.device)[None, :] < lengths[:, None]
 
 
-class MemoryBlock(nn.Module):
-    """Pre-norm residual block: NeuralMemory (one or both directions), then a feed-forward layer."""
+def memory_block(dim: int, *, heads: int, memory_depth: int, chunk_size: int, memory_lr: float,
+                 memory_momentum: float | None, bidirectional: bool, dropout: float) -> MemoryBlock:
+    """NeuralMemory (one or both directions), then a feed-forward layer, each pre-norm and residual."""
+    memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size, max_lr=memory_lr,
+                  max_momentum=memory_momentum)
+    forward_memory = NeuralMemory(dim, **memory)
+    backward_memory = NeuralMemory(dim, **memory) if bidirectional else None
+    mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+    return MemoryBlock(dim, forward_memory, mlp, backward_memory=backward_memory, dropout=dropout)
 
-    def __init__(self, dim: int, *, heads: int, memory_depth: int, chunk_size: int, memory_lr: float,
-                 memory_momentum: float | None, bidirectional: bool, dropout: float) -> None:
-        super().__init__()
-        memory = dict(heads=heads, depth=memory_depth, chunk_size=chunk_size, max_lr=memory_lr,
-                      max_momentum=memory_momentum)
-        self.memory_norm = nn.LayerNorm(dim)
-        self.forward_memory = NeuralMemory(dim, **memory)
-        self.backward_memory = NeuralMemory(dim, **memory) if bidirectional else None
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, backward_index: Tensor) -> Tensor:
-        h = self.memory_norm(x)
-        y, _ = self.forward_memory(h)
-        if self.backward_memory is not None:
-            index = backward_index[..., None].expand_as(h)
-            y_backward, _ = self.backward_memory(h.gather(1, index))
-            y = y + y_backward.gather(1, index)
-        x = x + self.dropout(y)
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+def upgrade_state_dict(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved before the blocks moved to :class:`memorycore.blocks.MemoryBlock` (memorycore 0.3.0), under
+    this version's names: ``forward_memory`` -> ``memory``, ``mlp`` -> ``mixer``."""
+    renames = ((".forward_memory.", ".memory."), (".mlp_norm.", ".mixer_norm."), (".mlp.", ".mixer."))
+    upgraded = {}
+    for key, value in tensors.items():
+        if key.startswith("blocks."):
+            for old, new in renames:
+                key = key.replace(old, new)
+        upgraded[key] = value
+    return upgraded
 
 
 class KmerEmbedding(nn.Module):
@@ -79,7 +82,7 @@ class KmerEmbedding(nn.Module):
     def __init__(self, sizes: tuple[int, ...], dim: int) -> None:
         super().__init__()
         if any(not 1 <= k <= 8 for k in sizes):
-            raise ValueError(f"k-mer sizes must be between 1 and 8, got {list(sizes)}")
+            raise InputError(f"k-mer sizes must be between 1 and 8, got {list(sizes)}")
         self.sizes = tuple(sizes)
         # Row 4**k: a k-mer with an N; row 4**k + 1: no k-mer (padding), kept at zero.
         self.tables = nn.ModuleList(nn.Embedding(4**k + 2, dim, padding_idx=4**k + 1) for k in self.sizes)
@@ -107,58 +110,61 @@ class KmerEmbedding(nn.Module):
         return out
 
 
+@dataclass(frozen=True)
+class DNANetConfig:
+    """Everything needed to build a :class:`DNANetwork`; :class:`genomics.DNAClassifier` makes it from its parameters
+    (see there for what each means and its default)."""
+
+    num_classes: int
+    dim: int
+    blocks: int
+    heads: int
+    memory_depth: int
+    chunk_size: int
+    memory_lr: float  # NeuralMemory's max_lr
+    memory_momentum: float | None  # NeuralMemory's max_momentum
+    stem_kernel: int
+    stem_stride: int
+    bidirectional: bool
+    reverse_complement: bool
+    dropout: float
+    kmer_sizes: tuple[int, ...]
+
+    @classmethod
+    def from_params(cls, params: dict, *, num_classes: int) -> "DNANetConfig":
+        """The network of a DNAClassifier with parameters ``params`` (its ``get_params()``) for ``num_classes``."""
+        return config_from_params(cls, params, num_classes=num_classes, kmer_sizes=tuple(params["kmer_sizes"]))
+
+
 class DNANetwork(nn.Module):
     """Token ids ``[b, t]`` and lengths ``[b]`` -> class logits ``[b, k]``.
 
-    Parameters
-    ----------
-    num_classes : int
-    dim : int
-        Model width.
-    blocks : int
-        Number of memory blocks.
-    heads, memory_depth, chunk_size : int
-        NeuralMemory settings (``memory_depth`` is the depth of each head's memory MLP).
-    memory_lr : float
-        NeuralMemory's ``max_lr``: the bound of the memory's inner step ``theta / (1 - eta)`` (why 0.02: see
-        :class:`genomics.estimator.DNAClassifier`).
-    memory_momentum : float or None
-        NeuralMemory's ``max_momentum``: the bound of the momentum eta (None: unbounded).
-    stem_kernel, stem_stride : int
-        The stem is a convolution ``stem_kernel`` bases wide at every base (a motif detector that does not care
-        where the motif sits), then a max-pool over ``stem_stride`` bases that shortens what the memory must read.
-    bidirectional : bool
-        Each block also reads the sequence backwards with a second memory.
-    reverse_complement : bool
-        Also read the reverse-complement strand with the same weights and average the pooled features of both
-        strands, so a sequence and its reverse complement get the same prediction.
-    dropout : float
-        Dropout on the stem output, inside the blocks and on the pooled features.
-    kmer_sizes : tuple of int
-        Lengths of the overlapping k-mers whose embeddings (:class:`KmerEmbedding`) are averaged over each stem
-        window and added to the stem's output, and whose mean over the sequence also goes to the head; () for none.
+    The stem is a convolution ``stem_kernel`` bases wide at every base (a motif detector that does not care where the
+    motif sits), then a max-pool over ``stem_stride`` bases that shortens what the memory must read; the embeddings
+    of the overlapping k-mers (:class:`KmerEmbedding`) are averaged over each stem window and added to it, and their
+    mean over the sequence also goes to the head. With ``reverse_complement`` both strands are read with the same
+    weights and their pooled features averaged.
     """
 
-    def __init__(self, num_classes: int, *, dim: int = 64, blocks: int = 1, heads: int = 4, memory_depth: int = 2,
-                 chunk_size: int = 16, memory_lr: float = 0.02, memory_momentum: float | None = 0.5,
-                 stem_kernel: int = 12, stem_stride: int = 4,
-                 bidirectional: bool = True, reverse_complement: bool = False, dropout: float = 0.2,
-                 kmer_sizes: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)) -> None:
+    def __init__(self, config: DNANetConfig) -> None:
         super().__init__()
-        if stem_kernel < 1 or stem_stride < 1:
-            raise ValueError(f"stem_kernel and stem_stride must be >= 1, got {stem_kernel} and {stem_stride}")
-        self.kmers = KmerEmbedding(kmer_sizes, dim) if kmer_sizes else None
-        self.stem_kernel, self.stem_stride, self.reverse_complement = stem_kernel, stem_stride, reverse_complement
+        c = self.config = config
+        if c.stem_kernel < 1 or c.stem_stride < 1:
+            raise InputError(f"stem_kernel and stem_stride must be >= 1, got {c.stem_kernel} and {c.stem_stride}")
+        dim = c.dim
+        self.kmers = KmerEmbedding(c.kmer_sizes, dim) if c.kmer_sizes else None
+        self.stem_kernel, self.stem_stride, self.reverse_complement = c.stem_kernel, c.stem_stride, c.reverse_complement
         self.embedding = nn.Embedding(VOCAB_SIZE, dim, padding_idx=PAD)
-        self.stem = nn.Conv1d(dim, dim, stem_kernel)
+        self.stem = nn.Conv1d(dim, dim, c.stem_kernel)
         self.blocks = nn.ModuleList(
-            MemoryBlock(dim, heads=heads, memory_depth=memory_depth, chunk_size=chunk_size, memory_lr=memory_lr,
-                        memory_momentum=memory_momentum, bidirectional=bidirectional, dropout=dropout)
-            for _ in range(blocks)
+            memory_block(dim, heads=c.heads, memory_depth=c.memory_depth, chunk_size=c.chunk_size,
+                         memory_lr=c.memory_lr, memory_momentum=c.memory_momentum, bidirectional=c.bidirectional,
+                         dropout=c.dropout)
+            for _ in range(c.blocks)
         )
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear((3 if kmer_sizes else 2) * dim, num_classes)
+        self.dropout = nn.Dropout(c.dropout)
+        self.head = nn.Linear((3 if c.kmer_sizes else 2) * dim, c.num_classes)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """Class logits ``[b, k]`` of right-padded ``tokens [b, t]`` with ``lengths [b]`` real bases each."""
@@ -191,7 +197,7 @@ class DNANetwork(nn.Module):
         x = self.dropout(x)
         backward_index = reverse_index(stem_lengths, x.shape[1])
         for block in self.blocks:
-            x = block(x, backward_index)
+            x, _ = block(x, backward_index=backward_index)
         x = self.norm(x)
         mask = padding_mask(stem_lengths, x.shape[1])[..., None]
         mean = (x * mask).sum(1) / stem_lengths.clamp(min=1)[:, None].to(x.dtype)

@@ -314,3 +314,29 @@ def test_fit_without_the_linear_path_and_the_cycle(runner, tmp_path):
     from forecast.estimator import MemoryForecaster
     model = MemoryForecaster.load(out)
     assert model.network_.linear is None and model.network_.cycle is None and model.cycle_length_ == 0
+
+
+def test_fit_options_default_to_the_estimators_signature():
+    """Every default lives once: `forecast fit` and `genomics fit` show their estimator's."""
+    import inspect
+
+    import typer.main
+
+    from genomics import DNAClassifier
+
+    renames = {"seed": "random_state", "max_steps": "max_steps_per_epoch", "blocks": "n_blocks"}
+    groups = typer.main.get_command(app).commands
+    for group, estimator in (("forecast", MemoryForecaster), ("genomics", DNAClassifier)):
+        defaults = {name: p.default for name, p in inspect.signature(estimator).parameters.items()}
+        checked = 0
+        for option in groups[group].commands["fit"].params:
+            name = renames.get(option.name, option.name)
+            if name not in defaults:
+                name = option.name  # DNAClassifier's blocks is blocks
+            if name in defaults:
+                expected = defaults[name]
+                if option.name == "max_steps":
+                    expected = expected or 0  # None and 0 both mean every window
+                assert option.default == (str(expected) if option.name == "cycle_length" else expected), option.name
+                checked += 1
+        assert checked >= 9

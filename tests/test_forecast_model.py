@@ -12,7 +12,10 @@ from sklearn.base import clone
 from forecast import ForecastNetConfig, MemoryForecaster, MemoryForecastNet
 from forecast.baseline import ALPHAS, RidgeBaseline, evaluate_windows
 from forecast.data import WindowDataset, cycle_phases, default_cycle_length, prepare_protocol
-from forecast.estimator import QUANTILE_LEVELS, _closed_form_init, _loss_function
+from forecast.closed_form import closed_form_init
+from forecast.estimator import loss_function
+from forecast.intervals import QUANTILE_LEVELS, interpolate_quantiles
+from forecast.rollout import roll_out
 from memorycore import CheckpointError, InputError
 from memorycore.training import evaluate_loss
 
@@ -38,6 +41,13 @@ def synthetic(n=400, seed=0):
     return pd.DataFrame(values, index=pd.date_range("2024-01-01", periods=n, freq="h", name="date"))
 
 
+def net_config(*, n_channels: int, cycle_length: int = 0, cycle_amplitude: str = "fixed",
+               **params) -> ForecastNetConfig:
+    """A network config as MemoryForecaster.fit builds it, from the estimator's parameters."""
+    params = MemoryForecaster(cycle_amplitude=cycle_amplitude, **params).get_params()
+    return ForecastNetConfig.from_params(params, n_channels=n_channels, cycle_length=cycle_length)
+
+
 @pytest.fixture(scope="module")
 def fitted(_one_thread):
     return MemoryForecaster(**TINY).fit(synthetic())
@@ -48,7 +58,7 @@ def fitted(_one_thread):
 @pytest.mark.parametrize("linear_path", [True, False])
 @pytest.mark.parametrize("cycle_length", [6, 0])
 def test_network_shapes_and_single_channel_path(channels, embedding, linear_path, cycle_length):
-    config = ForecastNetConfig(n_channels=3, lookback=16, horizon=8, d_model=16, heads=2, channels=channels,
+    config = net_config(n_channels=3, lookback=16, horizon=8, d_model=16, heads=2, channels=channels,
                                embedding=embedding, chunk_size=8, linear_path=linear_path, cycle_length=cycle_length)
     net = MemoryForecastNet(config).eval()
     assert (net.linear is not None) == linear_path and (net.cycle is not None) == bool(cycle_length)
@@ -72,7 +82,7 @@ def test_network_shapes_and_single_channel_path(channels, embedding, linear_path
 def test_cycle_continues_at_the_right_phase(amplitude, scale):
     """Backbone and linear path silenced: a window that is exactly the cycle (or, with the window amplitude, the cycle
     at half strength) forecasts the cycle's continuation (at that strength)."""
-    config = ForecastNetConfig(n_channels=2, lookback=16, horizon=8, d_model=16, heads=2, linear_path=True,
+    config = net_config(n_channels=2, lookback=16, horizon=8, d_model=16, heads=2, linear_path=True,
                                cycle_length=6, cycle_amplitude=amplitude)
     net = MemoryForecastNet(config).eval()
     net.linear.weight.data.zero_()
@@ -97,9 +107,9 @@ def test_default_cycle_length_and_phases():
 def test_closed_form_start_is_the_ridge_baseline():
     """Without a cycle, the initialised network forecasts exactly what the ridge baseline does."""
     data = prepare_protocol(synthetic(), 24, 8, "ratio")
-    config = ForecastNetConfig(n_channels=2, lookback=24, horizon=8, d_model=16, heads=2, linear_path=True)
+    config = net_config(n_channels=2, lookback=24, horizon=8, d_model=16, heads=2, linear_path=True)
     net = MemoryForecastNet(config).eval()
-    _closed_form_init(net, data, {"train": None, "val": None}, 24, 8)
+    closed_form_init(net, data, {"train": None, "val": None})
     windows = torch.as_tensor(data.test[None, :24], dtype=torch.float32)
     ridge = RidgeBaseline(net.linear.weight.detach().double().numpy().T, alpha=0.0)
     np.testing.assert_allclose(net(windows).detach().numpy(), ridge.predict(data.test[None, :24]), atol=1e-4)
@@ -126,27 +136,27 @@ def test_tiny_fit_lowers_validation_loss(loss):
     """From a random start (no closed-form help), training lowers the validation MSE whatever the training loss."""
     model = MemoryForecaster(**TINY, init="random", loss=loss).fit(synthetic())
     data = model.prepare(synthetic())
-    phases = model._split_phases(synthetic().index, data)
+    phases = model.split_phases(synthetic().index, data)
     val = WindowDataset(data.val, 24, 8, phases["val"])
     torch.manual_seed(model.random_state)  # the initial weights fit started from
     untrained = MemoryForecastNet(model.network_.config)
-    before = evaluate_loss(untrained, _loss_function(loss), val, device="cpu")
-    after = evaluate_loss(model.network_, _loss_function(loss), val, device="cpu")
+    before = evaluate_loss(untrained, loss_function(loss), val, device="cpu")
+    after = evaluate_loss(model.network_, loss_function(loss), val, device="cpu")
     assert after < 0.5 * before
     assert model.history_.val_loss and min(model.history_.val_loss) == pytest.approx(after, rel=1e-4)
 
 
 def test_training_keeps_the_closed_form_start_unless_it_improves_on_it(fitted):
     data = fitted.prepare(synthetic())
-    val = WindowDataset(data.val, 24, 8, fitted._split_phases(synthetic().index, data)["val"])
-    kept = evaluate_loss(fitted.network_, _loss_function("mse"), val, device="cpu")
+    val = WindowDataset(data.val, 24, 8, fitted.split_phases(synthetic().index, data)["val"])
+    kept = evaluate_loss(fitted.network_, loss_function("mse"), val, device="cpu")
     start = MemoryForecaster(**dict(TINY, epochs=1, lr=1e-12)).fit(synthetic())  # lr ~0: the start itself
-    start_loss = evaluate_loss(start.network_, _loss_function("mse"), val, device="cpu")
+    start_loss = evaluate_loss(start.network_, loss_function("mse"), val, device="cpu")
     assert kept <= start_loss + 1e-6
     assert (fitted.history_.best_epoch == -1) == (min(fitted.history_.val_loss) >= start_loss)
     spoiled = MemoryForecaster(**dict(TINY, epochs=1, lr=0.3)).fit(synthetic())  # training only makes it worse
     assert spoiled.history_.best_epoch == -1 and spoiled.history_.val_loss[0] > 2 * spoiled.start_val_loss_
-    spoiled_loss = evaluate_loss(spoiled.network_, _loss_function("mse"), val, device="cpu")
+    spoiled_loss = evaluate_loss(spoiled.network_, loss_function("mse"), val, device="cpu")
     assert spoiled_loss == pytest.approx(spoiled.start_val_loss_, rel=1e-5)
     assert spoiled_loss == pytest.approx(start_loss, rel=1e-5)  # the closed-form start, whatever the lr
 
@@ -193,7 +203,7 @@ def test_quantile_forecasts_are_calibrated_on_validation(fitted):
     # on the calibration windows 80% of the residuals fall between the 0.1 and 0.9 quantiles, step by step
     wide = synthetic()
     prepared = fitted.prepare(wide)
-    residuals = -fitted._split_errors(prepared.val, fitted._split_phases(wide.index, prepared)["val"])
+    residuals = -fitted.split_errors(prepared.val, fitted.split_phases(wide.index, prepared)["val"])
     low, high = fitted.residual_quantiles([0.1, 0.9])
     inside = ((residuals >= low) & (residuals <= high)).mean(axis=0)
     assert inside.shape == (8, 2) and np.all(np.abs(inside - 0.8) < 0.05)
@@ -364,3 +374,25 @@ def test_fit_leaves_the_callers_random_generator_alone_and_draws_a_seed_for_none
 def test_training_caps_must_be_positive_or_none(params, message):
     with pytest.raises(InputError, match=message):
         MemoryForecaster(**dict(TINY, **params)).fit(synthetic())
+
+
+def test_roll_out_feeds_each_forecast_back_as_input():
+    """A one-shot forecaster that repeats the window's last value plus one: rolled out, the values count up."""
+    def one_shot(windows, phases):
+        return np.repeat(windows[:, -1:] + 1, 3, axis=1)  # horizon 3
+
+    windows = np.zeros((2, 5, 1))
+    forecast = roll_out(one_shot, windows, steps=7, horizon=3)
+    np.testing.assert_array_equal(forecast[0, :, 0], [1, 1, 1, 2, 2, 2, 3])
+    seen = []
+    roll_out(lambda w, p: seen.append(p.tolist()) or np.zeros((2, 3, 1)), windows, 7, 3, torch.tensor([0, 5]))
+    assert seen == [[0, 5], [3, 8], [6, 11]]  # each window starts 3 steps (a horizon) later
+
+
+def test_quantiles_interpolate_between_the_stored_levels():
+    table = np.broadcast_to(np.asarray(QUANTILE_LEVELS)[:, None, None], (len(QUANTILE_LEVELS), 4, 2))
+    offsets = interpolate_quantiles(table, [0.1, 0.15, 0.99], steps=3, horizon=4)
+    assert offsets.shape == (3, 3, 2)
+    np.testing.assert_allclose(offsets[:, 0, 0], [0.1, 0.15, 0.99])
+    with pytest.raises(InputError, match="calibrated for up to horizon = 4 steps, not 5"):
+        interpolate_quantiles(table, [0.5], steps=5, horizon=4)

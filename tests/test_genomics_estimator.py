@@ -9,7 +9,7 @@ from sklearn.base import clone
 
 from genomics import DNAClassifier, reverse_complement
 from genomics.data import encode, pad_tokens
-from genomics.model import DNANetwork, KmerEmbedding, reverse_complement_batch
+from genomics.model import DNANetConfig, DNANetwork, KmerEmbedding, reverse_complement_batch
 from memorycore import CheckpointError, InputError
 
 TINY = dict(dim=16, blocks=1, heads=2, chunk_size=8, stem_kernel=8, kmer_sizes=(2, 3), batch_size=32, lr=2e-2,
@@ -35,6 +35,10 @@ def fitted():
     sequences, labels = motif_task(240)
     return DNAClassifier(epochs=8, validation_fraction=0.0, **TINY).fit(sequences, labels)
 
+
+def build_network(num_classes: int, **params) -> DNANetwork:
+    """The network DNAClassifier(**params) builds for ``num_classes``."""
+    return DNANetwork(DNANetConfig.from_params(DNAClassifier(**params).get_params(), num_classes=num_classes))
 
 def test_learns_a_motif_to_high_accuracy(fitted):
     sequences, labels = motif_task(100, seed=1)
@@ -62,7 +66,7 @@ def test_prediction_does_not_depend_on_batch_companions(fitted):
 
 @pytest.mark.parametrize("bidirectional, kmer_sizes", [(False, ()), (True, ()), (True, (1, 3))])
 def test_network_ignores_padding(bidirectional, kmer_sizes):
-    network = DNANetwork(3, dim=16, blocks=2, heads=2, chunk_size=4, bidirectional=bidirectional,
+    network = build_network(3, dim=16, blocks=2, heads=2, chunk_size=4, bidirectional=bidirectional,
                          kmer_sizes=kmer_sizes).eval()
     tokens = torch.from_numpy(pad_tokens([encode("ACGTACGTTGCAAC")], 14)[0])
     padded = torch.from_numpy(pad_tokens([encode("ACGTACGTTGCAAC")], 40)[0])
@@ -95,7 +99,7 @@ def test_kmers_longer_than_the_whole_batch_embed_to_zero():
 
 
 def test_kmer_profile_reaches_the_head():
-    network = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4, kmer_sizes=(2, 3)).eval()
+    network = build_network(2, dim=16, blocks=1, heads=2, chunk_size=4, kmer_sizes=(2, 3)).eval()
     assert network.head.in_features == 3 * 16
     tokens, lengths = (torch.from_numpy(a) for a in pad_tokens([encode("ACGTTGCA")], 8))
     with torch.no_grad():
@@ -106,7 +110,7 @@ def test_kmer_profile_reaches_the_head():
 
 @pytest.mark.parametrize("kmer_sizes", [(), (2, 4)])
 def test_reverse_complement_model_is_strand_symmetric(kmer_sizes):
-    network = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4, reverse_complement=True,
+    network = build_network(2, dim=16, blocks=1, heads=2, chunk_size=4, reverse_complement=True,
                          kmer_sizes=kmer_sizes).eval()
     sequences = ["ACGTTGACCATGAAC", "GGGATCCA"]
     tokens, lengths = (torch.from_numpy(a) for a in pad_tokens([encode(s) for s in sequences], 15))
@@ -114,7 +118,7 @@ def test_reverse_complement_model_is_strand_symmetric(kmer_sizes):
     assert torch.equal(reverse_complement_batch(tokens, lengths), rc_tokens)
     with torch.no_grad():
         torch.testing.assert_close(network(tokens, lengths), network(rc_tokens, lengths))
-    plain = DNANetwork(2, dim=16, blocks=1, heads=2, chunk_size=4).eval()
+    plain = build_network(2, dim=16, blocks=1, heads=2, chunk_size=4).eval()
     with torch.no_grad():
         assert not torch.allclose(plain(tokens, lengths), plain(rc_tokens, lengths))
 
@@ -163,6 +167,23 @@ def test_save_load_gives_identical_predictions(fitted, tmp_path):
     loaded = DNAClassifier.load(path)
     np.testing.assert_array_equal(loaded.predict_proba(sequences), fitted.predict_proba(sequences))
     assert list(loaded.classes_) == list(fitted.classes_) and loaded.get_params() == fitted.get_params()
+
+
+def test_files_saved_before_the_shared_memory_block_still_load(fitted, tmp_path):
+    """Until memorycore 0.3 the blocks named their parts forward_memory, mlp_norm and mlp."""
+    from memorycore.checkpoint import load_checkpoint, save_checkpoint
+    tensors, config = load_checkpoint(fitted.save(tmp_path / "new.safetensors"), "DNAClassifier")
+    renames = ((".memory.", ".forward_memory."), (".mixer_norm.", ".mlp_norm."), (".mixer.", ".mlp."))
+    old = {}
+    for key, value in tensors.items():
+        for new_name, old_name in renames:
+            key = key.replace(new_name, old_name) if key.startswith("blocks.") else key
+        old[key] = value
+    assert any(".forward_memory." in key for key in old) and not any(".mixer." in key for key in old)
+    save_checkpoint(tmp_path / "old.safetensors", old, config)
+    sequences, _ = motif_task(20, seed=5)
+    np.testing.assert_array_equal(DNAClassifier.load(tmp_path / "old.safetensors").predict_proba(sequences),
+                                  fitted.predict_proba(sequences))
 
 
 def test_load_rejects_foreign_and_corrupt_files(fitted, tmp_path):
@@ -233,6 +254,6 @@ def test_bad_hyperparameters_are_refused_before_training(params, message):
 
 
 def test_memory_lr_bounds_every_memory_of_the_network():
-    network = DNANetwork(2, dim=16, blocks=2, heads=2, memory_lr=0.015)
-    memories = [m for block in network.blocks for m in (block.forward_memory, block.backward_memory)]
+    network = build_network(2, dim=16, blocks=2, heads=2, memory_lr=0.015)
+    memories = [m for block in network.blocks for m in (block.memory, block.backward_memory)]
     assert len(memories) == 4 and all(m.max_lr == 0.015 for m in memories)
