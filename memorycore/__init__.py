@@ -16,6 +16,11 @@ _LAZY = {
     "NeuralMemory": "memorycore.neural_memory", "NeuralMemoryState": "memorycore.neural_memory",
     "RAMNet": "memorycore.ramnet", "RAMNetState": "memorycore.ramnet",
     "MemoryBlock": "memorycore.blocks",
+    "SlidingWindowAttention": "memorycore.attention", "KVCache": "memorycore.attention",
+    "AttentionState": "memorycore.attention",
+    "TitansModel": "memorycore.titans", "TitansConfig": "memorycore.titans", "TitansState": "memorycore.titans",
+    "MemoryAsContext": "memorycore.titans", "MemoryAsGate": "memorycore.titans",
+    "needle_batch": "memorycore.tasks", "passkey_batch": "memorycore.tasks", "answer_accuracy": "memorycore.tasks",
     "mqar_batch": "memorycore.mqar", "mqar_accuracy": "memorycore.mqar",
 }
 

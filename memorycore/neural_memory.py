@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memorycore.kernels.neural_memory import neural_memory
+from memorycore.kernels.neural_memory.reference import mlp_forward
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
 from memorycore.validation import check_positive
@@ -194,13 +195,39 @@ class NeuralMemory(nn.Module):
         y, weights, momentum = neural_memory(
             q, k, v, lr, log_eta, log_keep, state.weights, state.momentum, self.chunk_size
         )
+        return self._output(y, x), NeuralMemoryState(weights, momentum, conv_tail)
+
+    def read(self, x: Tensor, state: NeuralMemoryState | None = None, conv: Tensor | None = None,
+             position: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Retrieve ``M(q)`` for the queries of ``x`` from the memory in ``state``, without writing anything.
+
+        Titans' memory-as-context reads each segment with the weights the previous segment left. ``conv`` is the
+        convolution history of this read-only stream (None: zeros), kept apart from the history of what is written.
+        ``position`` is accepted for the same call as :meth:`RAMNet.read`; this memory does not address by position.
+
+        Returns
+        -------
+        y : Tensor [batch, time, dim]
+        conv : Tensor or None
+            The read stream's new convolution history.
+        """
+        self._check_input(x, state)
+        batch, time, _ = x.shape
+        state = state or self.initial_state(batch, x.device)
+        qkv, conv_tail = self.qkv_conv(self.to_qkv(x), conv)
+        q = F.normalize(F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim)[:, :, 0].transpose(1, 2), dim=-1)
+        _, pre_activations = mlp_forward(q.to(state.weights[0].dtype), state.weights)
+        return self._output(pre_activations[-1].to(q.dtype), x), conv_tail
+
+    def _output(self, y: Tensor, x: Tensor) -> Tensor:
+        """Per-head RMS norm of the read ``y [b, h, t, d]``, gated by x, projected back to ``dim``."""
         # the norm's weight in the read's dtype: under bf16 autocast a float32 weight sends torch.rms_norm to its slow
         # unfused path (with a warning on every call)
         norm = self.out_norm
         y = F.rms_norm(y, norm.normalized_shape, norm.weight.to(y.dtype), norm.eps)
-        y = y.transpose(1, 2).reshape(batch, time, -1)
+        y = y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         y = y * F.silu(self.to_out_gate(x))
-        return self.to_out(y), NeuralMemoryState(weights, momentum, conv_tail)
+        return self.to_out(y)
 
     def _check_input(self, x: Tensor, state: NeuralMemoryState | None) -> None:
         if x.ndim != 3 or x.shape[-1] != self.dim:

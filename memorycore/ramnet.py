@@ -319,6 +319,41 @@ class RAMNet(nn.Module):
         state.conv, state.position = conv, state.position + 1  # the same object: no second holder of its memory
         return y, state
 
+    def read(self, x: Tensor, state: RAMNetState | None = None, conv: Tensor | None = None,
+             position: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Read the slots in ``state`` with the queries of ``x``, without writing anything.
+
+        Titans' memory-as-context reads each segment from the memory the previous segment left. ``conv`` is the
+        convolution history of this read-only stream (None: zeros), kept apart from the history of what is written;
+        ``position`` is that of x's first token for CAPE's shift (default: the tokens ``state`` has written).
+
+        Returns
+        -------
+        y : Tensor [batch, time, dim]
+        conv : Tensor or None
+            The read stream's new convolution history.
+        """
+        self._check_input(x, state, time_axis=True)
+        batch, time, _ = x.shape
+        state = state or self.initial_state(batch, x.device)
+        slots, normaliser = state.slots, state.normaliser
+        if slots is None:  # a state that never wrote: the empty memory
+            empty = self.initial_state(batch, x.device)
+            slots, normaliser = empty.slots, empty.normaliser
+        qkv, conv_tail = self.qkv_conv(self.to_qkv(x), conv)
+        q = qkv.view(batch, time, self.heads, -1).transpose(1, 2)[..., :self.key_dim]
+        logits = q.reshape(batch, self.heads, time, self.factors, self.factor_size)
+        read_index, read_weight = self._decode(logits * self.log_temperature.exp()[:, None, None, None],
+                                               state.position if position is None else position)
+        if self.normalize_reads:
+            read_weight = read_weight / read_weight.sum(-1, keepdim=True)
+        flat = read_index.flatten(2)  # [b, h, t * k]
+        rows = slots.gather(2, flat[..., None].expand(*flat.shape, self.value_dim)).view(
+            *read_index.shape, self.value_dim)
+        coef = read_weight / (normaliser.gather(2, flat).view_as(read_index) + self.eps)
+        out = (coef[..., None] * rows).sum(-2)  # [b, h, t, value_dim]
+        return self.to_out(out.transpose(1, 2).flatten(2).to(x.dtype)), conv_tail
+
     @torch.no_grad()
     def addresses(self, x: Tensor, state: RAMNetState | None = None) -> dict[str, Tensor]:
         """The slots each token reads and writes, and their weights: to inspect what the layer learnt to address.
