@@ -14,7 +14,8 @@ from memorycore.namm.hf import HFSession, generate
 from memorycore.namm.press import BudgetPress, H2OPress, L2NormPress, LayerStats, Press
 from memorycore.namm.registry import PRESSES, make_press
 from memorycore.namm.scorer import BAMScorer, NAMMPress
+from memorycore.namm.tasks import AnswerTask, LossTask, model_logits, needle_task, passkey_task
 
 __all__ = ["Press", "BudgetPress", "H2OPress", "L2NormPress", "NAMMPress", "BAMScorer", "SpectrogramFeatures",
            "LayerStats", "HFSession", "generate", "fit_namm", "NAMMTask", "FunctionTask", "EvolutionResult",
-           "make_press", "PRESSES"]
+           "make_press", "PRESSES", "AnswerTask", "LossTask", "model_logits", "needle_task", "passkey_task"]
