@@ -232,7 +232,7 @@ class SlidingWindowAttention(nn.Module):
         if self.cache_hook is not None:  # a press needs the attention weights
             y, weights = self._dense(q, q_plain, cache, query_positions, need_weights=True)
             cache = self.cache_hook(self, cache, weights)
-        elif time > QUERY_BLOCK and own_positions and bool(cache.valid.all()):
+        elif time > QUERY_BLOCK and own_positions and _consecutive(cache):
             y = self._blocked(q, q_plain, cache, query_positions)
         else:
             y, _ = self._dense(q, q_plain, cache, query_positions)
@@ -242,17 +242,15 @@ class SlidingWindowAttention(nn.Module):
         return y, AttentionState(cache, state.position + time)
 
     def _blocked(self, q: Tensor, q_plain: Tensor, cache: KVCache, query_positions: Tensor) -> Tensor:
-        """Blocks of queries, each over the keys its window reaches (the cache is uniform across heads here)."""
-        outputs = []
-        key_positions = cache.positions[0, 0]
+        """Blocks of queries, each over the keys its window reaches; the cache holds consecutive positions."""
+        outputs, first_cached = [], int(cache.positions[0, 0, 0])
         for start in range(0, q.shape[2], QUERY_BLOCK):
             end = min(start + QUERY_BLOCK, q.shape[2])
-            first_position = int(query_positions[start])
-            last_key = int(torch.searchsorted(key_positions, query_positions[end - 1], right=True))
-            first_key = 0 if self.window is None else int(
-                torch.searchsorted(key_positions, torch.tensor(first_position - self.window + 1)))
-            block = KVCache(cache.keys[:, :, first_key:last_key], cache.values[:, :, first_key:last_key],
-                            cache.positions[:, :, first_key:last_key], cache.valid[:, :, first_key:last_key])
+            last_key = int(query_positions[end - 1]) + 1 - first_cached
+            first_key = 0 if self.window is None else max(0, int(query_positions[start]) - self.window + 1
+                                                          - first_cached)
+            block = KVCache(*(t[:, :, first_key:last_key] for t in
+                              (cache.keys, cache.values, cache.positions, cache.valid)))
             y, _ = self._dense(q[:, :, start:end], q_plain[:, :, start:end], block, query_positions[start:end])
             outputs.append(y)
         return torch.cat(outputs, dim=2)
@@ -304,6 +302,13 @@ class SlidingWindowAttention(nn.Module):
         persistent = 0 if self.persistent is None else self.persistent.shape[2]
         return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, window={self.window}, "
                 f"rope={self.rotary is not None}, persistent_tokens={persistent}")
+
+
+def _consecutive(cache: KVCache) -> bool:
+    """Whether every head holds the same run of consecutive positions (no press has evicted any of them)."""
+    positions = cache.positions
+    return bool(cache.valid.all()) and bool((positions == positions[:1, :1]).all()) and (
+        int(positions[0, 0, -1] - positions[0, 0, 0]) == cache.capacity - 1)
 
 
 def _repeat(x: Tensor, groups: int) -> Tensor:
