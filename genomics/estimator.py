@@ -5,7 +5,6 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +21,7 @@ from genomics.model import DNANetConfig, DNANetwork, reverse_complement_batch, u
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.devices import resolve_device
 from memorycore.errors import CheckpointError, InputError
-from memorycore.training import TrainingHistory, fit_model, resolve_seed, seeded
+from memorycore.training import TrainingHistory, fit_model, predict_batches, resolve_seed, seeded
 from memorycore.validation import (FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, TRAINING_CONSTRAINTS, Interval,
                                   check_params)
 
@@ -297,23 +296,24 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
     def _window_probabilities(self, windows: list[np.ndarray]) -> np.ndarray:
         device = resolve_device(self.device)
         network = self.network_.to(device).eval()
-        # Sort by length so each batch pads only to its own longest window; predictions do not depend on batching.
+        # Sorted by length so each batch pads only to its own longest window; predictions do not depend on batching.
         order = np.argsort([len(w) for w in windows], kind="stable")
-        batch_size = max(1, self.batch_size * 4)
+        batches = _PaddedBatches([windows[i] for i in order], max(1, self.batch_size * 4))
+
+        def probabilities(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            tokens, lengths = batch
+            proba = torch.softmax(network(tokens, lengths).float(), dim=-1)
+            if self.rc_predict:
+                rc_logits = network(reverse_complement_batch(tokens, lengths), lengths)
+                proba = 0.5 * (proba + torch.softmax(rc_logits.float(), dim=-1))
+            return proba
+
+        try:
+            proba = predict_batches(probabilities, batches, batch_size=None, device=device, autocast=True)
+        finally:
+            self.network_.to("cpu")
         out = np.zeros((len(windows), len(self.classes_)))
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-        with torch.inference_mode(), autocast:
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                batch = [windows[i] for i in rows]
-                padded, lengths = pad_tokens(batch, max(len(w) for w in batch))
-                tokens, lengths = torch.from_numpy(padded).to(device), torch.from_numpy(lengths).to(device)
-                proba = torch.softmax(network(tokens, lengths).float(), dim=-1)
-                if self.rc_predict:
-                    rc_logits = network(reverse_complement_batch(tokens, lengths), lengths)
-                    proba = 0.5 * (proba + torch.softmax(rc_logits.float(), dim=-1))
-                out[rows] = proba.double().cpu().numpy()
-        self.network_.to("cpu")
+        out[order] = proba.double().numpy()
         return out
 
     def predict(self, sequences: Sequence[str]) -> np.ndarray:
@@ -368,6 +368,21 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         model.max_length_ = max_length
         model.history_ = None
         return model
+
+
+class _PaddedBatches(torch.utils.data.Dataset):
+    """Token windows in batches of ``size``, each right-padded to its own longest window: ``(tokens, lengths)``."""
+
+    def __init__(self, windows: list[np.ndarray], size: int) -> None:
+        self.windows, self.size = windows, size
+
+    def __len__(self) -> int:
+        return -(-len(self.windows) // self.size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.windows[index * self.size:(index + 1) * self.size]
+        padded, lengths = pad_tokens(batch, max(len(w) for w in batch))
+        return torch.from_numpy(padded), torch.from_numpy(lengths)
 
 
 def _encode_all(sequences: Sequence[str]) -> list[np.ndarray]:

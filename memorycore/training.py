@@ -193,8 +193,9 @@ def predict_batches(
     fn: Callable[[Sequence[Tensor]], Tensor],
     data: Dataset,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = 256,
     device: str | torch.device = "auto",
+    autocast: bool = False,
     verbose: bool = False,
     description: str = "predicting",
 ) -> Tensor:
@@ -205,8 +206,11 @@ def predict_batches(
     fn : callable
         ``fn(batch) -> Tensor`` with ``batch`` the collated tuple of tensors, already on the device.
     data : Dataset
-    batch_size : int
+    batch_size : int or None
+        None: the items of ``data`` are batches already (of varying shapes, e.g. padded to their own longest row).
     device : str or torch.device
+    autocast : bool
+        Run ``fn`` under bf16 autocast on CUDA, as training does (float32 elsewhere).
     verbose : bool
         Show a progress bar on stderr.
     description : str
@@ -218,7 +222,8 @@ def predict_batches(
     with torch.inference_mode(), _progress(verbose, description) as progress:
         task = progress.add_task(description, total=len(loader), status="")
         for batch in loader:
-            outputs.append(fn(tuple(t.to(device) for t in batch)).float().cpu())
+            with _autocast(device) if autocast else nullcontext():
+                outputs.append(fn(tuple(t.to(device) for t in batch)).float().cpu())
             progress.update(task, advance=1)
     return torch.cat(outputs) if outputs else torch.empty(0)
 

@@ -90,6 +90,9 @@ def test_predict_batches_concatenates_in_order():
     x = torch.randn(70, 4)
     out = predict_batches(lambda batch: model(batch[0]), TensorDataset(x), batch_size=16)
     torch.testing.assert_close(out, model(x).detach())
+    ragged = [(x[:10, :2],), (x[10:, :3],)]  # batch_size=None: items that are batches already, of other widths
+    out = predict_batches(lambda batch: batch[0].sum(-1, keepdim=True), ragged, batch_size=None, autocast=True)
+    torch.testing.assert_close(out[:, 0], torch.cat([x[:10, :2].sum(-1), x[10:, :3].sum(-1)]))
 
 
 def test_bad_training_arguments_are_clear():
