@@ -13,7 +13,7 @@ from memorycore.kernels.neural_memory import neural_memory
 from memorycore.kernels.neural_memory.reference import mlp_forward
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
-from memorycore.validation import check_positive
+from memorycore.validation import check_positive, head_width
 
 
 class NeuralMemoryState(NamedTuple):
@@ -115,12 +115,7 @@ class NeuralMemory(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
-        if head_dim is None:
-            if dim % heads:
-                raise InputError(f"dim={dim} is not divisible by heads={heads}; "
-                                 "pick heads that divide dim or set head_dim")
-            head_dim = dim // heads
-        check_positive(head_dim=head_dim)
+        head_dim = head_width(dim, heads, head_dim, "head_dim")
         if conv_kernel < 0:
             raise InputError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
         if max_lr is None:

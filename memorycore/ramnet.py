@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from memorycore.kernels.ramnet import TouchedRows, pdma_step, pdma_touched, product_topk
 from memorycore.causal_conv import causal_conv
 from memorycore.errors import InputError
-from memorycore.validation import check_positive
+from memorycore.validation import check_positive, head_width
 
 MAX_SLOTS = 2**30  # beyond this one head's state alone would not fit in any accelerator's memory
 
@@ -209,12 +209,7 @@ class RAMNet(nn.Module):
     ) -> None:
         super().__init__()
         check_positive(dim=dim, heads=heads, factors=factors, top_k=top_k, chunk_size=chunk_size)
-        if value_dim is None:
-            if dim % heads:
-                raise InputError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim "
-                                 "or set value_dim")
-            value_dim = dim // heads
-        check_positive(value_dim=value_dim)
+        value_dim = head_width(dim, heads, value_dim, "value_dim")
         if not isinstance(factor_size, int) or factor_size < 2:
             raise InputError(f"factor_size must be an integer >= 2 (a softmax over one logit addresses nothing), "
                              f"got {factor_size!r}")

@@ -99,3 +99,14 @@ def check_params(params: Mapping[str, Any], constraints: Mapping[str, Sequence[A
 def check_positive(**values: Any) -> None:
     """Raise InputError unless every keyword is a positive integer (a bool is not)."""
     check_params(values, {name: [POSITIVE_INT] for name in values})
+
+
+def head_width(dim: int, heads: int, width: int | None, name: str) -> int:
+    """The width of each head of a layer: ``width``, or ``dim // heads`` when None (``dim`` must then be divisible by
+    ``heads``); ``name`` is the layer's argument for it, named in the error."""
+    if width is None:
+        if dim % heads:
+            raise InputError(f"dim={dim} is not divisible by heads={heads}; pick heads that divide dim or set {name}")
+        width = dim // heads
+    check_positive(**{name: width})
+    return width
