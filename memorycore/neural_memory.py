@@ -76,12 +76,9 @@ class NeuralMemory(nn.Module):
         Width of the causal depthwise convolution after the q/k/v projections; 0 disables it.
     max_lr : float, optional
         Upper bound of the total step one gradient takes, ``theta / (1 - eta)`` (with momentum off: of theta).
-        Default ``min(0.1, 1 / chunk_size)``: the gradients of a chunk are all taken at the same weights and add up,
-        so on correlated keys the chunk's step grows with its size; bounding it by ``1 / chunk_size`` keeps a long
-        sequence from blowing the memory up (at chunk 64 a bound of 0.1 overflows within a few hundred tokens).
-        The momentum replays each gradient ``1 / (1 - eta)`` times, hence the factor ``1 - eta`` in theta: without
-        it a memory whose outer training raised eta to ~0.9 overflowed within a sequence (weights past 1e19, then
-        NaN; seen on DNA promoters and on MQAR).
+        Default ``min(0.1, 1 / chunk_size)``: a chunk's gradients, all taken at the same weights, add up, so the
+        bound shrinks with the chunk; the momentum replays each gradient ``1 / (1 - eta)`` times, hence the factor
+        ``1 - eta`` in theta. Both keep a long sequence from overflowing the memory (docs/neural_memory.md).
     max_momentum : float, optional
         Opt-in upper bound of the momentum eta (``eta = max_momentum * sigmoid(.)``): how long a gradient keeps
         acting. Default None: ``eta = sigmoid(.)``, unbounded below 1.

@@ -123,9 +123,7 @@ class RAMNet(nn.Module):
         U, the order of the product softmax.
     factor_size : int, default 4
         d_p, the logits per factor; each head has ``factor_size ** factors`` slots (default 4^5 = 1024). Prefer
-        many small factors to a few large ones: on MQAR at d_model 128 (``bench/mqar.py``, CPU, ~2100-2300 steps)
-        1024 slots as 4^5 scored 0.845 / 0.930 / 0.978 mean accuracy (seeds 0 / 1 / 2) against 0.706 / 0.809 /
-        0.695 as 32^2, and 4096 slots as 8^4 0.966 against 0.032 as 64^2 (seed 2).
+        many small factors to a few large ones (MQAR measurements: docs/ramnet.md).
     top_k : int, default 8
         K, slots written and read per token.
     gamma : float, default 1.0
@@ -137,46 +135,29 @@ class RAMNet(nn.Module):
     conv_kernel : int, default 4
         Width of the causal depthwise convolution after the projections; 0 disables it.
     chunk_size : int, default 16
-        Tokens per chunk of the chunk-form training path (PyTorch reference and Triton ``chunk`` kernel); results
-        do not depend on it. On CPU 16-32 is fastest (each chunk copies the touched rows once; the work inside a
-        chunk grows as chunk_size^2).
+        Tokens per chunk of the chunk-form training path; results do not depend on it (16-32 is fastest on CPU).
     eps : float, default 1e-6
         Added to the normaliser before the division in the read.
     balance : float, default 0
         Strength of a slot-balance regulariser applied while training (see Notes); 0 trains on your loss alone, as
         the paper does. Try 0.1 when the layer's reads lose its writes.
     normalize_reads : bool, default False
-        Weigh a read's ``top_k`` slots by their product-softmax weights divided by their sum (as top-K routers
-        renormalise their gates), so a read returns a weighted average of slots from the first step. The paper's
-        read uses the weights as they are: with many slots they start tiny (4096 slots, K = 8: ~0.01 in all, 14x
-        less than 64 slots, K = 4), and so does the layer's output. Writes are unchanged.
+        Weigh a read's ``top_k`` slots by their weights divided by their sum (as top-K routers renormalise their
+        gates): with many slots the paper's raw weights, and so the reads, start tiny. Writes are unchanged.
     temperature : float, default 1.0
-        Initial value of the learned per-head temperature ``exp(alpha)`` that scales the q/k logits. It does not
-        change which slots a token picks at first, only how much weight they carry: in ``bench/mqar.py``'s freshly
-        built d_model 128 model (64 x 64 slots, K = 8) the chosen slots hold ~0.01 of an address's weight at 1,
-        ~0.04 at 2, ~0.12 at 3 and ~0.8 at 10. On that MQAR model (CPU, one run per seed) 2 did not help: 0.110
-        mean accuracy against 0.032 at 1 (seed 2), and a second seed's reads lost their writes by step 100.
+        Initial value of the learned per-head temperature ``exp(alpha)`` that scales the q/k logits: how much weight
+        the chosen slots carry at first, not which are chosen.
 
     Notes
     -----
     A read whose K slots hold nothing written yet returns zero and passes no gradient to its address, so a layer whose
-    reads move away from its writes cannot find them again. On MQAR (``bench/mqar.py --quick``: 64 slots, V = 256,
-    4000 steps, AdamW weight decay 0.1) this ended 2 of 5 runs (mean accuracy 0.009 and 0.104): in the second layer,
-    whose keys wrote into about 19 of the 64 slots of each sequence, the share of reads finding a written slot fell
-    from ~30% to 0.1% within 100 steps and stayed there; the layer had switched itself off for good.
-    Mixture-of-experts routers collapse the same way and are cured the same way, by balancing how often each slot is
-    chosen: with ``balance > 0``, in training mode (with gradients enabled), the layer adds to the gradient of its q
-    and k logits that of ``balance / 2 * (imbalance(q) + imbalance(k))``, where ``imbalance`` is ``factor_size *
-    sum_j P_j^2 - 1`` averaged over heads and factors, and ``P`` is the factor's softmax averaged over the batch and
-    time of the call: 0 when every index is used equally often on average, however sharp each token's own address.
-    The forward output does not depend on it and your loss value does not include it. With ``balance=0.1`` all 5
-    runs learnt (0.992-0.995). It is not the default because it can also stop a layer from learning at all: at
-    d_model 128 with 4096 slots and V = 8192 (CPU, seed 0, ~1750 steps) the loss never left chance with 0.1 or 0.01
-    (mean accuracy 0.000), where without it the loss fell from step ~500 (0.108); and CAPE's relative lookups, which
-    use one address at every position, suffer from it (MQAR ``--quick`` with CAPE in the first layer: 0.256 with 0.1
-    there, 0.689 without).
-    :meth:`addresses` shows which slots are read and written; ``bench/mqar.py`` reports the share of reads that find
-    a written slot.
+    reads move away from its writes cannot find them again (a collapse seen on MQAR, docs/ramnet.md). With
+    ``balance > 0``, in training mode, the layer adds to the gradient of its q and k logits that of
+    ``balance / 2 * (imbalance(q) + imbalance(k))``, ``imbalance = factor_size * sum_j P_j^2 - 1`` averaged over heads
+    and factors, ``P`` a factor's softmax averaged over the call's batch and time: 0 when every index is used equally
+    often, however sharp each token's own address (as mixture-of-experts routers balance their experts). The output and
+    your loss value do not include it. Not the default: it can also keep a layer from learning (measurements:
+    docs/ramnet.md). :meth:`addresses` shows which slots are read and written.
 
     Examples
     --------
