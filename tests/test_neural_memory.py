@@ -284,3 +284,18 @@ def test_deep_memory_stays_finite_with_gates_at_their_extremes(max_momentum):
         y, state = layer(torch.randn(1, 256, 32))
     assert torch.isfinite(y).all()
     assert max(w.abs().max().item() for w in state.weights) < 10
+
+
+def test_read_is_the_forward_pass_of_a_memory_that_does_not_learn():
+    """read() retrieves M(q) without writing: with a zero learning rate and no decay, forward reads the same."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(16, heads=2, chunk_size=4, weight_decay=False).double()
+    with torch.no_grad():
+        mem.to_gates.bias.view(3, 2)[0].fill_(-1e4)  # theta = max_lr * sigmoid(-1e4) = 0: no write
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    _, state = mem(torch.randn(2, 8, 16, dtype=torch.float64))
+    expected, after = mem(x, state)
+    read, conv = mem.read(x, state, state.conv)
+    torch.testing.assert_close(read, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(conv, after.conv)
+    assert all(torch.equal(a, b) for a, b in zip(state.weights, after.weights))
