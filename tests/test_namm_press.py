@@ -30,7 +30,7 @@ def test_h2o_keeps_the_recent_tokens_and_the_heaviest_hitters():
     cache = hand_built_cache((8, 6))
     attention = torch.rand(1, 2, 8, 8).masked_fill(~cache.valid[:, :, None], 0)
     press = H2OPress(0.5, recent=0.5, interval=8)
-    pressed = press.compress("layer", cache, attention, full_length=8)
+    pressed = press.compress("layer", cache, attention)
     for head, length in enumerate((8, 6)):
         received = attention[0, head].sum(0)[:length]
         recent = {length - 1, length - 2}  # ceil(0.5 * 8) = 4 kept, 2 of them recent
@@ -90,7 +90,7 @@ def test_a_press_that_keeps_everything_leaves_outputs_unchanged(window):
     assert all(layer.cache_hook is None for layer in model.layers)  # removed on exit
 
 
-@pytest.mark.parametrize("variant", ["attention", "swa", "mag"])
+@pytest.mark.parametrize("variant", ["attention", "swa", "mag", "mac"])
 def test_presses_apply_to_titans_models(variant):
     titans = pytest.importorskip("memorycore.titans")
     model = titans.TitansModel(16, 2, variant=variant, heads=2, window=16, persistent_tokens=2).eval()
@@ -104,7 +104,8 @@ def test_presses_apply_to_titans_models(variant):
         state = None
         for piece in x.split(8, dim=1):
             _, state = model(piece, state)
-    full = 48 if variant == "attention" else 16  # what the layer holds without a press: all tokens, or its window
+    # what a layer holds without a press: every token, its window, or (MAC) a token and its retrieval per position
+    full = {"attention": 48, "swa": 16, "mag": 16, "mac": 96}[variant]
     assert press.stats and all(s.after.tolist() == [[math.ceil(0.25 * full)] * 2] for s in press.stats.values())
 
 

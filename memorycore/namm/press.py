@@ -25,6 +25,7 @@ from memorycore.errors import InputError
 
 DEFAULT_INTERVAL = 512
 H2O_ATTENTION = "h2o_attention"
+ARRIVAL = "arrival"
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Press:
         """Which entries ``[b, g, c]`` to keep; ``full_length`` is what the layer would hold without a press."""
         raise NotImplementedError
 
-    def compress(self, name: str, cache: KVCache, attention: Tensor, full_length: int | None = None) -> KVCache:
+    def compress(self, name: str, cache: KVCache, attention: Tensor, window: int | None = None) -> KVCache:
         """Observe ``attention`` and, when the new tokens reach a multiple of ``interval``, evict.
 
         Parameters
@@ -74,14 +75,18 @@ class Press:
             The layer's cache with the new tokens appended (any order of entries; the positions say which is newer).
         attention : Tensor [b, g, t, c]
             What each new query paid to each entry.
-        full_length : int, optional
-            Entries the layer would hold without a press (its window, or every token so far: the default).
+        window : int, optional
+            The layer's window: the most entries it would hold without a press.
         """
         query_end = int(cache.positions[cache.valid].max()) + 1
-        full_length = query_end if full_length is None else full_length
+        cache = count_arrivals(cache, query_end - attention.shape[2])
         cache = self.observe(cache, attention, query_end)
         if query_end // self.interval <= (query_end - attention.shape[2]) // self.interval:
             return cache
+        # what the layer would hold without a press: every entry it was given (MAC gives two per token and starts
+        # afresh each segment), or its window's worth
+        full_length = int(cache.extras[ARRIVAL].max()) + 1
+        full_length = full_length if window is None else min(window, full_length)
         keep = (self.keep(cache, query_end, full_length) | newest(cache)) & cache.valid
         self._record(name, cache.lengths, keep.sum(-1))
         return cache.keep(keep)
@@ -115,9 +120,7 @@ class Press:
 
     def _hook(self, name: str):
         def hook(layer: SlidingWindowAttention, cache: KVCache, attention: Tensor) -> KVCache:
-            query_end = int(cache.positions[cache.valid].max()) + 1
-            full = query_end if layer.window is None else min(layer.window, query_end)
-            return self.compress(name, cache, attention, full)
+            return self.compress(name, cache, attention, layer.window)
         return hook
 
     def _record(self, name: str, before: Tensor, after: Tensor) -> None:
@@ -135,8 +138,9 @@ class Press:
 class BudgetPress(Press):
     """A press that keeps the ``budget`` share of the tokens with the highest :meth:`score` per head.
 
-    The budget is a share of what the layer would hold without a press (every token so far, or its window): at each
-    eviction a head keeps ``ceil(budget * full_length)`` entries, so the cache stays at that share of the full cache.
+    The budget is a share of what the layer would hold without a press (every entry it was given, or its window): at
+    each eviction a head keeps ``ceil(budget * full_length)`` entries, so the cache stays at that share of the full
+    cache rather than shrinking by ``budget`` at every eviction.
     Give ``budget`` (kept share, in (0, 1]) or ``compression_ratio`` (evicted share, in [0, 1), as kvpress).
     """
 
@@ -216,6 +220,20 @@ def resolve_budget(budget: float | None, compression_ratio: float | None) -> flo
     if not _real(budget) or not 0 < budget <= 1:
         raise InputError(f"budget must be the share of the cache to keep, in (0, 1] (e.g. 0.25), got {budget!r}")
     return float(budget)
+
+
+def count_arrivals(cache: KVCache, query_start: int) -> KVCache:
+    """The cache with each entry's arrival number (entries appended before it) in ``extras``; the entries at
+    positions from ``query_start`` on are the new ones. A cache seen for the first time is numbered in entry order."""
+    arrival = cache.extras.get(ARRIVAL)
+    order = cache.valid.cumsum(-1) - 1
+    if arrival is None:
+        return cache.with_extras(**{ARRIVAL: order.masked_fill(~cache.valid, 0)})
+    new = cache.valid & (cache.positions >= query_start)
+    old = cache.valid & ~new
+    before = arrival.masked_fill(~old, -1).max(-1, keepdim=True).values + 1  # the newest old entry is always kept
+    numbered = before + (new.cumsum(-1) - 1)
+    return cache.with_extras(**{ARRIVAL: torch.where(new, numbered, arrival)})
 
 
 def newest(cache: KVCache) -> Tensor:
