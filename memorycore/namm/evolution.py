@@ -100,6 +100,22 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
         Where the best scorer goes (``.safetensors``, settings and fitness in its JSON metadata).
     verbose : bool, default True
         A progress bar with the best and mean fitness on a terminal; one line per generation otherwise.
+
+    Returns
+    -------
+    EvolutionResult
+        The best candidate seen (on its generation's batch), its fitness, and the per-generation history.
+
+    Notes
+    -----
+    The model runs in eval mode and without gradients while candidates are scored. Cost per generation: one full-cache
+    and ``population`` pressed runs of the task's batch, plus pycma's update (measured on 2 busy CPU cores at the
+    default 3585 parameters, population 32: 0.57 s full covariance, 0.012 s diagonal).
+
+    Examples
+    --------
+    >>> from memorycore.namm import fit_namm, passkey_task
+    >>> result = fit_namm(model, passkey_task(4096), generations=50, out="namm.safetensors")  # doctest: +SKIP
     """
     check_params(locals(), CONSTRAINTS)
     if not (callable(getattr(task, "sample", None)) and callable(getattr(task, "score", None))):
@@ -114,12 +130,17 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
     run = _Run(template, settings)
     if checkpoint is not None and Path(checkpoint).exists():
         run.resume(checkpoint)
-    with _reporter(verbose, generations, len(run.fitness)) as report:
-        for generation in range(len(run.fitness), generations):
-            run.generation(model, task, generation)
-            if checkpoint is not None:
-                run.save(checkpoint)
-            report(generation, run.history[-1])
+    training = model.training
+    model.eval()  # dropout would make the fitness of the same candidate vary
+    try:
+        with _reporter(verbose, generations, len(run.fitness)) as report:
+            for generation in range(len(run.fitness), generations):
+                run.generation(model, task, generation)
+                if checkpoint is not None:
+                    run.save(checkpoint)
+                report(generation, run.history[-1])
+    finally:
+        model.train(training)
     result = EvolutionResult(template.load_vector(run.best), run.best_fitness, run.history)
     if out is not None:
         result.scorer.save(out, fitness=result.best_fitness, generations=len(run.fitness))
@@ -192,7 +213,8 @@ class _Run:
 
 
 def _scores(task: NAMMTask, model: nn.Module, batch: Any, what: str) -> Tensor:
-    scores = torch.as_tensor(task.score(model, batch), dtype=torch.float64).flatten().cpu()
+    with torch.no_grad():
+        scores = torch.as_tensor(task.score(model, batch), dtype=torch.float64).flatten().cpu()
     if not bool(torch.isfinite(scores).all()):
         raise InputError(f"the task gave non-finite scores with {what}; scores must be finite numbers")
     return scores
