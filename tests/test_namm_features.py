@@ -107,3 +107,32 @@ def test_bad_scorer_input_raises_input_errors(tmp_path):
         BAMScorer().load_vector(torch.zeros(5))
     with pytest.raises(InputError, match="scorer must be a BAMScorer"):
         NAMMPress(scorer=42)
+
+
+def test_scores_computed_in_blocks_of_rows_equal_one_block():
+    scorer = BAMScorer(hidden=8)
+    scorer.load_vector(0.3 * torch.randn(scorer.num_parameters))
+    features = torch.randn(2, 3, 11, scorer.features.width)
+    positions = torch.randperm(11).expand(2, 3, 11)
+    valid = torch.rand(2, 3, 11) > 0.2
+    whole = scorer(features, positions, valid)
+    scorer.row_block = 3
+    torch.testing.assert_close(scorer(features, positions, valid), whole)
+
+
+def test_namm_keeps_exactly_the_entries_scored_non_negative_and_the_newest():
+    torch.manual_seed(2)
+    scorer = BAMScorer(hidden=8)
+    scorer.load_vector(0.5 * torch.randn(scorer.num_parameters))
+    press = NAMMPress(scorer, interval=24)
+    entries = 24
+    cache = KVCache(torch.randn(1, 2, entries, 4), torch.randn(1, 2, entries, 4),
+                    torch.arange(entries).expand(1, 2, entries).clone(), torch.ones(1, 2, entries, dtype=torch.bool))
+    attention = torch.softmax(torch.randn(1, 2, entries, entries), -1).tril()  # queries 0..23
+    observed = press.observe(cache, attention, entries)
+    scores = scorer.score(observed, entries)
+    pressed = press.compress("layer", cache, attention)
+    for head in range(2):
+        expected = {p for p in range(entries) if scores[0, head, p] >= 0} | {entries - 1}
+        assert set(pressed.positions[0, head][pressed.valid[0, head]].tolist()) == expected
+    assert 0 < int(pressed.lengths.sum()) < 2 * entries  # the draw evicts some and keeps some

@@ -52,3 +52,20 @@ def test_loss_task_with_a_keep_all_press_scores_as_the_full_cache_and_evolves_en
     assert len(result.history) == 2 and all(0 < h["mean"] < 2 for h in result.history)
     with pytest.raises(InputError, match="needs more than seq_len"):
         LossTask(torch.arange(10), seq_len=48)
+
+
+def test_our_language_model_is_pressed_along_the_prompt():
+    lm_model = pytest.importorskip("memorycore.lm.model")
+    from memorycore.titans import TitansConfig
+
+    model = lm_model.TitansLM(64, TitansConfig(dim=16, depth=2, variant="attention", heads=2)).eval()
+    task = passkey_task(64, vocab_size=64, value_len=2)
+    batch = task.sample(2, torch.Generator().manual_seed(0))
+    full = task.score(model, batch)
+    with NAMMPress(interval=16)(model):
+        torch.testing.assert_close(task.score(model, batch), full)
+    press = NAMMPress(BAMScorer(hidden=4).load_vector(torch.randn(BAMScorer(hidden=4).num_parameters)), interval=16)
+    with press(model):
+        task.score(model, batch)
+    assert all(stats.applications == 4 for stats in press.stats.values())  # at 16, 32, 48 and 64 tokens
+    assert getattr(model, "_memorycore_press", None) is None

@@ -97,7 +97,7 @@ class Press:
 
     @contextmanager
     def _applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        if _is_hugging_face(model):
+        if _is_hugging_face(model):  # HFSession reads the mark and presses the cache it owns
             with _marked(model, self):
                 yield model
             return
@@ -109,14 +109,14 @@ class Press:
                              "Face causal LM")
         if any(module.cache_hook is not None for _, module in layers):
             raise InputError("another press is already applied to this model; leave its `with` block first")
-        self.stats = {}
-        for name, module in layers:
-            module.cache_hook = self._hook(name or "attention")
-        try:
-            yield model
-        finally:
-            for _, module in layers:
-                module.cache_hook = None
+        with _marked(model, self):  # the mark tells model_logits to feed a prompt in pieces of `interval`
+            for name, module in layers:
+                module.cache_hook = self._hook(name or "attention")
+            try:
+                yield model
+            finally:
+                for _, module in layers:
+                    module.cache_hook = None
 
     def _hook(self, name: str):
         def hook(layer: SlidingWindowAttention, cache: KVCache, attention: Tensor) -> KVCache:
@@ -268,7 +268,7 @@ def _is_hugging_face(model: nn.Module) -> bool:
 
 @contextmanager
 def _marked(model: nn.Module, press: Press) -> Iterator[None]:
-    """Mark a Hugging Face model as pressed: :func:`memorycore.namm.generate` reads the mark."""
+    """Mark a model as pressed (``model._memorycore_press``): :class:`HFSession` and :func:`model_logits` read it."""
     if getattr(model, "_memorycore_press", None) is not None:
         raise InputError("another press is already applied to this model; leave its `with` block first")
     press.stats = {}

@@ -59,19 +59,29 @@ class BAMScorer(nn.Module):
         for parameter in self.parameters():
             nn.init.zeros_(parameter)
 
+    # entries whose attention rows are computed at once: the [rows, entries] scores of a 4096-entry head stay 16 MB
+    row_block = 1024
+
     def forward(self, features: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
         """Scores of entries at ``positions [b, g, c]``; ``valid`` masks the padding."""
         q, k, v = self.qkv(features).chunk(3, dim=-1)
-        # backward mask: entry i reads entry j iff j is a valid entry no older than i (itself always, so that padding
-        # rows stay finite)
-        allowed = (positions[..., None, :] >= positions[..., :, None]) & valid[..., None, :]
-        allowed = allowed | torch.eye(positions.shape[-1], dtype=torch.bool, device=positions.device)
-        logits = (q @ k.transpose(-1, -2) / math.sqrt(self.hidden)).masked_fill(~allowed, -math.inf)
+        rows = [self._attend(q[..., start:start + self.row_block, :], k, v, positions, valid, start)
+                for start in range(0, q.shape[-2], self.row_block)]
         # the entry's own value as a residual: attention alone would give an entry and the older entries that all
         # attend to the same newer one the same output
-        h = v + torch.softmax(logits, dim=-1) @ v
+        h = v + torch.cat(rows, dim=-2)
         h = h + torch.relu(self.mlp(h))
         return self.out(h).squeeze(-1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor, start: int) -> Tensor:
+        """Backward attention of the entries ``start .. start + rows`` over all entries."""
+        # entry i reads entry j iff j is a valid entry no older than i, and itself always (padding rows stay finite)
+        own = positions[..., start:start + q.shape[-2], None]
+        allowed = (positions[..., None, :] >= own) & valid[..., None, :]
+        index = torch.arange(start, start + q.shape[-2], device=q.device)
+        allowed = allowed | (index[:, None] == torch.arange(k.shape[-2], device=q.device))
+        logits = (q @ k.transpose(-1, -2) / math.sqrt(self.hidden)).masked_fill(~allowed, -math.inf)
+        return torch.softmax(logits, dim=-1) @ v
 
     def score(self, cache: KVCache, query_end: int) -> Tensor:
         """Scores ``[b, g, c]`` of a cache's entries from the features its press accumulated."""

@@ -1,8 +1,8 @@
 """Tasks :func:`memorycore.namm.fit_namm` evolves a scorer on: retrieval answers and language-model loss.
 
-Both run a token model through :func:`model_logits`: a Hugging Face causal LM goes through :class:`HFSession` (so the
-press of the enclosing ``with press(model)`` applies every ``interval`` tokens of the prompt), any other model is
-called as ``model(inputs)`` and its logits (or the first item it returns) are used.
+Both run a token model through :func:`model_logits`, which feeds the prompt in pieces of the enclosing press's
+``interval`` (so the press acts along it, as NAMM): a Hugging Face causal LM through :class:`HFSession`, our models
+as ``model(tokens, state) -> (logits, state)`` with the state carried.
 """
 
 from __future__ import annotations
@@ -26,10 +26,24 @@ Batch = tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def model_logits(model: nn.Module, inputs: Tensor) -> Tensor:
-    """Logits ``[b, t, vocab]`` of a token model on ``inputs [b, t]``, with the press of an enclosing ``with`` block."""
+    """Logits ``[b, t, vocab]`` of a token model on ``inputs [b, t]``, with the press of an enclosing ``with`` block.
+
+    Under a press, our models (``model(tokens, state) -> (logits, state)``, as :class:`memorycore.lm.model.TitansLM`)
+    are fed in pieces of the press's interval with their state carried, so that the press acts along the prompt.
+    """
     if _is_hugging_face(model):
         return HFSession(model).forward(inputs.to(model.device))
-    output = model(inputs)
+    press = getattr(model, "_memorycore_press", None)
+    if press is None:
+        return _logits(model(inputs))
+    state, pieces = None, []
+    for piece in inputs.split(press.interval, dim=1):
+        logits, state = model(piece, state)
+        pieces.append(logits)
+    return torch.cat(pieces, dim=1)
+
+
+def _logits(output) -> Tensor:
     return output[0] if isinstance(output, tuple) else getattr(output, "logits", output)
 
 
