@@ -9,110 +9,44 @@ another version, whose compiler can allocate differently.
 
     python bench/kernel_resources.py                                  # the launch settings the kernels use
     python bench/kernel_resources.py --warps 4 8 --block-hidden 32 64   # a sweep
+    python bench/kernel_resources.py --applications --dtype bf16 fp32 # every application's memory, as dispatched
     python bench/kernel_resources.py --ramnet                         # the RAM-Net kernels (chunk and scan)
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import inspect
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from memorycore.kernels.compile import compilable, compile_for, signature  # noqa: E402,F401  (signature: the tests)
 
-
-@contextlib.contextmanager
-def _environment(name: str, value: str):
-    """Set the environment variable ``name`` to ``value`` for the duration of the block."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = previous
-
-
-def _compilable_kernels(name: str = "memorycore.kernels.neural_memory.triton"):
-    """The kernel module ``name`` loaded with the interpreter off, so its kernels can be compiled even in a process
-    (the test suite) that runs them through TRITON_INTERPRET=1."""
-    module = importlib.import_module(name)
-    with _environment("TRITON_INTERPRET", "0"):
-        spec = importlib.util.spec_from_file_location("_compiled_" + name.replace(".", "_"), module.__file__)
-        compiled = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(compiled)
-    return compiled
-
-
-nm = _compilable_kernels()
-H100 = GPUTarget("cuda", 90, 32)
-# Pointers to tensors in the input dtype; every other pointer is a float32 buffer (gates, state, gradients of them).
-# The depth-2 kernels add y, dq and dk into float32 sums (the parts' shares); the counter of their in-kernel wait is
-# int32.
-INPUT_DTYPE_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "dy_ptr"}
-INPUT_DTYPE_POINTERS_DEPTH1 = {"y_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
-INT_POINTERS = {"counter_ptr"}
-# RAM-Net: slot indices are int64; its float scalar arguments
-INT64_POINTERS = {"write_index_ptr", "read_index_ptr"}
-FLOAT_SCALARS = {"gamma", "eps", "decay_floor", "proxy_eps"}
+_compilable_kernels = compilable
+nm = compilable("memorycore.kernels.neural_memory.triton")
 # kernel name -> the phases it runs in one launch (the GPU's form: every chunk, every phase)
 KERNELS = {
     1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None},
     2: {"_forward_depth2_kernel": 0b011, "_backward_depth2_kernel": 0b111},
+    3: {"_forward_depth3_kernel": None, "_backward_depth3_kernel": None},
 }
-
-
-def signature(kernel, input_type: str) -> tuple[dict[str, str], list[str]]:
-    """Triton's signature of a kernel (pointer and integer arguments; constexprs marked) and its parameter names."""
-    names = list(inspect.signature(kernel.fn).parameters)
-    constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    types = {}
-    for name in names:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in INT_POINTERS:
-            types[name] = "*i32"
-        elif name in INT64_POINTERS:
-            types[name] = "*i64"
-        elif name in FLOAT_SCALARS:
-            types[name] = "fp32"
-        elif name.endswith("_ptr"):
-            in_input_dtype = name in INPUT_DTYPE_POINTERS or ("depth1" in kernel.fn.__name__
-                                                              and name in INPUT_DTYPE_POINTERS_DEPTH1)
-            types[name] = f"*{input_type}" if in_input_dtype else "*fp32"
-        else:
-            types[name] = "i32"
-    return types, names
+H100_SHARED_BYTES = 232_448  # shared memory one program may use on an H100 (227 KB, opt-in)
 
 
 def resources(kernel, constants: dict, num_warps: int, num_stages: int, input_type: str = "bf16") -> dict:
     """Compile ``kernel`` for an H100 and return its registers per thread, stack bytes, shared memory bytes and
     compile seconds (on this machine, bypassing Triton's cache)."""
-    types, names = signature(kernel, input_type)
-    constants = {name: value for name, value in constants.items() if name in types}
-    source = ASTSource(fn=kernel, signature=types, constexprs={(names.index(k),): v for k, v in constants.items()})
     start = time.perf_counter()
-    # a cold cache, so that the compile time is real
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as cache, _environment("TRITON_CACHE_DIR", cache):
-        warnings.simplefilter("ignore")  # Triton's notice about its FP-fusion default
-        compiled = triton.compile(source, target=H100, options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = compile_for(kernel, constants, input_type, 90, num_warps, num_stages, cold_cache=True)
     seconds = time.perf_counter() - start
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.is_file():
@@ -144,9 +78,45 @@ def ramnet_rows(top_k: int, chunk_size: int, value_dim: int) -> None:
               f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
 
 
+# The neural memories the applications build (head dim, hidden width, chunk, depth), before padding to tiles
+APPLICATIONS = [
+    ("forecaster (d_model 64, 4 heads, x2)", 16, 32, 8, 2),
+    ("forecaster estimator (2 heads, x2)", 32, 64, 8, 2),
+    ("DNA classifier (dim 64, 4 heads, x4)", 16, 64, 16, 2),
+    ("MQAR (dim 64-256, head 64, x4)", 64, 256, 16, 2),
+    ("LM dim 128, 4 heads, chunk 16", 32, 128, 16, 2),
+    ("LM dim 384, 8 heads, chunk 32", 48, 192, 32, 2),
+    ("LM dim 384, 6 heads, chunk 64", 64, 256, 64, 2),
+    ("LM dim 384, 4 heads, chunk 64", 96, 384, 64, 2),
+    ("depth 3, head 16, x2, chunk 16", 16, 32, 16, 3),
+    ("depth 3, head 64, x2, chunk 64", 64, 128, 64, 3),
+]
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def application_rows(dtypes: list[str], warps: int, stages: int) -> None:
+    """Print every kernel of every application's memory at the tiles the GPU dispatch runs, and whether it fits."""
+    print(f"Triton {triton.__version__}, target sm_90 (H100), {warps} warps, {stages} stage(s), one program per "
+          f"(batch, head); 'fits': shared memory within {H100_SHARED_BYTES} bytes")
+    print("| memory | tiles (head, hidden, chunk) | depth | dtype | kernel | registers | stack B | shared KB | fits |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, head_dim, hidden, chunk, depth in APPLICATIONS:
+        tiles = nm.tile_sizes(head_dim, hidden, chunk, depth, on_gpu=True)
+        for dtype in dtypes:
+            for name, phases in KERNELS[depth].items():
+                constants = nm.kernel_constants(TORCH_DTYPES[dtype], *tiles, interpreted=False)
+                constants.update(PHASES=phases, SYNC=False)
+                used = resources(getattr(nm, name), constants, warps, stages, input_type=dtype)
+                fits = "yes" if used["shared_bytes"] <= H100_SHARED_BYTES else "**no**"
+                print(f"| {label} | {tiles} | {depth} | {dtype} | {name.strip('_')} | {used['registers']} | "
+                      f"{used['stack_bytes']:,} | {used['shared_bytes'] / 1024:.0f} | {fits} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, nargs="+", default=[1, 2], choices=[1, 2])
+    parser.add_argument("--depth", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(TORCH_DTYPES),
+                        help="input dtype (fp32 runs tf32 dots with fp32 operands in shared memory)")
     parser.add_argument("--warps", type=int, nargs="+", default=[nm.NUM_WARPS])
     parser.add_argument("--block-hidden", type=int, nargs="+", default=[nm.BLOCK_HIDDEN],
                         help="hidden-layer columns per tile (depth 2)")
@@ -157,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--expansion", type=int, default=4)
+    parser.add_argument("--applications", action="store_true",
+                        help="every application's memory at the tiles the GPU dispatch pads it to (a markdown table)")
     parser.add_argument("--ramnet", action="store_true",
                         help="the RAM-Net kernels instead (chunk form and scan; --top-k, --ramnet-chunk)")
     parser.add_argument("--top-k", type=int, default=8, help="RAM-Net slots per token")
@@ -168,25 +140,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.ramnet:
         ramnet_rows(args.top_k, args.ramnet_chunk, value_dim=64)
         return
+    if args.applications:
+        application_rows(args.dtype, args.warps[0], args.stages)
+        return
 
-    print(f"Triton {triton.__version__}, target sm_90 (H100), bf16 inputs, head dim {args.head_dim}, "
+    print(f"Triton {triton.__version__}, target sm_90 (H100), head dim {args.head_dim}, "
           f"chunk {args.chunk}, expansion {args.expansion}, {args.stages} stage(s)")
-    print(f"{'kernel':<26} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} {'shared KB':>9} "
-          f"{'compile s':>9}")
+    print(f"{'kernel':<26} {'dtype':>5} {'warps':>5} {'parts':>5} {'tile':>5} {'registers':>9} {'stack B':>8} "
+          f"{'shared KB':>9} {'compile s':>9}")
     hidden = args.head_dim * args.expansion
     for depth in args.depth:
-        for warps in args.warps:
-            for parts in (args.parts if depth == 2 else [1]):
-                for block in (args.block_hidden if depth == 2 else [None]):
-                    if depth == 2 and (hidden % parts or hidden // parts < block):
-                        continue  # a part narrower than one tile
-                    for name, phases in KERNELS[depth].items():
-                        constants = dict(D=args.head_dim, CHUNK=args.chunk, MM=tl.bfloat16, HIDDEN=hidden,
-                                         BLOCK_HIDDEN=block, PARTS=parts, PHASES=phases, SYNC=parts > 1)
-                        used = resources(getattr(nm, name), constants, warps, args.stages)
-                        print(f"{name.strip('_'):<26} {warps:>5} {parts if depth == 2 else '-':>5} "
-                              f"{block or '-':>5} {used['registers']:>9} {used['stack_bytes']:>8} "
-                              f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
+        for dtype in args.dtype:
+            for warps in args.warps:
+                for parts in (args.parts if depth == 2 else [1]):
+                    for block in (args.block_hidden if depth == 2 else [None]):
+                        if depth == 2 and (hidden % parts or hidden // parts < block):
+                            continue  # a part narrower than one tile
+                        for name, phases in KERNELS[depth].items():
+                            constants = nm.kernel_constants(TORCH_DTYPES[dtype], args.head_dim, hidden, args.chunk,
+                                                            parts, interpreted=False)
+                            constants.update(BLOCK_HIDDEN=block, PHASES=phases, SYNC=parts > 1)
+                            used = resources(getattr(nm, name), constants, warps, args.stages, input_type=dtype)
+                            print(f"{name.strip('_'):<26} {dtype:>5} {warps:>5} {parts if depth == 2 else '-':>5} "
+                                  f"{block or '-':>5} {used['registers']:>9} {used['stack_bytes']:>8} "
+                                  f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -299,12 +299,17 @@ def test_streaming_in_pieces_equals_one_call():
     assert_close(list(w + s), list(w_whole + s_whole), 1e-6, "state")
 
 
-def test_unsupported_shapes_fall_back_to_the_reference():
-    """Chunks under 16 tokens cannot be tensor-core tiles: the reference computes them, with the same results."""
-    inputs = memory_inputs(time=12, depth=2)
-    assert not nm_triton.kernel_supports(inputs[0], inputs[6], 4)
-    y, weights, momentum = neural_memory_triton(*inputs, 4)
-    expected_y, expected_w, expected_s = neural_memory_reference(*inputs, 4)
+@pytest.mark.parametrize("case, chunk_size, why", [
+    pytest.param(dict(depth=4, hidden=16, time=12), 8, "memory depth 4", id="depth4"),
+    pytest.param(dict(dim=16, time=12, dtype=torch.float64), 8, "torch.float64 inputs", id="float64"),
+    pytest.param(dict(dim=16, time=12), 512, "chunk 512", id="chunk512"),
+])
+def test_what_the_kernels_do_not_cover_falls_back_to_the_reference(case, chunk_size, why):
+    """The documented exceptions (kernels.neural_memory.triton.unsupported_reason) run the reference, same results."""
+    inputs = memory_inputs(**case)
+    assert why in nm_triton.unsupported_reason(inputs[0], inputs[6], chunk_size)
+    y, weights, momentum = neural_memory_triton(*inputs, chunk_size)
+    expected_y, expected_w, expected_s = neural_memory_reference(*inputs, chunk_size)
     assert torch.equal(y, expected_y)
     assert all(torch.equal(a, b) for a, b in zip(weights + momentum, expected_w + expected_s))
 
@@ -337,3 +342,96 @@ def test_neural_memory_layer_trains_identically_on_both_backends(monkeypatch):
         (y.square().mean()).backward()
         results[backend] = [y.detach()] + [p.grad.clone() for p in layer.parameters()]
     assert_close(results["triton"], results["torch"], 1e-4, "layer output/parameter gradient")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Coverage: every configuration the applications use, and the corners of the supported range (issue 27). Small
+# shapes: the interpreter is slow. Head dims, hidden widths and chunks that are not tiles run padded (tile_sizes).
+# ----------------------------------------------------------------------------------------------------------------------
+
+COVERAGE = [
+    # the applications' shapes (forecast/model.py, genomics/model.py, bench/mqar.py, language models)
+    pytest.param(dict(time=12, dim=16, hidden=32), 8, id="forecaster-D16-H32-C8-T12"),
+    pytest.param(dict(batch=1, time=12, dim=32, hidden=64), 8, id="forecaster-D32-H64-C8-T12"),
+    pytest.param(dict(batch=1, time=40, dim=16, hidden=64), 16, id="genomics-D16-H64-C16"),
+    pytest.param(dict(batch=1, heads=1, time=24, dim=64, hidden=256), 16, id="mqar-D64-H256-C16"),
+    pytest.param(dict(batch=1, time=40, dim=48, hidden=192), 32, id="lm-D48-H192-C32"),
+    pytest.param(dict(batch=1, heads=1, time=70, dim=96, hidden=384), 64, id="lm-D96-H384-C64"),
+    # head dims, chunks and depths at the ends of the range
+    pytest.param(dict(depth=1, batch=1, heads=1, time=20, dim=128), 16, id="D1-D128-C16"),
+    pytest.param(dict(batch=1, heads=1, time=20, dim=128, hidden=128), 16, id="D2-D128-H128-C16"),
+    pytest.param(dict(batch=1, heads=1, time=260, dim=16, hidden=32), 256, id="D2-C256-T260"),
+    pytest.param(dict(depth=1, batch=1, time=140, dim=32), 128, id="D1-C128-T140"),
+    pytest.param(dict(depth=1, time=20, dim=16), 8, id="D1-C8-T20"),
+    pytest.param(dict(time=5, dim=16, hidden=16, batch=1), 1, id="D2-C1-token-by-token"),
+    pytest.param(dict(depth=3, time=40, dim=16, hidden=32), 16, id="D3-D16-H32-C16"),
+    pytest.param(dict(depth=3, batch=1, time=20, dim=32, hidden=64), 8, id="D3-D32-H64-C8"),
+    pytest.param(dict(depth=3, momentum=False, time=24, dim=16, hidden=16), 16, id="D3-no-momentum"),
+    pytest.param(dict(depth=3, decay=False, batch=1, heads=1, time=70, dim=16, hidden=64), 64, id="D3-no-decay-C64"),
+    pytest.param(dict(depth=3, time=21, dim=8, hidden=24), 5, id="D3-D8-H24-C5"),
+]
+
+
+@pytest.mark.parametrize("case, chunk_size", COVERAGE)
+def test_every_covered_configuration_matches_the_reference(case, chunk_size):
+    inputs = memory_inputs(**case)
+    assert nm_triton.unsupported_reason(inputs[0], inputs[6], chunk_size) is None
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, chunk_size)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, chunk_size)
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case, chunk_size", [
+    pytest.param(dict(depth=1, time=20, dim=16), 8, id="D1-C8"),
+    pytest.param(dict(time=12, dim=16, hidden=32), 8, id="D2-forecaster"),
+    pytest.param(dict(depth=3, time=24, dim=32, hidden=32, batch=1), 16, id="D3-D32"),
+])
+def test_16_bit_inputs_match_the_reference_with_gradients(dtype, case, chunk_size):
+    """16-bit q, k, v: outputs and q/k/v gradients are rounded to 16 bits (and fp16 dots round their operands)."""
+    inputs = memory_inputs(dtype=dtype, **case)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, chunk_size)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, chunk_size)
+    assert actual_out[0].dtype == dtype and all(g.dtype == dtype for g in actual_grads[:3])
+    assert_close(actual_out, expected_out, 2e-2, "output/state")
+    assert_close(actual_grads, expected_grads, 2e-2, "gradient")
+
+
+@pytest.mark.parametrize("case, chunk_size", [
+    pytest.param(dict(depth=1, time=20), 8, id="D1"),
+    pytest.param(dict(depth=2, time=20, hidden=48), 8, id="D2-padded"),
+    pytest.param(dict(depth=3, time=20), 16, id="D3"),
+])
+def test_two_runs_are_bit_identical(case, chunk_size):
+    """One program per (batch, head) writes every output once: no atomics, so runs repeat exactly."""
+    inputs = memory_inputs(**case)
+    first_out, first_grads = run_with_grads(neural_memory_triton, inputs, chunk_size)
+    second_out, second_grads = run_with_grads(neural_memory_triton, inputs, chunk_size)
+    assert all(torch.equal(a, b) for a, b in zip(first_out + first_grads, second_out + second_grads))
+
+
+def test_tile_sizes_pad_each_dimension_to_a_power_of_two_of_at_least_16():
+    assert nm_triton.tile_sizes(16, 32, 8, depth=2, on_gpu=False) == (16, 32, 16)
+    assert nm_triton.tile_sizes(48, 192, 12, depth=2, on_gpu=False) == (64, 256, 16)
+    assert nm_triton.tile_sizes(64, 256, 64, depth=2, on_gpu=False) == (64, 256, 64)  # nothing to pad
+    assert nm_triton.tile_sizes(16, 32, 8, depth=2, on_gpu=True) == (16, 64, 16)  # hidden tiles of 64 on a GPU
+    assert nm_triton.tile_sizes(16, 32, 8, depth=3, on_gpu=True) == (16, 32, 16)
+    assert nm_triton.tile_sizes(8, 8, 1, depth=1, on_gpu=False) == (16, 16, 16)
+
+
+def test_the_neural_memory_layer_takes_the_kernels_for_the_applications_shapes(monkeypatch):
+    """Through the public layer (MEMORYCORE_BACKEND=triton under the interpreter): the forecaster's and the DNA
+    classifier's memories run the kernels, not the reference."""
+    from memorycore import NeuralMemory
+
+    monkeypatch.setenv("MEMORYCORE_BACKEND", "triton")
+    calls = []
+    original = nm_triton.NeuralMemoryFunction.apply
+    monkeypatch.setattr(nm_triton.NeuralMemoryFunction, "apply", lambda *a: calls.append(a[0]) or original(*a))
+    for layer, time in [(NeuralMemory(64, heads=4, depth=2, expansion=2, chunk_size=8), 12),
+                        (NeuralMemory(64, heads=2, depth=2, expansion=2, chunk_size=8), 12),
+                        (NeuralMemory(64, heads=4, depth=2, chunk_size=16), 20)]:
+        y, _ = layer(torch.randn(2, time, 64))
+        y.sum().backward()
+    assert calls == [16, 16, 16]  # chunks of 8 run as tiles of 16

@@ -35,17 +35,21 @@ Design
   and in :func:`_split`; the CPU tests run it with one launch per chunk and phase, and in one launch with the
   interpreter's programs run side by side as threads (tests/test_neural_memory_triton.py).
 
-Supported: depth 1 or 2, head dim and hidden width powers of two >= 16, chunk a power of two >= 16, float32 /
-bfloat16 / float16 inputs (the interpreter runs all of these). On a GPU only what was checked on an H100 runs the
-kernels: bf16/fp16 inputs, head dim 64, chunk 64, hidden width a multiple of 64 (see ``_verified_on_gpu``). Anything
-else (deeper memory, float64, tiny chunks, float32 on a GPU) runs the reference instead; that is a property of this
-implementation, not of the layer.
+Coverage (see :func:`unsupported_reason` and :func:`tile_sizes`): depth 1, 2 or 3 (depth 3: one program per
+(batch, head) holding whole [D, H], [H, H], [H, D] tiles); head dims up to 128 and chunks up to 256, any hidden width;
+float32, bfloat16 and float16 inputs. A head dim, hidden width or chunk that is not a power of two of at least 16 runs
+padded up to one, exactly (padded tokens have zero gates, padded features and units zero weights). float32 inputs run
+tf32 dots on a GPU (Triton's default ``input_precision``, 10-bit mantissa, like torch with ``allow_tf32``; the
+interpreter computes them in full fp32) with an fp32 state and fp32 accumulation. On a GPU a configuration runs
+only if every kernel it launches fits the chip's shared memory (compiled for the GPU at first use, then cached): fp32
+tiles of 64 or more usually do not (PERFORMANCE.md, "Coverage"). Anything else (depth 4+, float64, head dim > 128,
+chunk > 256) runs the reference instead; that is a property of this implementation, not of the layer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +60,7 @@ from torch import Tensor
 from memorycore.kernels.neural_memory.reference import Weights, chunk_coefficients, neural_memory_reference
 
 _MATMUL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # Triton's names
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,6 +268,229 @@ def _backward_depth1_kernel(
         tl.debug_barrier()  # every thread has read the incoming state gradient before it is overwritten
         tl.store(dw_ptr + grad_state + mat, dw)
         tl.store(ds_ptr + grad_state + mat, ds)
+        tl.debug_barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Depth 3 (MLP memory d -> hidden -> hidden -> d), one program per (batch, head), whole hidden tiles
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# The state is held as whole [D, H], [H, H] and [H, D] tiles (no split, no hidden tiling): simple and exact, sized for
+# the narrow memories the applications use (on a GPU the shared-memory check of kernel_supports decides what fits).
+# The backward follows the same order as depth 2, with the per-layer steps in helpers: retrieval layer by layer from
+# the output down, the weight/momentum update of every layer, then the chain of errors delta_1 <- delta_2 <- err
+# upwards (each delta_l is complete once layer l's retrieval and update have added to it), then the key path down.
+
+
+@triton.jit
+def _retrieve_layer(hq, a, delta, w, s, keep, carry, coef, MM: tl.constexpr):
+    """One layer of the per-token retrieval: keep hq W + carry hq S - ((hq a^T) * coef) delta (pre-activation)."""
+    scores = (_mm(hq, tl.trans(a), MM) * coef).to(MM)
+    return keep[:, None] * _mm(hq, w, MM) + carry[:, None] * _mm(hq, s, MM) - _mm(scores, delta, MM)
+
+
+@triton.jit
+def _retrieve_layer_backward(d_zq, hq, a, delta, w, s, keep, carry, coef, MM: tl.constexpr):
+    """Gradients of _retrieve_layer: (d hq, d a, d delta, d W, d S, d keep, d carry, d coef)."""
+    hq_a = _mm(hq, tl.trans(a), MM)
+    d_scores = -_mm(d_zq, tl.trans(delta), MM)
+    d_hq_a = d_scores * coef
+    d_keep = tl.sum(d_zq * _mm(hq, w, MM), axis=1)
+    d_carry = tl.sum(d_zq * _mm(hq, s, MM), axis=1)
+    d_hq = (_mm(keep[:, None] * d_zq, tl.trans(w), MM) + _mm(carry[:, None] * d_zq, tl.trans(s), MM)
+            + _mm(d_hq_a, a, MM))
+    d_a = _mm(tl.trans(d_hq_a), hq, MM)
+    d_delta = -_mm(tl.trans(hq_a * coef), d_zq, MM)
+    dw = _mm(tl.trans(hq), keep[:, None] * d_zq, MM)
+    ds = _mm(tl.trans(hq), carry[:, None] * d_zq, MM)
+    return d_hq, d_a, d_delta, dw, ds, d_keep, d_carry, d_scores * hq_a
+
+
+@triton.jit
+def _update_layer(a, delta, w, s, coef_last, mcoef, keep_end, carry_end, eta_end, MM: tl.constexpr):
+    """A layer's end-of-chunk weights and momentum."""
+    new_w = keep_end * w + carry_end * s - _mm(tl.trans(a), coef_last[:, None] * delta, MM)
+    new_s = eta_end * s - _mm(tl.trans(a), mcoef[:, None] * delta, MM)
+    return new_w, new_s
+
+
+@triton.jit
+def _add_update_layer_grads(a, delta, w, s, dw_ptr, ds_ptr, coef_last, mcoef, keep_end, carry_end, eta_end,
+                            d_a, d_delta, dw, ds, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end,
+                            MM: tl.constexpr):
+    """Add the gradients of _update_layer, from the incoming state gradient at dw_ptr / ds_ptr, to those given:
+    returns (d a, d delta, d W, d S, d coef_last, d mcoef, d keep_end, d carry_end, d eta_end)."""
+    dw_next = tl.load(dw_ptr)
+    ds_next = tl.load(ds_ptr)
+    a_dw = _mm(a, dw_next, MM)
+    a_ds = _mm(a, ds_next, MM)
+    d_delta -= coef_last[:, None] * a_dw + mcoef[:, None] * a_ds
+    d_a -= _mm(coef_last[:, None] * delta, tl.trans(dw_next), MM) + _mm(mcoef[:, None] * delta, tl.trans(ds_next), MM)
+    dw += keep_end * dw_next
+    ds += carry_end * dw_next + eta_end * ds_next
+    return (d_a, d_delta, dw, ds, d_coef_last - tl.sum(a_dw * delta, axis=1), d_mcoef - tl.sum(a_ds * delta, axis=1),
+            d_keep_end + tl.sum(dw_next * w), d_carry_end + tl.sum(dw_next * s), d_eta_end + tl.sum(ds_next * s))
+
+
+@triton.jit
+def _key_path_depth3(k, v, w1, w2, w3, MM: tl.constexpr):
+    """The key path of one chunk: pre-activations z1, z2, errors delta1, delta2, err and their inputs g1, g2."""
+    z1 = _mm(k, w1, MM)
+    a2, da2, _ = _silu_parts(z1)
+    z2 = _mm(a2, w2, MM)
+    a3, da3, _ = _silu_parts(z2)
+    err = 2.0 * (_mm(a3, w3, MM) - v)
+    g2 = _mm(err, tl.trans(w3), MM)
+    delta2 = g2 * da3
+    g1 = _mm(delta2, tl.trans(w2), MM)
+    delta1 = g1 * da2
+    return z1, z2, a2, a3, err, g1, g2, delta1, delta2
+
+
+@triton.jit
+def _forward_depth3_kernel(
+    q_ptr, k_ptr, v_ptr, y_ptr,
+    keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr,
+    w1_ptr, w2_ptr, w3_ptr, s1_ptr, s2_ptr, s3_ptr,
+    T, n_chunks, n_slots,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    seq = pid * T * D
+    mat_1 = cols[:, None] * HIDDEN + hid[None, :]  # [D, HIDDEN]
+    mat_2 = hid[:, None] * HIDDEN + hid[None, :]  # [HIDDEN, HIDDEN]
+    mat_3 = hid[:, None] * D + cols[None, :]  # [HIDDEN, D]
+    for chunk in range(n_chunks):
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
+        keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
+            keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, (pid * n_chunks + chunk) * CHUNK,
+            rows, CHUNK)
+        src, dst = pid * n_slots + chunk % n_slots, pid * n_slots + (chunk + 1) % n_slots
+        w1 = tl.load(w1_ptr + src * D * HIDDEN + mat_1)
+        w2 = tl.load(w2_ptr + src * HIDDEN * HIDDEN + mat_2)
+        w3 = tl.load(w3_ptr + src * HIDDEN * D + mat_3)
+        s1 = tl.load(s1_ptr + src * D * HIDDEN + mat_1)
+        s2 = tl.load(s2_ptr + src * HIDDEN * HIDDEN + mat_2)
+        s3 = tl.load(s3_ptr + src * HIDDEN * D + mat_3)
+        z1, z2, a2, a3, err, g1, g2, delta1, delta2 = _key_path_depth3(k, v, w1, w2, w3, MM)
+        hq1, _, _ = _silu_parts(_retrieve_layer(q, k, delta1, w1, s1, keep, carry, coef, MM))
+        hq2, _, _ = _silu_parts(_retrieve_layer(hq1, a2, delta2, w2, s2, keep, carry, coef, MM))
+        y = _retrieve_layer(hq2, a3, err, w3, s3, keep, carry, coef, MM)
+        _store_rows(y_ptr + seq, y, chunk, T, rows, cols, D)
+        new_w, new_s = _update_layer(k, delta1, w1, s1, coef_last, mcoef, keep_end, carry_end, eta_end, MM)
+        tl.store(w1_ptr + dst * D * HIDDEN + mat_1, new_w)
+        tl.store(s1_ptr + dst * D * HIDDEN + mat_1, new_s)
+        new_w, new_s = _update_layer(a2, delta2, w2, s2, coef_last, mcoef, keep_end, carry_end, eta_end, MM)
+        tl.store(w2_ptr + dst * HIDDEN * HIDDEN + mat_2, new_w)
+        tl.store(s2_ptr + dst * HIDDEN * HIDDEN + mat_2, new_s)
+        new_w, new_s = _update_layer(a3, err, w3, s3, coef_last, mcoef, keep_end, carry_end, eta_end, MM)
+        tl.store(w3_ptr + dst * HIDDEN * D + mat_3, new_w)
+        tl.store(s3_ptr + dst * HIDDEN * D + mat_3, new_s)
+        tl.debug_barrier()  # the next chunk reads the state this one wrote
+
+
+@triton.jit
+def _backward_depth3_kernel(
+    q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, dk_ptr, dv_ptr,
+    keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr,
+    dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr,
+    w1_ptr, w2_ptr, w3_ptr, s1_ptr, s2_ptr, s3_ptr, dw1_ptr, dw2_ptr, dw3_ptr, ds1_ptr, ds2_ptr, ds3_ptr,
+    T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    seq = pid * T * D
+    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
+    mat_2 = hid[:, None] * HIDDEN + hid[None, :]
+    mat_3 = hid[:, None] * D + cols[None, :]
+    grad_1, grad_2, grad_3 = pid * D * HIDDEN, pid * HIDDEN * HIDDEN, pid * HIDDEN * D
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
+        dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        row_offset = (pid * n_chunks + chunk) * CHUNK
+        keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
+            keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK)
+        src = pid * (n_chunks + 1) + chunk
+        w1 = tl.load(w1_ptr + src * D * HIDDEN + mat_1)
+        w2 = tl.load(w2_ptr + src * HIDDEN * HIDDEN + mat_2)
+        w3 = tl.load(w3_ptr + src * HIDDEN * D + mat_3)
+        s1 = tl.load(s1_ptr + src * D * HIDDEN + mat_1)
+        s2 = tl.load(s2_ptr + src * HIDDEN * HIDDEN + mat_2)
+        s3 = tl.load(s3_ptr + src * HIDDEN * D + mat_3)
+
+        # recompute the chunk: key path, then the retrieval's hidden layers
+        z1, z2, a2, a3, err, g1, g2, delta1, delta2 = _key_path_depth3(k, v, w1, w2, w3, MM)
+        zq1 = _retrieve_layer(q, k, delta1, w1, s1, keep, carry, coef, MM)
+        hq1, dhq1, _ = _silu_parts(zq1)
+        zq2 = _retrieve_layer(hq1, a2, delta2, w2, s2, keep, carry, coef, MM)
+        hq2, dhq2, _ = _silu_parts(zq2)
+
+        # retrieval, from the output down
+        d_hq2, d_a3, d_err, dw3, ds3, d_keep, d_carry, d_coef = _retrieve_layer_backward(
+            dy, hq2, a3, err, w3, s3, keep, carry, coef, MM)
+        d_hq1, d_a2, d_delta2, dw2, ds2, d_keep_2, d_carry_2, d_coef_2 = _retrieve_layer_backward(
+            d_hq2 * dhq2, hq1, a2, delta2, w2, s2, keep, carry, coef, MM)
+        dq, dk, d_delta1, dw1, ds1, d_keep_1, d_carry_1, d_coef_1 = _retrieve_layer_backward(
+            d_hq1 * dhq1, q, k, delta1, w1, s1, keep, carry, coef, MM)
+        d_keep += d_keep_2 + d_keep_1
+        d_carry += d_carry_2 + d_carry_1
+        d_coef += d_coef_2 + d_coef_1
+
+        # the update of every layer, from the incoming state gradient
+        d_coef_last = tl.zeros((CHUNK,), dtype=tl.float32)
+        d_mcoef = tl.zeros((CHUNK,), dtype=tl.float32)
+        d_keep_end, d_carry_end, d_eta_end = 0.0, 0.0, 0.0
+        d_a3, d_err, dw3, ds3, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+            a3, err, w3, s3, dw3_ptr + grad_3 + mat_3, ds3_ptr + grad_3 + mat_3, coef_last, mcoef, keep_end,
+            carry_end, eta_end, d_a3, d_err, dw3, ds3, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end, MM)
+        d_a2, d_delta2, dw2, ds2, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+            a2, delta2, w2, s2, dw2_ptr + grad_2 + mat_2, ds2_ptr + grad_2 + mat_2, coef_last, mcoef, keep_end,
+            carry_end, eta_end, d_a2, d_delta2, dw2, ds2, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end, MM)
+        dk, d_delta1, dw1, ds1, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+            k, delta1, w1, s1, dw1_ptr + grad_1 + mat_1, ds1_ptr + grad_1 + mat_1, coef_last, mcoef, keep_end,
+            carry_end, eta_end, dk, d_delta1, dw1, ds1, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end, MM)
+
+        # the errors: delta1 = (delta2 W2^T) silu'(z1), delta2 = (err W3^T) silu'(z2), err = 2 (pred - v)
+        _, da2, dda2 = _silu_parts(z1)
+        _, da3, dda3 = _silu_parts(z2)
+        d_g1 = d_delta1 * da2
+        d_z1 = d_delta1 * g1 * dda2
+        d_delta2 += _mm(d_g1, w2, MM)
+        dw2 += _mm(tl.trans(d_g1), delta2, MM)
+        d_g2 = d_delta2 * da3
+        d_z2 = d_delta2 * g2 * dda3
+        d_err += _mm(d_g2, w3, MM)
+        dw3 += _mm(tl.trans(d_g2), err, MM)
+
+        # the key path: pred = a3 W3, a3 = silu(z2), z2 = a2 W2, a2 = silu(z1), z1 = k W1
+        d_pred = 2.0 * d_err
+        dw3 += _mm(tl.trans(a3), d_pred, MM)
+        d_z2 += (d_a3 + _mm(d_pred, tl.trans(w3), MM)) * da3
+        dw2 += _mm(tl.trans(a2), d_z2, MM)
+        d_z1 += (d_a2 + _mm(d_z2, tl.trans(w2), MM)) * da2
+        dw1 += _mm(tl.trans(k), d_z1, MM)
+        dk += _mm(d_z1, tl.trans(w1), MM)
+
+        _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
+        _store_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
+        _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
+        _store_gate_grads(dkeep_ptr, dcarry_ptr, dcoef_ptr, dcoef_last_ptr, dends_ptr, dmcoef_ptr, row_offset, rows,
+                          d_keep, d_carry, d_coef, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end,
+                          CHUNK, False)
+        tl.debug_barrier()  # every thread has read the incoming state gradient before it is overwritten
+        tl.store(dw1_ptr + grad_1 + mat_1, dw1)
+        tl.store(dw2_ptr + grad_2 + mat_2, dw2)
+        tl.store(dw3_ptr + grad_3 + mat_3, dw3)
+        tl.store(ds1_ptr + grad_1 + mat_1, ds1)
+        tl.store(ds2_ptr + grad_2 + mat_2, ds2)
+        tl.store(ds3_ptr + grad_3 + mat_3, ds3)
         tl.debug_barrier()
 
 
@@ -586,30 +814,90 @@ def _is_tile_size(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def _tile(n: int, floor: int = 16) -> int:
+    """The tile a dimension of ``n`` runs in: the next power of two, at least ``floor`` (tl.dot needs 16)."""
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+# Beyond these the kernels are untested, and on an H100 their tiles outgrow shared memory even in 16 bits
+# (PERFORMANCE.md, "Coverage"); deeper memories have no kernel.
+MAX_DEPTH, MAX_HEAD_DIM, MAX_CHUNK = 3, 128, 256
+
+
+def tile_sizes(head_dim: int, hidden: int, chunk_size: int, depth: int, on_gpu: bool) -> tuple[int, int, int]:
+    """The (head dim, hidden width, chunk) the kernels run for a layer's shape, each padded up to a tile.
+
+    The padding is exact: padded tokens have zero gates (they read and write nothing), padded features and hidden
+    units have zero inputs and zero weights, which stay zero through every update, so they add nothing to any real
+    output or gradient. It costs work in proportion (chunk 8 runs 16-token tiles: twice the arithmetic). On a GPU the
+    depth-2 hidden width is padded to whole tiles of BLOCK_HIDDEN (narrower tiles were miscompiled by Triton 3.6).
+    """
+    hidden_floor = BLOCK_HIDDEN if on_gpu and depth == 2 else 16
+    return _tile(head_dim), (_tile(hidden, hidden_floor) if depth > 1 else _tile(head_dim)), _tile(chunk_size)
+
+
+def unsupported_reason(q: Tensor, weights: Weights, chunk_size: int) -> str | None:
+    """Why these inputs cannot run on the Triton kernels (then the reference computes them), or None if they can."""
+    depth, head_dim = len(weights), q.shape[-1]
+    if q.dtype not in _MATMUL_DTYPES:
+        return f"{q.dtype} inputs: the kernels compute in float32 at most (float64 stays exact on the reference)"
+    if not 1 <= depth <= MAX_DEPTH:
+        return f"memory depth {depth}: kernels exist for depth 1 to {MAX_DEPTH}"
+    if head_dim > MAX_HEAD_DIM or chunk_size > MAX_CHUNK:
+        return (f"head dim {head_dim} / chunk {chunk_size}: the kernels are tested up to head dim {MAX_HEAD_DIM} and "
+                f"chunk {MAX_CHUNK}")
+    if q.shape[2] == 0:
+        return "an empty sequence"
+    if q.is_cuda:
+        tiles = tile_sizes(head_dim, weights[0].shape[-1], chunk_size, depth, on_gpu=True)
+        needed, limit = _shared_memory_needed(q, depth, tiles), _shared_memory_limit(q.device)
+        if needed > limit:
+            return (f"the kernels for these tiles (head dim, hidden, chunk = {tiles}, {q.dtype}) need {needed} bytes "
+                    f"of shared memory; this GPU has {limit}")
+    return None
+
+
 def kernel_supports(q: Tensor, weights: Weights, chunk_size: int) -> bool:
     """Whether these inputs run on the Triton kernels (otherwise the reference computes them)."""
-    depth, head_dim = len(weights), q.shape[-1]
-    if q.is_cuda and not _verified_on_gpu(q, weights, chunk_size):
-        return False
-    return (
-        q.dtype in _MATMUL_DTYPES
-        and depth in (1, 2)
-        and _is_tile_size(head_dim)
-        and _is_tile_size(chunk_size)
-        and (depth == 1 or _is_tile_size(weights[0].shape[-1]))
-        and q.shape[2] > 0
-    )
+    return unsupported_reason(q, weights, chunk_size) is None
 
 
-def _verified_on_gpu(q: Tensor, weights: Weights, chunk_size: int) -> bool:
-    """The configurations checked against the reference on an H100 (Triton 3.6).
+def _shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one program may use on ``device`` (opt-in maximum per block), in bytes."""
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 232_448)
 
-    float32 tiles need more shared memory than the chip has (the backward kernels ask for 240-350 KB), and tiles
-    32 wide were miscompiled (out-of-bounds shared-memory reads), so the GPU path is limited to 16-bit inputs, head dim
-    64, chunk 64 and a hidden width that is a multiple of 64. Other inputs on a GPU take the reference.
-    """
-    hidden_ok = len(weights) == 1 or weights[0].shape[-1] % BLOCK_HIDDEN == 0
-    return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] == 64 and chunk_size == 64 and hidden_ok
+
+def _shared_memory_needed(q: Tensor, depth: int, tiles: tuple[int, int, int]) -> int:
+    """The most shared memory any kernel of this configuration asks for, compiled for this GPU (cached)."""
+    capability = torch.cuda.get_device_capability(q.device)
+    head_dim, hidden, chunk = tiles
+    return max(kernel_shared_memory(name, str(q.dtype).removeprefix("torch."), head_dim, hidden, chunk, parts,
+                                    capability[0] * 10 + capability[1])
+               for name, parts in _kernels_for(depth, hidden, q.shape[0] * q.shape[1], q.device))
+
+
+def _kernels_for(depth: int, hidden: int, batch_heads: int, device: torch.device) -> list[tuple[str, int]]:
+    """(kernel name, parts) of every kernel one forward + backward launches."""
+    if depth == 2:
+        parts, _ = _split(batch_heads, hidden, device)
+        return [("_forward_depth2_kernel", parts), ("_backward_depth2_kernel", parts)]
+    return [(f"_forward_depth{depth}_kernel", 1), (f"_backward_depth{depth}_kernel", 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_shared_memory(name: str, dtype: str, head_dim: int, hidden: int, chunk: int, parts: int,
+                         capability: int) -> int:
+    """Bytes of shared memory kernel ``name`` needs at these tiles, compiled for an NVIDIA GPU of ``capability``
+    (e.g. 90 for an H100; no GPU needed). Compiled once per configuration and process."""
+    from memorycore.kernels.compile import compilable, compile_for
+
+    module = compilable(__name__)
+    constants = kernel_constants(getattr(torch, dtype), head_dim, hidden, chunk, parts, interpreted=False)
+    constants.update(PHASES=0b111 if name.startswith("_backward") else 0b011, SYNC=parts > 1)  # the GPU form
+    compiled = compile_for(getattr(module, name), constants, _TYPE_NAMES[getattr(torch, dtype)], capability,
+                           NUM_WARPS, NUM_STAGES)
+    return int(compiled.metadata.shared)
 
 
 def chunk_gates(lr: Tensor, log_eta: Tensor, log_keep: Tensor, chunk_size: int) -> tuple[Tensor, ...]:
@@ -636,16 +924,28 @@ def chunk_gates(lr: Tensor, log_eta: Tensor, log_keep: Tensor, chunk_size: int) 
     return tuple(x.contiguous() for x in (keep, carry, coef, coef_last, ends, momentum_coef))
 
 
-def _launch_options(q: Tensor, state: tuple[Tensor, ...], chunk_size: int, parts: int = 1) -> dict:
-    depth = len(state) // 2
-    matmul_dtype = _MATMUL_DTYPES[q.dtype]
-    if matmul_dtype == tl.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+def kernel_constants(dtype: torch.dtype, head_dim: int, hidden: int, chunk: int, parts: int = 1,
+                     interpreted: bool | None = None) -> dict:
+    """The compile-time constants of the kernels for inputs of ``dtype`` at these tile sizes (``interpreted``: for
+    the Triton interpreter; by default, whether this process runs it)."""
+    matmul_dtype = _MATMUL_DTYPES[dtype]
+    if interpreted is None:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if matmul_dtype == tl.bfloat16 and interpreted:
         matmul_dtype = tl.float32  # the Triton interpreter (3.9) returns garbage for bf16 tl.dot; fp32 is exact there
-    options = dict(D=q.shape[-1], CHUNK=chunk_size, MM=matmul_dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    if depth == 2:
-        hidden = state[0].shape[-1]
-        options.update(HIDDEN=hidden, PARTS=parts, BLOCK_HIDDEN=min(hidden // parts, BLOCK_HIDDEN))
-    return options
+    return dict(D=head_dim, CHUNK=chunk, MM=matmul_dtype, HIDDEN=hidden, PARTS=parts,
+                BLOCK_HIDDEN=min(hidden // parts, BLOCK_HIDDEN))
+
+
+def _launch_options(q: Tensor, state: tuple[Tensor, ...], chunk_size: int, parts: int = 1) -> dict:
+    """Constants and launch settings of the kernels for q and the (padded) state; only depth 2 uses the split."""
+    hidden = state[0].shape[-1]
+    options = kernel_constants(q.dtype, q.shape[-1], hidden, chunk_size, parts)
+    if len(state) != 4:
+        del options["PARTS"], options["BLOCK_HIDDEN"]
+    if len(state) == 2:
+        del options["HIDDEN"]
+    return dict(options, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -709,10 +1009,10 @@ def _forward(
         buffer = _empty((bh, n_slots, *s.shape[-2:]), torch.float32, q.device)
         buffer[:, 0] = s.reshape(bh, *s.shape[-2:])
         buffers.append(buffer)
-    if len(state) == 2:
+    if len(state) != 4:  # depth 1 or 3: one program per (batch, head)
         y = _empty(q.shape, q.dtype, q.device)
-        _forward_depth1_kernel[(bh,)](q, k, v, y, *gates, *buffers, time, n_chunks, n_slots,
-                                      **_launch_options(q, state, chunk_size))
+        kernel = _forward_depth1_kernel if len(state) == 2 else _forward_depth3_kernel
+        kernel[(bh,)](q, k, v, y, *gates, *buffers, time, n_chunks, n_slots, **_launch_options(q, state, chunk_size))
     else:
         parts, whole = _split(bh, state[0].shape[-1], q.device)
         y_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # the parts add their shares
@@ -736,11 +1036,12 @@ def _backward(
     # the state gradient flows backwards through these buffers, starting from the gradient of the final state
     d_state = [g.reshape(bh, *g.shape[-2:]).to(torch.float32).clone(memory_format=torch.contiguous_format)
                for g in d_final]
-    if len(buffers) == 2:
+    if len(buffers) != 4:  # depth 1 or 3: one program per (batch, head)
         dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
         d_gates = [_empty(g.shape, torch.float32, q.device) for g in gates]
-        _backward_depth1_kernel[(bh,)](q, k, v, dy, dq, dk, dv, *gates, *d_gates, *buffers, *d_state,
-                                       time, n_chunks, **_launch_options(q, buffers, chunk_size))
+        kernel = _backward_depth1_kernel if len(buffers) == 2 else _backward_depth3_kernel
+        kernel[(bh,)](q, k, v, dy, dq, dk, dv, *gates, *d_gates, *buffers, *d_state, time, n_chunks,
+                      **_launch_options(q, buffers, chunk_size))
     else:
         hidden = buffers[0].shape[-1]
         parts, whole = _split(bh, hidden, q.device)
@@ -820,12 +1121,35 @@ def neural_memory_triton(
     q, k, v = _autocast_inputs(q, k, v)
     if not kernel_supports(q, weights, chunk_size):
         return neural_memory_reference(q, k, v, lr, log_eta, log_keep, weights, momentum, chunk_size)
-    depth = len(weights)
-    q, k, v = (x.to(q.dtype).contiguous() for x in (q, k, v))
-    gates = chunk_gates(lr, log_eta, log_keep, chunk_size)
-    state = tuple(weights) + tuple(momentum)
+    depth, (batch, heads, time, head_dim) = len(weights), q.shape
+    widths = [head_dim] + [weights[0].shape[-1]] * (depth - 1) + [head_dim]
+    tile_dim, tile_hidden, tile_chunk = tile_sizes(head_dim, widths[1], chunk_size, depth, q.is_cuda)
+    tile_widths = [tile_dim] + [tile_hidden] * (depth - 1) + [tile_dim]
+    q, k, v = (_pad_chunks(F.pad(x.to(q.dtype), (0, tile_dim - head_dim)), chunk_size, tile_chunk).contiguous()
+               for x in (q, k, v))
+    keep, carry, coef, coef_last, ends, momentum_coef = chunk_gates(lr, log_eta, log_keep, chunk_size)
+    pad = tile_chunk - chunk_size  # padded tokens: zero gates, so they neither read nor write the memory
+    gates = tuple(F.pad(g, (0, pad)) for g in (keep, carry)) + (F.pad(coef, (0, pad, 0, pad)),
+                                                                 F.pad(coef_last, (0, pad)), ends,
+                                                                 F.pad(momentum_coef, (0, pad)))
+    state = tuple(F.pad(s, (0, o - s.shape[-1], 0, i - s.shape[-2]))
+                  for s, i, o in zip(weights + momentum, tile_widths[:-1] * 2, tile_widths[1:] * 2))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *gates, *state)):
-        y, *final = NeuralMemoryFunction.apply(chunk_size, q, k, v, *gates, *state)
+        y, *final = NeuralMemoryFunction.apply(tile_chunk, q, k, v, *gates, *state)
     else:
-        y, final, _ = _forward(q, k, v, gates, state, chunk_size, keep_boundaries=False)
-    return y, tuple(final[:depth]), tuple(final[depth:])
+        y, final, _ = _forward(q, k, v, gates, state, tile_chunk, keep_boundaries=False)
+    if tile_chunk != chunk_size:
+        y = y.reshape(batch, heads, -1, tile_chunk, tile_dim)[:, :, :, :chunk_size].reshape(batch, heads, -1, tile_dim)
+    y = y[:, :, :time, :head_dim]
+    final = tuple(s[..., :i, :o] for s, i, o in zip(final, widths[:-1] * 2, widths[1:] * 2))
+    return y, final[:depth], final[depth:]
+
+
+def _pad_chunks(x: Tensor, chunk_size: int, tile_chunk: int) -> Tensor:
+    """[b, h, t, d] -> [b, h, n * tile_chunk, d]: every chunk's tokens followed by zero rows up to a whole tile."""
+    if tile_chunk == chunk_size:
+        return x
+    batch, heads, time, dim = x.shape
+    n_chunks = -(-time // chunk_size)
+    x = F.pad(x, (0, 0, 0, n_chunks * chunk_size - time)).reshape(batch, heads, n_chunks, chunk_size, dim)
+    return F.pad(x, (0, 0, 0, tile_chunk - chunk_size)).reshape(batch, heads, n_chunks * tile_chunk, dim)
