@@ -110,6 +110,12 @@ def test_budget_presses_hold_the_cache_at_their_share_and_keep_the_newest(press)
 
 
 def test_hugging_face_misuse_raises_input_errors():
+    model = tiny_llama()
+    with H2OPress(0.5)(model):
+        with pytest.raises(InputError, match="through memorycore.namm.generate or HFSession"):
+            model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+        assert generate(model, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2).shape == (1, 5)
+    model(torch.zeros(1, 3, dtype=torch.long))  # the guard leaves with the press
     with pytest.raises(InputError, match="attn_implementation='eager'"):
         HFSession(tiny_llama("sdpa"), H2OPress(0.5))
     with pytest.raises(InputError, match="not a Hugging Face causal LM"):

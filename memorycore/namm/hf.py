@@ -78,8 +78,12 @@ class HFSession:
         # a 4-D mask makes transformers skip building its own; each attention module gets its layer's mask instead
         placeholder = torch.zeros(batch, 1, time, 1, device=input_ids.device)
         with self._hooks(positions):
-            output = self.model(input_ids=input_ids, position_ids=positions[None].expand(batch, -1),
-                                attention_mask=placeholder, use_cache=True, **{self._cache_argument: self.cache})
+            self.model._memorycore_in_session = True  # lets the forward pass through a press's guard
+            try:
+                output = self.model(input_ids=input_ids, position_ids=positions[None].expand(batch, -1),
+                                    attention_mask=placeholder, use_cache=True, **{self._cache_argument: self.cache})
+            finally:
+                self.model._memorycore_in_session = False
         self.position += time
         return output.logits
 

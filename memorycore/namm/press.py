@@ -98,8 +98,12 @@ class Press:
     @contextmanager
     def _applied(self, model: nn.Module) -> Iterator[nn.Module]:
         if _is_hugging_face(model):  # HFSession reads the mark and presses the cache it owns
-            with _marked(model, self):
-                yield model
+            guard = model.register_forward_pre_hook(_outside_session)
+            try:
+                with _marked(model, self):
+                    yield model
+            finally:
+                guard.remove()
             return
         layers = [(name, module) for name, module in model.named_modules()
                   if isinstance(module, SlidingWindowAttention)]
@@ -264,6 +268,14 @@ def _is_hugging_face(model: nn.Module) -> bool:
 
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _outside_session(model: nn.Module, args: tuple) -> None:
+    """Refuse a Hugging Face forward pass under a press that does not come from HFSession (the press would not act)."""
+    if not getattr(model, "_memorycore_in_session", False):
+        raise InputError("inside `with press(model)`, run a Hugging Face model through memorycore.namm.generate or "
+                         "HFSession: transformers' own generate and forward would not press the cache (and generate "
+                         "re-feeds tokens once a cache is pruned outside it)")
 
 
 @contextmanager
