@@ -70,6 +70,8 @@ def test_bad_evolution_input_raises_input_errors(tmp_path):
         fit_namm(model, task, generations=1, population=0)
     with pytest.raises(InputError, match="sigma0 must be"):
         fit_namm(model, task, generations=1, sigma0=-1.0)
+    with pytest.raises(InputError, match="scorer must be a BAMScorer"):
+        fit_namm(model, task, generations=1, scorer="namm.safetensors")
     with pytest.raises(InputError, match="task must have sample"):
         fit_namm(model, object(), generations=1)
     checkpoint = tmp_path / "evolution.safetensors"

@@ -121,6 +121,9 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
     if not (callable(getattr(task, "sample", None)) and callable(getattr(task, "score", None))):
         raise InputError(f"task must have sample(batch_size, generator) and score(model, batch) methods (a NAMMTask "
                          f"or FunctionTask), got {type(task).__name__}")
+    if scorer is not None and not isinstance(scorer, BAMScorer):
+        raise InputError(f"scorer must be a BAMScorer (its settings define the search space), got "
+                         f"{type(scorer).__name__}")
     for path in (checkpoint, out):
         if path is not None:
             check_writable(path)
