@@ -14,7 +14,8 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from memorycore.devices import resolve_device
 from memorycore.errors import InputError, TrainingError
+from memorycore.training_checkpoint import RunState, load_training_state, save_training_state
 from memorycore.validation import POSITIVE_INT, TRAINING_CONSTRAINTS, check_params
 
 LossFn = Callable[[nn.Module, Sequence[Tensor]], Tensor]
@@ -74,6 +76,10 @@ def fit_model(
     verbose: bool = True,
     description: str = "training",
     max_steps_per_epoch: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = 200,
+    resume: bool = False,
+    generators: Sequence[torch.Generator] = (),
 ) -> TrainingHistory:
     """Train ``model`` in place to minimise ``loss_fn`` and return the history.
 
@@ -106,6 +112,16 @@ def fit_model(
         Label of the progress bar.
     max_steps_per_epoch : int, optional
         Cap on optimiser steps per epoch (an "epoch" then sees a random subset of the training data).
+    checkpoint : path-like, optional
+        Write a training checkpoint there (atomically; :mod:`memorycore.training_checkpoint`) every
+        ``checkpoint_every`` steps and after each epoch.
+    checkpoint_every : int or None
+        Steps between checkpoints (None: after each epoch only).
+    resume : bool
+        Continue from ``checkpoint`` when it exists (a warning says when it does not): the run ends with the same
+        weights as one never interrupted. The model, data and settings must be those of the interrupted run.
+    generators : sequence of torch.Generator
+        Other generators the training draws from (e.g. a loss function's augmentation); checkpointed and restored.
 
     Returns
     -------
@@ -114,6 +130,7 @@ def fit_model(
     # lr 0 is allowed here (the loop runs, frozen: tests of the loop itself use it), so only a non-zero one is checked
     check_hyperparameters(lr=lr or None, weight_decay=weight_decay, epochs=epochs, batch_size=batch_size,
                           devices=devices)
+    check_params({"checkpoint_every": checkpoint_every}, {"checkpoint_every": [POSITIVE_INT, None]})
     if len(train_data) == 0:
         raise InputError("no training examples: the training data is empty")
     with _process_group(devices) as distributed:
@@ -129,23 +146,59 @@ def fit_model(
         schedule = _warmup_cosine(optimizer, steps_per_epoch * epochs, warmup_fraction)
         is_main = not distributed or dist.get_rank() == 0
 
-        history, best_loss, best_state, stale = TrainingHistory(), math.inf, None, 0
+        history, progress_state, best_state = TrainingHistory(), RunState(), None
+        loader_state = generator.get_state()
+        signature = {"examples": len(train_data), "batch_size": batch_size, "epochs": epochs,
+                     "steps_per_epoch": steps_per_epoch, "parameters": sum(p.numel() for p in model.parameters())}
+        if resume and checkpoint is not None and Path(checkpoint).exists():
+            progress_state, best_state, loader_state = load_training_state(
+                checkpoint, model=model, optimizer=optimizer, schedule=schedule, generators=generators,
+                signature=signature, device=device)
+            history = TrainingHistory(**progress_state.history)
+        elif resume:
+            warnings.warn(f"no training checkpoint at {checkpoint} to resume from: training starts afresh",
+                          stacklevel=2)
+        run = progress_state
+
+        def save(epoch_start_state: torch.Tensor) -> None:
+            if checkpoint is not None and is_main:
+                run.history = asdict(history) | {"seconds": history.seconds + time.perf_counter() - start}
+                save_training_state(checkpoint, model=model, optimizer=optimizer, schedule=schedule,
+                                    best_state=best_state, progress=run, loader_state=epoch_start_state,
+                                    generators=generators, signature=signature, device=device)
+
         start = time.perf_counter()
         with _progress(verbose and is_main, description) as progress:
-            task = progress.add_task(description, total=steps_per_epoch * epochs, status="")
-            for epoch in range(epochs):
+            task = progress.add_task(description, total=steps_per_epoch * epochs,
+                                     completed=run.epoch * steps_per_epoch + run.step, status="")
+            for epoch in range(run.epoch, epochs):
+                if run.finished:
+                    break
                 if sampler is not None:
                     sampler.set_epoch(epoch)
+                generator.set_state(loader_state)  # a resumed epoch draws the batch order it drew before
 
                 def report(mean_loss: float, epoch: int = epoch) -> None:
                     progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
 
+                def after_step(step: int, running: float, seen: int, epoch: int = epoch,
+                               epoch_start_state: torch.Tensor = loader_state) -> None:
+                    run.epoch, run.step, run.running, run.seen = epoch, step, running, seen
+                    if checkpoint_every and (epoch * steps_per_epoch + step) % checkpoint_every == 0:
+                        save(epoch_start_state)
+
                 train_loss = _train_epoch(trained, loss_fn, loader, steps_per_epoch, optimizer, schedule,
-                                          grad_clip=grad_clip, device=device, epoch=epoch, report=report)
+                                          grad_clip=grad_clip, device=device, epoch=epoch, report=report,
+                                          first_step=run.step, running=run.running, seen=run.seen,
+                                          after_step=after_step)
+                loader_state = generator.get_state()
+                run.epoch, run.step, run.running, run.seen = epoch + 1, 0, 0.0, 0
+                run.finished = epoch + 1 == epochs
                 history.train_loss.append(_all_mean(train_loss, distributed))
 
                 if val_data is None:
                     history.best_epoch = epoch
+                    save(loader_state)
                     continue
                 val_loss = _all_mean(evaluate_loss(model, loss_fn, val_data, batch_size=batch_size, device=device),
                                      distributed)
@@ -156,21 +209,23 @@ def fit_model(
                     warnings.warn(f"the validation loss became {val_loss} after epoch {epoch + 1}: training stops "
                                   f"and keeps epoch {history.best_epoch + 1}'s weights; a lower lr may do better",
                                   stacklevel=2)
+                    run.finished = True
+                    save(loader_state)
                     break
                 history.val_loss.append(val_loss)
-                best = min(best_loss, val_loss)
+                best = min(run.best_loss, val_loss)
                 progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})")
-                if val_loss < best_loss:
-                    best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+                if val_loss < run.best_loss:
+                    run.best_loss, best_state, run.stale = val_loss, copy.deepcopy(model.state_dict()), 0
                     history.best_epoch = epoch
                 else:
-                    stale += 1
-                    if patience is not None and stale >= patience:
-                        break
+                    run.stale += 1
+                    run.finished = run.finished or (patience is not None and run.stale >= patience)
+                save(loader_state)
         if best_state is not None:
             model.load_state_dict(best_state)
         model.eval()
-        history.seconds = time.perf_counter() - start
+        history.seconds += time.perf_counter() - start
         return history
 
 
@@ -231,17 +286,20 @@ def predict_batches(
 def _train_epoch(trained: nn.Module, loss_fn: LossFn, loader: DataLoader, steps: int,
                  optimizer: torch.optim.Optimizer, schedule: torch.optim.lr_scheduler.LRScheduler, *,
                  grad_clip: float | None, device: torch.device, epoch: int,
-                 report: Callable[[float], None]) -> float:
+                 report: Callable[[float], None], first_step: int = 0, running: float = 0.0, seen: int = 0,
+                 after_step: Callable[[int, float, int], None] | None = None) -> float:
     """One optimiser step per batch, ``steps`` at most; returns the epoch's mean loss. ``report`` gets the running
-    mean after each step."""
+    mean after each step, ``after_step`` the steps done, the loss sum and the step count. A resumed epoch starts at
+    ``first_step`` with the loss sum ``running`` of ``seen`` steps: the batches before it are drawn, not trained on."""
     trained.train()
-    running, seen = 0.0, 0
     # Iterate the loader to its end (or one batch past the cap), never stopping exactly at the last batch: the random
     # sampler draws its next permutation from the generator when it runs out, and skipping that draw would change
     # every later epoch's batch order, and every published result, against earlier releases.
     for step, batch in enumerate(loader):
         if step >= steps:
             break
+        if step < first_step:
+            continue
         batch = tuple(t.to(device, non_blocking=True) for t in batch)
         with _autocast(device):
             loss = loss_fn(trained, batch)
@@ -256,6 +314,8 @@ def _train_epoch(trained: nn.Module, loss_fn: LossFn, loader: DataLoader, steps:
         schedule.step()
         running, seen = running + loss.item(), seen + 1
         report(running / seen)
+        if after_step is not None:
+            after_step(step + 1, running, seen)
     return running / max(seen, 1)
 
 
