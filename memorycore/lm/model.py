@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -41,3 +42,38 @@ class TitansLM(nn.Module):
             raise InputError(f"expected token ids of shape [batch, time], got {list(tokens.shape)}")
         hidden, state = self.backbone(self.embedding(tokens), state)
         return hidden @ self.embedding.weight.T, state  # the head shares the embedding's weights
+
+    @torch.inference_mode()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> Iterator[int]:
+        """Yield ``max_new_tokens`` sampled token ids after ``prompt [1, time]``, one at a time.
+
+        The prompt is read once; every new token is one step from the carried state (a memory variant's time and
+        memory per token stay constant; full attention's grow with its cache).
+        """
+        logits, state = self(prompt)
+        for index in range(max_new_tokens):
+            token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            yield int(token)
+            if index + 1 < max_new_tokens:
+                logits, state = self(token.view(1, 1), state)
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """One token per row of ``logits [batch, vocab]``: the most likely at temperature 0, else drawn from the
+    softmax at ``temperature`` restricted to the ``top_k`` most likely and to the smallest set whose probability
+    reaches ``top_p`` (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probabilities = ordered.softmax(-1)
+        outside = probabilities.cumsum(-1) - probabilities >= top_p  # the most likely token always stays
+        logits = logits.scatter(-1, order, ordered.masked_fill(outside, -math.inf))
+    probabilities = logits.softmax(-1)
+    return torch.multinomial(probabilities.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
