@@ -31,8 +31,11 @@ forecast_app = typer.Typer(help="Forecast multivariate time series (ETT, ECL, Tr
 genomics_app = typer.Typer(help="Classify DNA sequences (GenomicBenchmarks folders, CSV/TSV, FASTA, FASTA + BED).",
                            no_args_is_help=True)
 bench_app = typer.Typer(help="Run the benchmark scripts of bench/.", no_args_is_help=True)
+lm_app = typer.Typer(help="Train language models on text, generate and score text (memorycore.lm.MemoryLM).",
+                     no_args_is_help=True)
 app.add_typer(forecast_app, name="forecast")
 app.add_typer(genomics_app, name="genomics")
+app.add_typer(lm_app, name="lm")
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable)
@@ -90,6 +93,43 @@ def _check_out(out: Path, *inputs: Path | None) -> None:
         if given is not None and Path(given).resolve() == Path(out).resolve():
             raise InputError(f"--out {out} is an input file; write the result elsewhere")
     check_writable(out)
+
+
+def training_checkpoint(out: Path) -> Path:
+    """Where `fit --resume` finds a killed run's training checkpoint: beside --out (removed once the model is saved)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".training.safetensors")
+
+
+def _fit_and_save(model, out: Path, resume: bool, *data, **options) -> None:
+    """``model.fit(*data, **options)`` writing a training checkpoint beside ``out`` (continued from with --resume),
+    then the model to ``out``; the checkpoint goes once the model is saved."""
+    checkpoint = training_checkpoint(out)
+    model.fit(*data, **options, checkpoint=checkpoint, resume=resume)
+    model.save(out)
+    checkpoint.unlink(missing_ok=True)
+
+
+def _torch_threads(threads: int) -> None:
+    import torch
+
+    if threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+_THREADS_OPTION = typer.Option(
+    None, "--threads", show_default=False,
+    help="CPU threads for torch; default memorycore's rule: 1, the fastest for these model sizes (README, CPU threads).")
+
+
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+
+
+_RESUME_OPTION = typer.Option(False, "--resume", help="Continue a killed run of the same command from its training "
+                                                      "checkpoint (<out>.training.safetensors, written during training "
+                                                      "and removed once the model is saved).")
 
 
 def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
@@ -170,6 +210,7 @@ def forecast_fit(
     threads: int = typer.Option(
         1, help="CPU threads for torch. 1 suits the default small model: 2 were only ~1.3x faster on an idle 2-core "
                 "machine and 20-60x slower on a busy one (threads spin-wait on tiny tensors)."),
+    resume: bool = _RESUME_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the memory forecaster, save it, and print its test MSE/MAE beside the ridge baseline.
@@ -199,9 +240,8 @@ def forecast_fit(
         cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
         protocol=protocol, random_state=seed, device=device, verbose=not quiet)
     start = time.perf_counter()
-    model.fit(data, **_read_options(date_column, target, fill, allow_irregular))
+    _fit_and_save(model, out, resume, data, **_read_options(date_column, target, fill, allow_irregular))
     seconds = time.perf_counter() - start
-    model.save(out)
     scores = model.evaluate(data)
     typer.echo(_test_report(model, data, scores, f"{Path(data).name}: test split ({model.protocol_} protocol, "
                                                  f"{scores['windows']} windows, lookback {lookback}, horizon "
@@ -332,6 +372,7 @@ def genomics_fit(
                                             help="Average both strands (reverse-complement invariant model)."),
     device: str = typer.Option(_CLASSIFIER["device"], help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(_CLASSIFIER["random_state"], help="Random seed."),
+    resume: bool = _RESUME_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a DNA classifier and save it.
@@ -349,8 +390,7 @@ def genomics_fit(
     classifier = DNAClassifier(dim=dim, blocks=blocks, max_length=max_length, epochs=epochs, batch_size=batch_size,
                                lr=lr, reverse_complement=reverse_complement, device=device, random_state=seed,
                                verbose=not quiet)
-    classifier.fit(data.sequences, data.labels)
-    classifier.save(out)
+    _fit_and_save(classifier, out, resume, data.sequences, data.labels)
     history = classifier.history_
     best = f", best epoch {history.best_epoch + 1}" if history.val_loss else ""
     typer.echo(f"saved {out}: {len(data)} sequences, classes {', '.join(map(str, classifier.classes_))}; "
@@ -479,6 +519,119 @@ def _genomics_progress(quiet: bool):
     # transient: the bar vanishes when done, so where stderr is not a terminal it would leave only an empty line
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
                     console=stderr_console(), disable=quiet or not sys.stderr.isatty(), transient=True)
+
+
+# --------------------------------------------------------------------------------------------------------- lm commands
+_LM = estimator_defaults(Path(__file__).resolve().parent / "memorycore" / "lm" / "estimator.py", "MemoryLM")
+_LM_MODEL_OPTION = typer.Option(..., "--model", help="A model written by `lm fit`.")
+
+
+@lm_app.callback()
+def lm_main() -> None:
+    """Train language models on text, generate and score text (memorycore.lm.MemoryLM)."""
+
+
+@lm_app.command("fit")
+@friendly_errors
+def lm_fit(
+    data: list[Path] = typer.Option(..., "--data", help="Text file(s) (repeat --data); the last 10% validates."),
+    out: Path = typer.Option(Path("runs/lm/lm.safetensors"), help="Where to write the model (.safetensors)."),
+    variant: str = typer.Option(_LM["variant"], help="mac, mag, mal, lmm, swa, attention (a plain transformer) "
+                                                    "or ramnet."),
+    tokenizer: str = typer.Option(_LM["tokenizer"], help="byte (256 ids) or bpe (trained on the training text)."),
+    vocab_size: int = typer.Option(_LM["vocab_size"], help="BPE vocabulary size."),
+    dim: int = typer.Option(_LM["dim"], help="Model width."),
+    depth: int = typer.Option(_LM["depth"], help="Blocks."),
+    block_size: int = typer.Option(_LM["block_size"], help="Tokens per training window."),
+    batch_size: int = typer.Option(_LM["batch_size"], help="Windows per optimiser step."),
+    steps: int = typer.Option(_LM["max_steps"], help="Optimiser steps."),
+    eval_interval: int = typer.Option(_LM["eval_interval"], help="Steps between validation losses."),
+    lr: float = typer.Option(_LM["lr"], help="Peak learning rate (AdamW, warm-up then cosine)."),
+    dropout: float = typer.Option(_LM["dropout"], help="Dropout on every residual branch."),
+    device: str = typer.Option(_LM["device"], help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(_LM["random_state"], help="Random seed."),
+    threads: int = typer.Option(1, help="CPU threads for torch (1 suits small models on a shared machine)."),
+    resume: bool = _RESUME_OPTION,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a language model on text files and save it (one .safetensors file, tokenizer included).
+
+    Examples:
+
+        python cli.py lm fit --data ../shared/datasets/tiny_shakespeare/input.txt --out lm.safetensors
+
+        python cli.py lm fit --data input.txt --variant mac --tokenizer bpe --steps 2000 --out lm.safetensors
+
+        python cli.py lm fit --data input.txt --out lm.safetensors --resume     # after an interrupted run
+    """
+    from memorycore.lm import MemoryLM
+
+    _torch_threads(threads)
+    _check_out(out, *data)
+    model = MemoryLM(variant=variant, tokenizer=tokenizer, vocab_size=vocab_size, dim=dim, depth=depth,
+                     block_size=block_size, batch_size=batch_size, max_steps=steps, eval_interval=eval_interval,
+                     lr=lr, dropout=dropout, device=device, random_state=seed, verbose=not quiet)
+    _fit_and_save(model, out, resume, data if len(data) > 1 else data[0])
+    history = model.history_
+    val = f", validation loss {min(history.val_loss):.4f} nats/token" if history.val_loss else ""
+    typer.echo(f"saved {out}: {variant}, {model.n_parameters_ / 1e6:.2f}M parameters, {tokenizer} tokens "
+               f"({model.tokenizer_.vocab_size}){val}, trained in {history.seconds / 60:.1f} min")
+
+
+@lm_app.command("generate")
+@friendly_errors
+def lm_generate(
+    model: Path = _LM_MODEL_OPTION,
+    prompt: str = typer.Option("\n", help="Text to continue (printed first); default a newline."),
+    tokens: int = typer.Option(500, help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 = always the most likely token."),
+    top_k: Optional[int] = typer.Option(None, help="Sample among the k most likely tokens only."),
+    top_p: Optional[float] = typer.Option(None, help="Sample among the most likely tokens whose probability "
+                                                     "reaches p (nucleus)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: a fresh one)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+) -> None:
+    """Continue a prompt, streaming the text to stdout as it is produced.
+
+    Examples:
+
+        python cli.py lm generate --model lm.safetensors --prompt "ROMEO:" --tokens 500
+
+        python cli.py lm generate --model lm.safetensors --prompt "To be" --temperature 0.5 --top-k 20 --seed 1
+    """
+    from memorycore.lm import MemoryLM
+
+    _torch_threads(threads)
+    language_model = MemoryLM.load(model, device=device)
+    pieces = language_model.generate(prompt, tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                     stream=True)  # checks the prompt and settings before anything is printed
+    typer.echo(prompt, nl=False)
+    for piece in pieces:
+        typer.echo(piece, nl=False)
+    typer.echo()
+
+
+@lm_app.command("evaluate")
+@friendly_errors
+def lm_evaluate(
+    model: Path = _LM_MODEL_OPTION,
+    data: list[Path] = typer.Option(..., "--data", help="Text file(s) to score (repeat --data)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+) -> None:
+    """Print the loss (nats/token), bits per byte and perplexity of a model on text.
+
+    Examples:
+
+        python cli.py lm evaluate --model lm.safetensors --data valid.txt
+    """
+    from memorycore.lm import MemoryLM
+
+    _torch_threads(threads)
+    scores = MemoryLM.load(model, device=device).evaluate(data if len(data) > 1 else data[0])
+    typer.echo(f"{', '.join(p.name for p in data)}: {scores['tokens']:,} tokens scored, loss {scores['loss']:.4f} "
+               f"nats/token, {scores['bits_per_byte']:.4f} bits/byte, perplexity {scores['perplexity']:.2f}")
 
 
 @bench_app.callback()

@@ -183,7 +183,8 @@ class MemoryForecaster(BaseEstimator):
     # ------------------------------------------------------------------------------------------------ fitting
     def fit(self, data: str | Path | pd.DataFrame, y=None, *, date_column: str | None = None,
             target: str | list[str] | None = None, fill: str | None = None,
-            allow_irregular: bool = False) -> "MemoryForecaster":
+            allow_irregular: bool = False, checkpoint: str | Path | None = None,
+            resume: bool = False) -> "MemoryForecaster":
         """Train on the protocol's training split with early stopping on its validation split.
 
         Parameters
@@ -193,6 +194,8 @@ class MemoryForecaster(BaseEstimator):
         y : ignored
         date_column, target, fill, allow_irregular
             Passed to :func:`forecast.data.read_series`; reused by ``predict`` and ``evaluate``.
+        checkpoint, resume
+            A training checkpoint to write, and whether to continue from it (:func:`memorycore.training.fit_model`).
 
         Returns
         -------
@@ -222,7 +225,7 @@ class MemoryForecaster(BaseEstimator):
                 self.network_, loss_function(self.loss), train, val, epochs=self.epochs,
                 batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, patience=self.patience,
                 device=device, random_state=seed, verbose=self.verbose, description="forecast fit",
-                max_steps_per_epoch=self.max_steps_per_epoch)
+                max_steps_per_epoch=self.max_steps_per_epoch, checkpoint=checkpoint, resume=resume)
         self.start_val_loss_ = start_loss
         if start_loss <= min(self.history_.val_loss, default=math.inf):  # training never beat its start
             self.network_.load_state_dict(start_state)

@@ -166,7 +166,8 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------------------------------ training
 
-    def fit(self, sequences: Sequence[str], labels: Sequence) -> "DNAClassifier":
+    def fit(self, sequences: Sequence[str], labels: Sequence, *, checkpoint: str | os.PathLike | None = None,
+            resume: bool = False) -> "DNAClassifier":
         """Train on DNA strings and their labels.
 
         Parameters
@@ -174,6 +175,8 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         sequences : sequence of str
         labels : sequence
             One label per sequence, at least two distinct values.
+        checkpoint, resume
+            A training checkpoint to write, and whether to continue from it (:func:`memorycore.training.fit_model`).
 
         Returns
         -------
@@ -210,7 +213,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
                 self.network_, self._loss_function(augment), train_data, val_data,
                 epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
                 patience=self.patience, device=device, random_state=seed, verbose=self.verbose,
-                description="fitting DNAClassifier",
+                description="fitting DNAClassifier", checkpoint=checkpoint, resume=resume, generators=[augment],
             )
         self.network_.to("cpu").eval()  # a fitted estimator lives on CPU; predict moves it where it runs
         return self
