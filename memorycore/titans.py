@@ -214,6 +214,16 @@ class MemoryAsContext(nn.Module):
         return attention.to_out(y), state
 
 
+class MAGState(NamedTuple):
+    """State of :class:`MemoryAsGate`: its attention's and its memory's."""
+
+    attention: AttentionState | None
+    memory: StreamState | None
+
+    def detach(self) -> "MAGState":
+        return MAGState(*(None if part is None else part.detach() for part in self))
+
+
 class MemoryAsGate(nn.Module):
     """Titans MAG: sliding-window attention and the memory read the same input; the memory gates the attention.
 
@@ -228,21 +238,13 @@ class MemoryAsGate(nn.Module):
         self.memory = build_memory(config)
         self.attention_norm, self.memory_norm = nn.RMSNorm(config.dim), nn.RMSNorm(config.dim)
 
-    def forward(self, x: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
-        attention_state, memory_state = state if state is not None else (None, None)
+    def forward(self, x: Tensor, state: MAGState | None = None) -> tuple[Tensor, MAGState]:
+        if state is not None and not isinstance(state, MAGState):
+            raise InputError("state does not fit this MAG layer: pass the state it returned, or None")
+        attention_state, memory_state = state or (None, None)
         y, attention_state = self.attention(x, attention_state)
         m, memory_state = self.memory(x, memory_state)
-        return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), _Pair(attention_state, memory_state)
-
-
-class _Pair(tuple):
-    """Two nested states, detached together."""
-
-    def __new__(cls, *parts: Any) -> "_Pair":
-        return super().__new__(cls, parts)
-
-    def detach(self) -> "_Pair":
-        return _Pair(*(part.detach() for part in self))
+        return self.attention_norm(y) * torch.sigmoid(self.memory_norm(m)), MAGState(attention_state, memory_state)
 
 
 class GatedMLP(nn.Module):
