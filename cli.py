@@ -80,6 +80,15 @@ _FORECASTER = estimator_defaults(Path(__file__).resolve().parent / "forecast" / 
 _CLASSIFIER = estimator_defaults(Path(__file__).resolve().parent / "genomics" / "estimator.py", "DNAClassifier")
 _DATA_HELP = "CSV or .csv.gz: a date column + numeric columns, or the long format unique_id, ds, y."
 _MODEL_OPTION = typer.Option(..., "--model", help="A model written by `forecast fit`.")
+_OUTLIERS_OPTION = typer.Option(
+    "missing", help="Sentinels (-9999) and values over 50 MADs from a channel's training median are reported, then "
+                    "treated as missing and filled (missing), kept (keep) or refused (error).")
+_ALLOW_NEGATIVE_OPTION = typer.Option(
+    False, help="Do not clip at 0 the forecasts and intervals of channels never negative in training.")
+_TARGET_OPTION = typer.Option(None, help="Column(s) to forecast (repeat the option); default all.")
+_DATE_COLUMN_OPTION = typer.Option(None, help="Timestamp column; default 'date' or the like.")
+_FILL_OPTION = typer.Option(None, help="'interpolate' fills NaN/inf linearly in time.")
+_ALLOW_IRREGULAR_OPTION = typer.Option(False, help="Accept duplicate/uneven timestamps (rows as steps).")
 
 
 def _read_options(date_column: str | None, target: list[str] | None, fill: str | None,
@@ -145,7 +154,24 @@ def _test_report(model, data, scores: dict, title: str) -> str:
     if "interval_coverage" in scores:
         report += (f"\n80% interval (predict --quantiles 0.1,0.9): {scores['interval_coverage']:.1%} of the test "
                    "values inside")
+    if "channels" in scores:
+        season = model.cycle_length_ or 1
+        report += "\n" + _units_table(scores["channels"], f"in the data's units (MASE against the seasonal naive "
+                                                          f"forecast, season {season} steps):")
     return report
+
+
+def _units_table(table, title: str, label: str = "channel", most: int = 12) -> str:
+    """Rows of metrics in the data's units (NaN shown as '-': undefined, e.g. MAPE with a zero truth)."""
+    width = max([len(label)] + [len(str(name)) for name in table.index[:most]]) + 2
+    lines = [title, f"{label:<{width}}" + "".join(f"{name:>10}" for name in table.columns)]
+    for name, row in table.iloc[:most].iterrows():
+        lines.append(f"{str(name):<{width}}" + "".join(f"{value:>10.4g}" if value == value else f"{'-':>10}"
+                                                       for value in row))
+    if len(table) > most:
+        lines.append(f"... and {len(table) - most} more (the mean of all: "
+                     + ", ".join(f"{name} {value:.4g}" for name, value in table.mean().items()) + ")")
+    return "\n".join(lines)
 
 
 def _ridge_row(model, data) -> tuple[str, float, float]:
@@ -200,10 +226,12 @@ def forecast_fit(
     weight_decay: float = typer.Option(_FORECASTER["weight_decay"], help="AdamW weight decay of the weight matrices."),
     protocol: str = typer.Option(_FORECASTER["protocol"],
                                  help="Split: auto (by file name), etth, ettm or ratio (70/10/20)."),
-    target: Optional[list[str]] = typer.Option(None, help="Column(s) to forecast (repeat the option); default all."),
-    date_column: Optional[str] = typer.Option(None, help="Timestamp column; default 'date' or the like."),
-    fill: Optional[str] = typer.Option(None, help="'interpolate' fills NaN/inf linearly in time."),
-    allow_irregular: bool = typer.Option(False, help="Accept duplicate/uneven timestamps (rows as steps)."),
+    target: Optional[list[str]] = _TARGET_OPTION,
+    date_column: Optional[str] = _DATE_COLUMN_OPTION,
+    fill: Optional[str] = _FILL_OPTION,
+    allow_irregular: bool = _ALLOW_IRREGULAR_OPTION,
+    outliers: str = _OUTLIERS_OPTION,
+    allow_negative: bool = _ALLOW_NEGATIVE_OPTION,
     out: Path = typer.Option(Path("runs/forecast/model.safetensors"), help="Where to write the model."),
     device: str = typer.Option(_FORECASTER["device"], help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(_FORECASTER["random_state"], help="Random seed."),
@@ -240,9 +268,10 @@ def forecast_fit(
         cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
         protocol=protocol, random_state=seed, device=device, verbose=not quiet)
     start = time.perf_counter()
-    _fit_and_save(model, out, resume, data, **_read_options(date_column, target, fill, allow_irregular))
+    _fit_and_save(model, out, resume, data, **_read_options(date_column, target, fill, allow_irregular),
+                  outliers=outliers, allow_negative=allow_negative)
     seconds = time.perf_counter() - start
-    scores = model.evaluate(data)
+    scores = model.evaluate(data, units=True)
     typer.echo(_test_report(model, data, scores, f"{Path(data).name}: test split ({model.protocol_} protocol, "
                                                  f"{scores['windows']} windows, lookback {lookback}, horizon "
                                                  f"{horizon}, scaled values), trained in {seconds:.0f} s"))
@@ -301,9 +330,99 @@ def forecast_evaluate(
     from forecast.estimator import MemoryForecaster
 
     model = MemoryForecaster.load(model_path)
-    scores = model.evaluate(data, protocol=protocol)
+    scores = model.evaluate(data, protocol=protocol, units=True)
     typer.echo(_test_report(model, data, scores, f"test split of {data.name} ({scores['windows']} windows, horizon "
                                                  f"{model.horizon}, scaled values)"))
+
+
+@forecast_app.command("backtest")
+@friendly_errors
+def forecast_backtest(
+    data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
+    model_path: Optional[Path] = typer.Option(
+        None, "--model", help="Take the settings of a model written by `forecast fit` (not its weights: the model "
+                              "is fitted anew on the rows before the cutoffs); default: fit's defaults."),
+    n_windows: int = typer.Option(5, help="Cutoffs (forecast origins) at the end of the data."),
+    step_size: Optional[int] = typer.Option(None, help="Rows between cutoffs; default the horizon."),
+    refit: bool = typer.Option(False, help="Fit again at every cutoff instead of once at the first."),
+    horizon: Optional[int] = typer.Option(None, help="Steps forecast from each cutoff; default the model's."),
+    lookback: Optional[int] = typer.Option(None, help="Past steps the model reads; default the model's."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training windows per fit; default the model's."),
+    max_steps: Optional[int] = typer.Option(
+        None, help="Optimiser steps per epoch at most; default the model's (0 = every window)."),
+    target: Optional[list[str]] = _TARGET_OPTION,
+    date_column: Optional[str] = _DATE_COLUMN_OPTION,
+    fill: Optional[str] = _FILL_OPTION,
+    allow_irregular: bool = _ALLOW_IRREGULAR_OPTION,
+    outliers: str = _OUTLIERS_OPTION,
+    allow_negative: bool = _ALLOW_NEGATIVE_OPTION,
+    out: Optional[Path] = typer.Option(
+        None, help="CSV of the forecasts against the actuals: unique_id, ds, cutoff, y, forecast, forecast_q<level>."),
+    plot: Optional[Path] = typer.Option(None, help="Image of MASE against the cutoff (.png, .pdf, .svg)."),
+    seed: int = typer.Option(_FORECASTER["random_state"], help="Random seed."),
+    threads: int = typer.Option(1, help="CPU threads for torch (1 suits the default small model)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Backtest as neuralforecast's cross_validation: forecasts from cutoffs at the end of the data, each from the
+    rows up to it only, scored per cutoff and per series in the data's units (MASE, sMAPE, MAE, RMSE, CRPS, ...).
+
+    The last window ends at the last row, cutoffs lie --step-size rows apart; one fit at the first (--refit: each).
+
+    Examples:
+
+        python cli.py forecast backtest --n-windows 5 --plot backtest.png     # bundled ETTh1, one fit
+
+        python cli.py forecast backtest --data sales.csv --horizon 24 --n-windows 10 --step-size 24 --refit --out cv.csv
+
+        python cli.py forecast backtest --model runs/forecast/model.safetensors --data datasets/ETTh1/ETTh1.csv.gz
+    """
+    import torch
+
+    from forecast.backtest import backtest_metrics
+    from forecast.data import default_cycle_length, read_series, step_nanoseconds
+    from forecast.estimator import MemoryForecaster
+    from forecast.metrics import CRPS_LEVELS
+    from forecast.plots import plot_backtest
+
+    if threads < 1 or max_steps is not None and max_steps < 0:
+        raise InputError(f"--threads must be >= 1 and --max-steps >= 0 (0: every window), got {threads} and "
+                         f"{max_steps}")
+    torch.set_num_threads(threads)
+    data = data if data is not None else BUNDLED_ETTH1
+    for path in (out, plot):
+        if path is not None:
+            _check_out(path, data, model_path)
+    model = MemoryForecaster() if model_path is None else MemoryForecaster(**MemoryForecaster.load(model_path)
+                                                                           .get_params())
+    overrides = {name: value for name, value in (("horizon", horizon), ("lookback", lookback),
+                                                              ("epochs", epochs)) if value is not None}
+    if max_steps is not None:
+        overrides["max_steps_per_epoch"] = max_steps or None
+    model.set_params(**overrides, random_state=seed, verbose=not quiet)
+    options = _read_options(date_column, target, fill, allow_irregular)
+    frame = model.cross_validation(data, n_windows, step_size, refit, quantiles=list(CRPS_LEVELS), **options,
+                                   outliers=outliers, allow_negative=allow_negative)
+    history = read_series(data, **options)
+    cycle = model.cycle_length
+    season = (default_cycle_length(step_nanoseconds(history.index)) if cycle == "auto" else int(cycle)) or 1
+    errors = backtest_metrics(frame, history, season, outliers)
+    cutoffs = frame["cutoff"].drop_duplicates().sort_values()
+    per_series = backtest_metrics(frame.assign(cutoff=cutoffs.iloc[0]), history, season, outliers)
+    per_series = per_series.droplevel("cutoff")
+    steps = model.horizon
+    typer.echo(_units_table(errors[["MASE", "sMAPE", "wQL"]].groupby(level="cutoff").mean(),
+                            f"{Path(data).name}: {len(cutoffs)} cutoffs, horizon {steps}, "
+                            f"{'refitted at each cutoff' if refit else f'fitted once on the rows to {cutoffs.iloc[0]}'}"
+                            f"; mean over series, MASE against the seasonal naive forecast (season {season} steps):",
+                            label="cutoff", most=len(cutoffs)))
+    typer.echo(_units_table(per_series[["MAE", "RMSE", "MAPE", "sMAPE", "MASE", "CRPS", "wQL"]],
+                            "per series over all cutoffs, in the data's units:", label="series"))
+    if out is not None:
+        write_text_atomic(out, frame.to_csv(index=False))
+        typer.echo(f"{len(frame)} rows written to {out}", err=True)
+    if plot is not None:
+        plot_backtest(errors, plot, title=f"{Path(data).name}: MASE of {steps}-step forecasts by cutoff")
+        typer.echo(f"plot written to {plot}", err=True)
 
 
 @forecast_app.command("plot")

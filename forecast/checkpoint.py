@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
 from forecast.data import StandardScaler
 from forecast.intervals import QUANTILE_LEVELS
 from forecast.model import ForecastNetConfig, MemoryForecastNet
+from forecast.outliers import OutlierBounds
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.errors import CheckpointError
 from memorycore.training import TrainingHistory
@@ -42,6 +44,9 @@ def save_forecaster(model, path: str | Path) -> Path:
         "quantile_levels": list(QUANTILE_LEVELS),
         "input_format": model.input_format_,
         "read_options": model.read_options_,
+        "outliers": model.outliers_,
+        "outlier_bounds": model.outlier_bounds_.to_dict(),
+        "floor": [None if math.isinf(v) else float(v) for v in model.floor_],
         "last_window_index": [t.isoformat() for t in model.last_window_.index],
         "last_window_index_name": model.last_window_.index.name,
         "history": {"train_loss": history.train_loss, "val_loss": history.val_loss,
@@ -78,4 +83,9 @@ def load_forecaster(cls: type, path: str | Path):
     model.start_val_loss_ = config.get("start_val_loss", math.nan)
     model.read_options_, model.last_window_, model.history_ = config["read_options"], last_window, history
     model.residual_quantiles_ = None if quantiles is None else quantiles.numpy()
+    # files written before the outlier handling and the clipping at 0 have neither: they read data as they did
+    bounds, floor = config.get("outlier_bounds"), config.get("floor")
+    model.outliers_ = config.get("outliers", "keep")
+    model.outlier_bounds_ = None if bounds is None else OutlierBounds.from_dict(bounds)
+    model.floor_ = None if floor is None else np.array([-np.inf if v is None else v for v in floor])
     return model

@@ -44,6 +44,7 @@ LONG_COLUMNS = ("unique_id", "ds", "y")
 FILL_METHODS = (None, "interpolate")
 
 _ETT_HOUR_BORDERS = (12 * 30 * 24, 4 * 30 * 24, 4 * 30 * 24)  # train / val / test rows of ETTh
+_NUMERIC_DATE = re.compile(r"^(\d{1,2})[/.-](\d{1,2})[/.-]\d{2,4}(?:$|[ T])")  # 31/01/2024, 1.2.24 13:00
 
 
 # ----------------------------------------------------------------------------------------------------------- reading
@@ -168,6 +169,11 @@ def _parse_dates(values: pd.Series) -> pd.Series | None:
         return values
     if pd.api.types.is_numeric_dtype(values):
         return None  # numbers would parse as nanoseconds since 1970: not a date column
+    day_first = _day_first_example(values)
+    if day_first is not None:  # pandas would read 01/02 as January 2 and 13/01 as January 13: time would go back
+        raise InputError(f"column {values.name!r} holds day-first dates (e.g. {day_first!r}: no month {day_first[:2]}"
+                         "); write them year-first (2024-01-31 13:00), or read them in Python with "
+                         "pd.to_datetime(..., dayfirst=True) and pass the DataFrame")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # pandas' note on mixed offsets; handled below
@@ -186,6 +192,19 @@ def _parse_dates(values: pd.Series) -> pd.Series | None:
         raise InputError(f"some timestamps carry a UTC offset and some do not (e.g. {values[present][zoned].iloc[0]!r} "
                          f"and {values[present][~zoned].iloc[0]!r}); write them all one way")
     return utc.dt.tz_localize(None)
+
+
+def _day_first_example(values: pd.Series) -> str | None:
+    """A value of a column of numeric ``dd/mm/yyyy`` dates whose first field cannot be a month (``"13/01/2024"``),
+    or None when the column is not such dates."""
+    text = values.dropna().astype(str).str.strip()
+    fields = text.str.extract(_NUMERIC_DATE)
+    if text.empty or fields.isna().any(axis=None):
+        return None
+    first, second = fields[0].astype(int), fields[1].astype(int)
+    if (first > 12).any() and (second <= 12).all():
+        return text[first > 12].iloc[0]
+    return None
 
 
 def _not_a_date(values: pd.Series) -> str:

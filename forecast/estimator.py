@@ -17,14 +17,17 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from forecast.backtest import cross_validation
 from forecast.checkpoint import load_forecaster, save_forecaster
 from forecast.closed_form import closed_form_start
 from forecast.data import (MissingColumnsError, ProtocolData, WindowDataset, cycle_phases, dataset_name,
                            default_cycle_length, future_index, is_long_format, prepare_protocol, read_series,
-                           resolve_protocol, step_nanoseconds, wide_to_long)
+                           resolve_protocol, split_borders, step_nanoseconds, wide_to_long)
 from forecast.intervals import CALIBRATION_WINDOWS, calibrate, coverage, interpolate_quantiles
+from forecast.outliers import OUTLIER_ACTIONS, OutlierBounds, handle_outliers
 from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
-from forecast.rollout import check_phases, forecast_series, forecast_windows, window_errors
+from forecast.metrics import CRPS_LEVELS, channel_metrics
+from forecast.rollout import check_phases, forecast_series, forecast_windows, window_errors, window_targets
 from memorycore.devices import resolve_device
 from memorycore.errors import InputError
 from memorycore.training import evaluate_loss, fit_model, resolve_seed, seeded
@@ -183,7 +186,8 @@ class MemoryForecaster(BaseEstimator):
     # ------------------------------------------------------------------------------------------------ fitting
     def fit(self, data: str | Path | pd.DataFrame, y=None, *, date_column: str | None = None,
             target: str | list[str] | None = None, fill: str | None = None,
-            allow_irregular: bool = False, checkpoint: str | Path | None = None,
+            allow_irregular: bool = False, outliers: str = "missing", allow_negative: bool = False,
+            checkpoint: str | Path | None = None,
             resume: bool = False) -> "MemoryForecaster":
         """Train on the protocol's training split with early stopping on its validation split.
 
@@ -194,6 +198,12 @@ class MemoryForecaster(BaseEstimator):
         y : ignored
         date_column, target, fill, allow_irregular
             Passed to :func:`forecast.data.read_series`; reused by ``predict`` and ``evaluate``.
+        outliers : {"missing", "keep", "error"}, default "missing"
+            What to do with sentinels (-9999) and values beyond the robust bound of the training rows
+            (:mod:`forecast.outliers`): fill them as missing, keep them, or raise; always reported. Reused by
+            ``predict`` and ``evaluate``.
+        allow_negative : bool, default False
+            Without it, channels never negative in the training rows are clipped at 0 in forecasts and intervals.
         checkpoint, resume
             A training checkpoint to write, and whether to continue from it (:func:`memorycore.training.fit_model`).
 
@@ -202,9 +212,16 @@ class MemoryForecaster(BaseEstimator):
         self
         """
         self._check_params()
+        if outliers not in OUTLIER_ACTIONS:
+            raise InputError(f"unknown outlier action {outliers!r}; use one of: {', '.join(OUTLIER_ACTIONS)}")
         read_options = {"date_column": date_column, "target": target, "fill": fill, "allow_irregular": allow_irregular}
         wide = read_series(data, **read_options)
         self.protocol_ = resolve_protocol(self.protocol, dataset_name(data))
+        train_rows = slice(*split_borders(len(wide), self.lookback, self.protocol_).train)
+        self.outliers_, self.outlier_bounds_ = outliers, OutlierBounds.fit(wide.to_numpy()[train_rows])
+        wide = handle_outliers(wide, self.outlier_bounds_, outliers)
+        never_negative = (wide.to_numpy()[train_rows] >= 0).all(axis=0) & (not allow_negative)
+        self.floor_ = np.where(never_negative, 0.0, -np.inf)  # forecasts of these channels are clipped at 0
         prepared = prepare_protocol(wide, self.lookback, self.horizon, self.protocol_)
 
         self.step_ns_ = step_nanoseconds(wide.index)
@@ -318,17 +335,24 @@ class MemoryForecaster(BaseEstimator):
             raise InputError(f"the forecast is not finite (NaN/inf): the input window's values (as large as "
                              f"{np.abs(history.to_numpy()[-self.lookback:]).max():.3g}) are far outside what the model "
                              "was fitted on; check the data")
-        forecast = pd.DataFrame(self.scaler_.inverse_transform(scaled), columns=self.columns_, index=index)
+        forecast = pd.DataFrame(self.to_units(scaled), columns=self.columns_, index=index)
         bounds = {}  # level -> the forecast plus that residual quantile
         if quantiles is not None:
             offsets = self.residual_quantiles(quantiles, steps)
-            bounds = {float(level): pd.DataFrame(self.scaler_.inverse_transform(scaled + offset),
-                                                 columns=self.columns_, index=index)
+            bounds = {float(level): pd.DataFrame(self.to_units(scaled + offset), columns=self.columns_, index=index)
                       for level, offset in zip(quantiles, offsets)}
         if (self.input_format_ == "long") if data is None else is_long_format(data):
             return wide_to_long(forecast).assign(**{f"y_q{level:g}": wide_to_long(bound)["y"].to_numpy()
                                                     for level, bound in bounds.items()})
         return pd.concat([forecast] + [bound.add_suffix(f"_q{level:g}") for level, bound in bounds.items()], axis=1)
+
+    def to_units(self, scaled: np.ndarray) -> np.ndarray:
+        """Scaled forecasts ``[..., channels]`` in the data's units, clipped at 0 in the channels never negative in
+        training (unless fit had ``allow_negative``)."""
+        check_is_fitted(self, "network_")
+        values = self.scaler_.inverse_transform(scaled)
+        floor = getattr(self, "floor_", None)  # files written before the clipping have none
+        return values if floor is None else np.maximum(values, floor)
 
     def residual_quantiles(self, quantiles, steps: int | None = None) -> np.ndarray:
         """Quantiles ``[len(quantiles), steps, channels]`` of the validation residuals on the scaled values, at
@@ -340,14 +364,16 @@ class MemoryForecaster(BaseEstimator):
 
     def read_like_fit(self, data: str | Path | pd.DataFrame) -> pd.DataFrame:
         """Read ``data`` with the options ``fit`` used and keep the fitted columns, in the fitted order (other
-        columns, numeric or not, are ignored)."""
+        columns, numeric or not, are ignored); its outliers are handled as in ``fit``."""
         try:
             wide = read_series(data, target=self.columns_, **self.read_options_)
         except MissingColumnsError as error:
             raise InputError(f"the data lacks the fitted column(s) {', '.join(map(str, error.columns))}; "
                              f"the model was trained on: {', '.join(self.columns_)}") from None
         self.check_time_step(step_nanoseconds(wide.index))
-        return wide
+        if getattr(self, "outlier_bounds_", None) is None:  # a file written before the outlier handling
+            return wide
+        return handle_outliers(wide, self.outlier_bounds_, self.outliers_)
 
     def check_time_step(self, step_ns: int) -> None:
         """Raise InputError when data at a step of ``step_ns`` nanoseconds (0: no fixed length) cannot be forecast
@@ -384,8 +410,9 @@ class MemoryForecaster(BaseEstimator):
 
     # --------------------------------------------------------------------------------------------- evaluating
     def evaluate(self, data: str | Path | pd.DataFrame, *, protocol: str | None = None,
-                 interval: float | None = 0.8) -> dict[str, float]:
-        """MSE and MAE on every window of the protocol's test split, on the scaled values (as published tables).
+                 interval: float | None = 0.8, units: bool = False) -> dict[str, float]:
+        """MSE and MAE on every window of the protocol's test split, on the scaled values (as published tables),
+        and with ``units`` the usual metrics per channel in the data's units.
 
         The split is the one ``fit`` used (or ``protocol``); the scaler is the fitted one (fit on the training rows).
 
@@ -396,6 +423,10 @@ class MemoryForecaster(BaseEstimator):
         interval : float or None, default 0.8
             Also report the share of test values inside this central interval of the calibrated quantiles (ideally
             about ``interval``); skipped when None or when the model has no calibrated quantiles.
+        units : bool, default False
+            Also return ``"channels"``: a DataFrame of :func:`forecast.metrics.channel_metrics` per channel in the
+            data's units (MAE, MSE, RMSE, MAPE, sMAPE, MASE against the seasonal naive forecast at the cycle length,
+            and CRPS / wQL of the calibrated quantiles).
 
         Returns
         -------
@@ -407,11 +438,32 @@ class MemoryForecaster(BaseEstimator):
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
         prepared = self._scaled_splits(wide, chosen)
         error = self.split_errors(prepared.test, self.split_phases(wide.index, prepared)["test"])
+        truth = window_targets(prepared.test, self.lookback, self.horizon)
+        floor = getattr(self, "floor_", None)
+        if floor is not None and np.isfinite(floor).any():  # the forecasts clipped at 0, as predict gives them
+            error = np.maximum(truth + error, self.scaler_.transform(floor)) - truth
         scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
-        if interval is not None and getattr(self, "residual_quantiles_", None) is not None:
+        calibrated = getattr(self, "residual_quantiles_", None) is not None
+        if interval is not None and calibrated:
             low, high = self.residual_quantiles([(1 - interval) / 2, (1 + interval) / 2])
             scores["interval_coverage"] = coverage(error, low, high)
+        if units:
+            offsets = self.residual_quantiles(CRPS_LEVELS) if calibrated else []
+            scores["channels"] = channel_metrics(
+                self.scaler_.inverse_transform(truth), self.to_units(truth + error), self.columns_,
+                insample=self.scaler_.inverse_transform(prepared.train), season=self.cycle_length_ or 1,
+                quantile_forecasts={level: self.to_units(truth + error + offset)
+                                    for level, offset in zip(CRPS_LEVELS, offsets)})
         return scores
+
+    def cross_validation(self, data: str | Path | pd.DataFrame, n_windows: int = 1, step_size: int | None = None,
+                         refit: bool = False, *, h: int | None = None, quantiles: list[float] | None = None,
+                         **fit_options) -> pd.DataFrame:
+        """Backtest: forecasts from ``n_windows`` cutoffs ``step_size`` rows apart at the end of ``data``, each from
+        the rows up to its cutoff, by copies of this estimator fitted there once (or at every cutoff with
+        ``refit``); this estimator is not changed. Returns the long frame ``unique_id, ds, cutoff, y, forecast``
+        (:func:`forecast.backtest.cross_validation`; ``backtest_metrics`` scores it)."""
+        return cross_validation(self, data, n_windows, step_size, refit, h=h, quantiles=quantiles, **fit_options)
 
     def split_errors(self, values: np.ndarray, phases: np.ndarray | None,
                      max_windows: int | None = None) -> np.ndarray:

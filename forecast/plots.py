@@ -1,4 +1,5 @@
-"""Plots of history and forecast, one panel per channel (matplotlib, written atomically)."""
+"""Plots of history and forecast, one panel per channel, and of backtest errors against the cutoff (matplotlib,
+written atomically)."""
 
 from __future__ import annotations
 
@@ -27,14 +28,8 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
     -------
     Path
     """
-    plt = pyplot()
-    path = Path(path)
-    image_format = path.suffix.lstrip(".").lower() or "png"
-    supported = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    if image_format not in supported:
-        raise InputError(f"cannot write a .{image_format} image; use one of: "
-                         f"{', '.join('.' + name for name in sorted(supported))}")
+    plt, path = pyplot(), Path(path)
+    image_format = _image_format(path)
     columns = list(history.columns)
     figure, axes = plt.subplots(len(columns), 1, figsize=(10, 1.8 * len(columns) + 0.8), sharex=True, squeeze=False)
     for axis, column in zip(axes[:, 0], columns):
@@ -52,3 +47,40 @@ def plot_forecast(history: pd.DataFrame, forecast: pd.DataFrame, path: str | Pat
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return save_figure(figure, path, dpi=110, image_format=image_format)
+
+
+def plot_backtest(errors: pd.DataFrame, path: str | Path, *, metric: str = "MASE", title: str | None = None) -> Path:
+    """Draw ``metric`` against the cutoff, one line per series (at most 10) and their mean, into an image.
+
+    ``errors``: :func:`forecast.backtest.backtest_metrics`' table, indexed by ``(cutoff, unique_id)``.
+    """
+    plt, path = pyplot(), Path(path)
+    image_format = _image_format(path)
+    table = errors[metric].unstack("unique_id")
+    figure, axis = plt.subplots(figsize=(9, 3.6))
+    for series in table.columns[:10]:
+        axis.plot(table.index, table[series], marker="o", markersize=3, linewidth=0.8, alpha=0.6, label=str(series))
+    axis.plot(table.index, table.mean(axis=1), color="black", marker="o", linewidth=1.8, label="mean")
+    if metric == "MASE":
+        axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")  # the seasonal naive forecast
+    axis.set_xlabel("cutoff")
+    axis.set_ylabel(metric)
+    axis.legend(fontsize=7, ncol=min(6, len(table.columns) + 1), loc="best")
+    axis.tick_params(labelsize=7)
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.autofmt_xdate()
+    figure.tight_layout()
+    return save_figure(figure, path, dpi=110, image_format=image_format)
+
+
+def _image_format(path: Path) -> str:
+    """The image format a path's suffix names; InputError when matplotlib cannot write it."""
+    plt = pyplot()
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    supported = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if image_format not in supported:
+        raise InputError(f"cannot write a .{image_format} image; use one of: "
+                         f"{', '.join('.' + name for name in sorted(supported))}")
+    return image_format

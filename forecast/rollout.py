@@ -74,13 +74,18 @@ def window_errors(network: MemoryForecastNet, values: np.ndarray, phases: np.nda
     (rows at cycle phases ``phases [t]``): every window, or at most ``max_windows`` evenly spaced ones."""
     lookback, horizon = network.config.lookback, network.config.horizon
     windows = WindowDataset(values, lookback, horizon, phases)
-    future = windows.values[lookback:].numpy().astype(np.float64)
-    targets = np.lib.stride_tricks.sliding_window_view(future, horizon, axis=0)  # a view: [n, c, horizon]
+    targets = window_targets(windows.values.numpy().astype(np.float64), lookback, horizon)
     if max_windows is not None and len(windows) > max_windows:
         chosen = np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))
         windows, targets = Subset(windows, chosen.tolist()), targets[chosen]
     predictions = run_network(network, windows, lambda batch: network(batch[0], *batch[2:]), device)
-    return predictions - targets[:len(predictions)].transpose(0, 2, 1)
+    return predictions - targets[:len(predictions)]
+
+
+def window_targets(values: np.ndarray, lookback: int, horizon: int) -> np.ndarray:
+    """The targets ``[n, horizon, c]`` of the stride-1 windows of ``values [t, c]`` (a view, no copy)."""
+    future = np.asarray(values)[lookback:]
+    return np.lib.stride_tricks.sliding_window_view(future, horizon, axis=0).transpose(0, 2, 1)
 
 
 def check_phases(phases: np.ndarray | None, rows: int, cycle_length: int) -> torch.Tensor | None:
