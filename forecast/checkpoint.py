@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from forecast.context import state_tensors, states_from_tensors
 from forecast.data import StandardScaler
 from forecast.intervals import QUANTILE_LEVELS
 from forecast.model import ForecastNetConfig, MemoryForecastNet
@@ -22,6 +23,7 @@ from memorycore.training import TrainingHistory
 CHECKPOINT_CLASS = "MemoryForecaster"
 _HISTORY_KEY = "__last_window__"  # tensor name of the stored lookback window
 _QUANTILES_KEY = "__residual_quantiles__"  # tensor name of the calibrated residual quantiles
+_CONTEXT_KEY = "__context_state__"  # tensor names of the memory's carried state (context_length="all")
 
 
 def save_forecaster(model, path: str | Path) -> Path:
@@ -30,6 +32,7 @@ def save_forecaster(model, path: str | Path) -> Path:
     tensors[_HISTORY_KEY] = torch.as_tensor(model.last_window_.to_numpy(), dtype=torch.float64)
     if getattr(model, "residual_quantiles_", None) is not None:
         tensors[_QUANTILES_KEY] = torch.as_tensor(model.residual_quantiles_)
+    tensors.update(state_tensors(getattr(model, "context_state_", None), _CONTEXT_KEY))
     history = model.history_
     config = {
         "class": CHECKPOINT_CLASS,
@@ -75,6 +78,7 @@ def load_forecaster(cls: type, path: str | Path):
         raise CheckpointError(f"{path} is a MemoryForecaster file but its contents are corrupt "
                               f"({str(error).splitlines()[0][:200]})") from None
     network.eval()
+    model.context_state_ = states_from_tensors(tensors, _CONTEXT_KEY, len(network.blocks))
     model.network_, model.scaler_ = network, StandardScaler.from_dict(config["scaler"])
     model.columns_, model.n_features_in_ = list(config["columns"]), len(config["columns"])
     model.protocol_, model.input_format_ = config["protocol"], config["input_format"]

@@ -20,6 +20,8 @@ from sklearn.utils.validation import check_is_fitted
 from forecast.backtest import cross_validation
 from forecast.checkpoint import load_forecaster, save_forecaster
 from forecast.closed_form import closed_form_start
+from forecast.context import (Geometry, carried_state, check_context_length, context_errors, context_roll_out,
+                              training_data, whole_series)
 from forecast.data import (MissingColumnsError, ProtocolData, WindowDataset, cycle_phases, dataset_name,
                            default_cycle_length, future_index, is_long_format, prepare_protocol, read_series,
                            resolve_protocol, split_borders, step_nanoseconds, wide_to_long)
@@ -62,6 +64,11 @@ class MemoryForecaster(BaseEstimator):
         Past steps the model reads.
     horizon : int, default 96
         Future steps it forecasts in one shot.
+    context_length : int, "all" or None, default None
+        Steps of the series before each forecast origin that the memory blocks read, streamed patch by patch with
+        their carried state (:mod:`forecast.context`; the linear path and the cycle keep the lookback window);
+        "all": the whole series from its first row, the memory learning at test time as the data arrives; None:
+        the lookback window only.
     d_model : int, default 32
         Token width.
     n_blocks : int, default 1
@@ -128,6 +135,9 @@ class MemoryForecaster(BaseEstimator):
         Validation MSE of the network before training (the closed-form start with ``init="closed_form"``).
     history_ : TrainingHistory
         ``best_epoch`` is -1 when no epoch beat the closed-form start on validation (its weights are then kept).
+    context_state_ : list of NeuralMemoryState or None
+        With ``context_length="all"``: the memory's state where ``last_window_`` starts (what ``predict()`` reads on
+        from).
     last_window_ : DataFrame
         The last ``lookback`` rows seen by ``fit``: what ``predict()`` without data forecasts from.
     input_format_ : {"wide", "long"}
@@ -144,7 +154,8 @@ class MemoryForecaster(BaseEstimator):
     ['OT_q0.1', 'OT_q0.9']
     """
 
-    def __init__(self, *, lookback: int = 96, horizon: int = 96, d_model: int = 32, n_blocks: int = 1,
+    def __init__(self, *, lookback: int = 96, horizon: int = 96, context_length: int | str | None = None,
+                 d_model: int = 32, n_blocks: int = 1,
                  heads: int = 2, memory_depth: int = 2, memory_expansion: int = 2,
                  chunk_size: int = 8, embedding: str = "patch",
                  patch_len: int = 16, stride: int = 8, channels: str = "independent", dropout: float = 0.3,
@@ -156,6 +167,7 @@ class MemoryForecaster(BaseEstimator):
                  device: str = "auto", verbose: bool = True) -> None:
         self.lookback = lookback
         self.horizon = horizon
+        self.context_length = context_length
         self.d_model = d_model
         self.n_blocks = n_blocks
         self.heads = heads
@@ -234,12 +246,11 @@ class MemoryForecaster(BaseEstimator):
                                                                              cycle_length=self.cycle_length_))
             if self.init == "closed_form":
                 closed_form_start(self.network_, prepared, phases, self.cycle_amplitude)
-            train, val = (WindowDataset(getattr(prepared, part), self.lookback, self.horizon, phases[part])
-                          for part in ("train", "val"))
+            train, val, loss = self._training_data(prepared, phases)
             start_state = copy.deepcopy(self.network_.state_dict())
-            start_loss = evaluate_loss(self.network_.to(device), loss_function(self.loss), val, device=device)
+            start_loss = evaluate_loss(self.network_.to(device), loss, val, device=device)
             self.history_ = fit_model(
-                self.network_, loss_function(self.loss), train, val, epochs=self.epochs,
+                self.network_, loss, train, val, epochs=self.epochs,
                 batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, patience=self.patience,
                 device=device, random_state=seed, verbose=self.verbose, description="forecast fit",
                 max_steps_per_epoch=self.max_steps_per_epoch, checkpoint=checkpoint, resume=resume)
@@ -253,10 +264,30 @@ class MemoryForecaster(BaseEstimator):
         self.n_features_in_ = len(self.columns_)
         self.input_format_ = "long" if is_long_format(data) else "wide"
         self.read_options_ = {k: v for k, v in read_options.items() if k != "target"}
-        self.last_window_ = wide.iloc[-self.lookback:].copy()
-        residuals = -self.split_errors(prepared.val, phases["val"], max_windows=CALIBRATION_WINDOWS)
+        self.last_window_, self.context_state_ = self._carry(wide)
+        residuals = -self.part_errors(prepared, "val", phases, max_windows=CALIBRATION_WINDOWS)
         self.residual_quantiles_ = calibrate(residuals)
         return self
+
+    def _training_data(self, prepared: ProtocolData, phases: dict) -> tuple:
+        """``(train, val, loss)`` for fit_model: the lookback windows, or with a context the windows whose memory
+        reads the series before them (:func:`forecast.context.training_data`)."""
+        if self.context_length is None:
+            train, val = (WindowDataset(getattr(prepared, part), self.lookback, self.horizon, phases[part])
+                          for part in ("train", "val"))
+            return train, val, loss_function(self.loss)
+        return training_data(self.network_, whole_series(prepared), whole_series(prepared, phases), prepared.split,
+                             _TRAINING_LOSSES[self.loss], torch.nn.functional.mse_loss)
+
+    def _carry(self, wide: pd.DataFrame) -> tuple[pd.DataFrame, list | None]:
+        """What predict() without data reads: the last rows (the lookback, or from where a context is re-read) and,
+        with context_length="all", the memory's state at the first of them."""
+        if self.context_length is None:
+            return wide.iloc[-self.lookback:].copy(), None
+        start = Geometry.of(self.network_).carry_start(len(wide), self.lookback)
+        scaled = torch.as_tensor(self.scaler_.transform(wide.to_numpy()), dtype=torch.float32)
+        with torch.no_grad():
+            return wide.iloc[start:].copy(), carried_state(self.network_, scaled, start)
 
     def _resolve_cycle_length(self) -> int:
         if self.cycle_length == "auto":
@@ -295,6 +326,7 @@ class MemoryForecaster(BaseEstimator):
 
     def _check_params(self) -> None:
         check_params(self.get_params(), self._parameter_constraints)
+        check_context_length(self.context_length, self.lookback)
         if self.d_model % self.heads:
             raise InputError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
 
@@ -330,7 +362,8 @@ class MemoryForecaster(BaseEstimator):
         index = future_index(history.index, steps)  # first: it refuses dates pandas cannot hold before any work
         window = self.scaler_.transform(history.to_numpy()[-self.lookback:])
         phase = self.phases_at(history.index[-self.lookback:][:1])
-        scaled = self.forecast_scaled(window[None], steps, phases=phase)[0]
+        scaled = self.forecast_scaled(window[None], steps, phases=phase)[0] if self.context_length is None \
+            else self._context_forecast(history, steps, carried=data is None)
         if not np.isfinite(scaled).all():
             raise InputError(f"the forecast is not finite (NaN/inf): the input window's values (as large as "
                              f"{np.abs(history.to_numpy()[-self.lookback:]).max():.3g}) are far outside what the model "
@@ -437,7 +470,7 @@ class MemoryForecaster(BaseEstimator):
         wide = self.read_like_fit(data)
         chosen = self.protocol_ if protocol is None else resolve_protocol(protocol, dataset_name(data))
         prepared = self._scaled_splits(wide, chosen)
-        error = self.split_errors(prepared.test, self.split_phases(wide.index, prepared)["test"])
+        error = self.part_errors(prepared, "test", self.split_phases(wide.index, prepared))
         truth = window_targets(prepared.test, self.lookback, self.horizon)
         floor = getattr(self, "floor_", None)
         if floor is not None and np.isfinite(floor).any():  # the forecasts clipped at 0, as predict gives them
@@ -464,6 +497,23 @@ class MemoryForecaster(BaseEstimator):
         ``refit``); this estimator is not changed. Returns the long frame ``unique_id, ds, cutoff, y, forecast``
         (:func:`forecast.backtest.cross_validation`; ``backtest_metrics`` scores it)."""
         return cross_validation(self, data, n_windows, step_size, refit, h=h, quantiles=quantiles, **fit_options)
+
+    def part_errors(self, prepared: ProtocolData, part: str, phases: dict,
+                    max_windows: int | None = None) -> np.ndarray:
+        """Errors ``[n, horizon, c]`` of the windows of split ``part`` ("train", "val", "test"): from the lookback
+        windows (:meth:`split_errors`), or with a context from the whole series before each origin."""
+        if self.context_length is None:
+            return self.split_errors(getattr(prepared, part), phases[part], max_windows=max_windows)
+        return context_errors(self.network_, whole_series(prepared), whole_series(prepared, phases),
+                              getattr(prepared.split, part), max_windows=max_windows)
+
+    def _context_forecast(self, history: pd.DataFrame, steps: int, carried: bool) -> np.ndarray:
+        """Scaled forecasts ``[steps, c]`` after ``history`` whose memory reads its rows (with the carried state of
+        fit's data when ``carried``)."""
+        phases = self.phases_at(history.index[:1])
+        return context_roll_out(self.network_, self.scaler_.transform(history.to_numpy()),
+                                None if phases is None else int(phases[0]), steps,
+                                states=self.context_state_ if carried else None)
 
     def split_errors(self, values: np.ndarray, phases: np.ndarray | None,
                      max_windows: int | None = None) -> np.ndarray:

@@ -63,6 +63,7 @@ class ForecastNetConfig:
     linear_path: bool = False  # False/0/"fixed" so that checkpoints written before these parts existed still load
     cycle_length: int = 0
     cycle_amplitude: str = "fixed"
+    context_length: int | str | None = None  # the memory reads the series before the origin (forecast/context.py)
 
     @classmethod
     def from_params(cls, params: dict, *, n_channels: int, cycle_length: int) -> "ForecastNetConfig":
@@ -190,11 +191,13 @@ class MemoryForecastNet(nn.Module):
             nn.init.zeros_(self.head[-1].bias)
         self.cycle = nn.Parameter(torch.zeros(c.cycle_length, c.n_channels)) if c.cycle_length else None
 
-    def forward(self, x: Tensor, phase: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, phase: Tensor | None = None, memory_state: list | None = None) -> Tensor:
         """Forecasts ``[batch, horizon, channels]`` of windows ``x [batch, lookback, channels]``.
 
         ``phase [batch]`` (integers) is the cycle phase of each window's first step; needed when ``cycle_length``
-        > 0, ignored otherwise.
+        > 0, ignored otherwise. ``memory_state``: one state per block, the memories after reading the series
+        before each window (:mod:`forecast.context`), for ``batch * channels`` rows (window-major) or ``batch`` rows
+        when mixing; None: the learned initial memory.
         """
         batch, lookback, channels = x.shape
         if lookback != self.config.lookback or channels != self.config.n_channels:
@@ -204,14 +207,15 @@ class MemoryForecastNet(nn.Module):
             series = x.transpose(1, 2).reshape(batch * channels, lookback)
             channel_index = torch.arange(channels, device=x.device).repeat(batch)
             series_phase = None if phase is None else phase.repeat_interleave(channels)
-            out = self.forecast_series(series, channel_index, series_phase)
+            out = self.forecast_series(series, channel_index, series_phase, memory_state)
             return out.view(batch, channels, -1).transpose(1, 2)
         input_cycle, output_cycle = self.cycle_parts(x, phase)
         x, stats = self.revin.normalize(x - input_cycle)
-        out = self._encode_and_project(x).view(batch, -1, channels) + self._linear_forecast(x)
+        out = self._encode_and_project(x, memory_state).view(batch, -1, channels) + self._linear_forecast(x)
         return self.revin.denormalize(out, stats) + output_cycle
 
-    def forecast_series(self, series: Tensor, channel_index: Tensor, phase: Tensor | None = None) -> Tensor:
+    def forecast_series(self, series: Tensor, channel_index: Tensor, phase: Tensor | None = None,
+                        memory_state: list | None = None) -> Tensor:
         """Channel-independent mode only: forecasts ``[n, horizon]`` of single series ``[n, lookback]``, row i being
         a window of channel ``channel_index[i]`` starting at cycle phase ``phase[i]`` (used for univariate data such
         as GluonTS items)."""
@@ -219,7 +223,7 @@ class MemoryForecastNet(nn.Module):
             raise ValueError("forecast_series needs channels='independent': a mixing model needs every channel")
         input_cycle, output_cycle = self.cycle_parts(series, phase, channel_index)
         x, stats = self.revin.normalize((series - input_cycle).unsqueeze(-1), channel_index)
-        out = self._encode_and_project(x).unsqueeze(-1) + self._linear_forecast(x)
+        out = self._encode_and_project(x, memory_state).unsqueeze(-1) + self._linear_forecast(x)
         return self.revin.denormalize(out, stats, channel_index).squeeze(-1) + output_cycle
 
     def _linear_forecast(self, x: Tensor) -> Tensor | float:
@@ -246,11 +250,12 @@ class MemoryForecastNet(nn.Module):
             values = values * _window_amplitude(window, values[:, :c.lookback])
         return values[:, :c.lookback], values[:, c.lookback:]
 
-    def _encode_and_project(self, x: Tensor) -> Tensor:
-        """[b', l, k] normalised windows -> [b', horizon * out_channels]."""
+    def _encode_and_project(self, x: Tensor, memory_state: list | None = None) -> Tensor:
+        """[b', l, k] normalised windows -> [b', horizon * out_channels]; ``memory_state``: each block's memory
+        state before the window (None: the initial memory)."""
         tokens = self.embed(self._tokenize(x)) + self.position
-        for block in self.blocks:
-            tokens, _ = block(tokens)
+        for block, state in zip(self.blocks, memory_state or [None] * len(self.blocks)):
+            tokens, _ = block(tokens, state)
         return self.head(self.final_norm(tokens))
 
     def _tokenize(self, series: Tensor) -> Tensor:
