@@ -49,9 +49,14 @@ class TitansLM(nn.Module):
         """Yield ``max_new_tokens`` sampled token ids after ``prompt [1, time]``, one at a time.
 
         The prompt is read once; every new token is one step from the carried state (a memory variant's time and
-        memory per token stay constant; full attention's grow with its cache).
+        memory per token stay constant; full attention's grow with its cache). Under a KV-cache press
+        (``with press(model)``, :mod:`memorycore.namm`) the prompt is read in pieces of the press's interval, so that
+        the press acts along it and the cache stays within its budget.
         """
-        logits, state = self(prompt)
+        press = getattr(self, "_memorycore_press", None)
+        state = None
+        for piece in prompt.split(prompt.shape[1] if press is None else press.interval, dim=1):
+            logits, state = self(piece, state)
         for index in range(max_new_tokens):
             token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             yield int(token)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.errors import CheckpointError, InputError
 from memorycore.files import check_writable
+from memorycore.namm.press import resolve_budget
 from memorycore.namm.scorer import BAMScorer, NAMMPress
 from memorycore.validation import POSITIVE, POSITIVE_INT, NON_NEGATIVE_INT, check_params
 
@@ -69,9 +70,9 @@ class EvolutionResult:
 
 
 def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: int = 32, sigma0: float = 0.065,
-             batch_size: int = 8, scorer: BAMScorer | None = None, interval: int = 512, diagonal: bool = False,
-             seed: int = 0, checkpoint: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-             verbose: bool = True) -> EvolutionResult:
+             batch_size: int = 8, scorer: BAMScorer | None = None, interval: int = 512, budget: float | None = None,
+             diagonal: bool = False, seed: int = 0, checkpoint: str | os.PathLike | None = None,
+             out: str | os.PathLike | None = None, verbose: bool = True) -> EvolutionResult:
     """Evolve a NAMM scorer for ``model`` on ``task``.
 
     Parameters
@@ -90,6 +91,9 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
         Its settings (hidden width, features) define the search space; its weights are ignored (the mean starts at 0).
     interval : int, default 512
         Tokens between evictions of the press while evaluating.
+    budget : float in (0, 1], optional
+        Evolve a scorer that ranks entries for a press keeping this share of the cache (``NAMMPress(budget=)``);
+        default: the scorer decides what to keep (score >= 0), as NAMM.
     diagonal : bool, default False
         Diagonal covariance (linear time per generation) instead of the full one (cubic in the scorer's size).
     seed : int, default 0
@@ -130,6 +134,8 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
     template = BAMScorer(scorer.hidden, scorer.features) if scorer is not None else BAMScorer()
     settings = {"population": population, "sigma0": sigma0, "batch_size": batch_size, "interval": interval,
                 "diagonal": diagonal, "seed": seed, "dims": template.num_parameters, **template.config()}
+    if budget is not None:  # only then: checkpoints written before budget= existed still resume
+        settings["budget"] = resolve_budget(budget, None)
     run = _Run(template, settings)
     if checkpoint is not None and Path(checkpoint).exists():
         run.resume(checkpoint)
@@ -177,7 +183,7 @@ class _Run:
 
     def _fitness(self, model: nn.Module, task: NAMMTask, batch: Any, full: Tensor, candidate: np.ndarray) -> float:
         press = NAMMPress(BAMScorer(self.template.hidden, self.template.features).load_vector(candidate),
-                          interval=self.settings["interval"])
+                          budget=self.settings.get("budget"), interval=self.settings["interval"])
         with press(model):
             pressed = _scores(task, model, batch, "the pressed cache")
         counted = full > 0

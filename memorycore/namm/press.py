@@ -92,11 +92,16 @@ class Press:
         return cache.keep(keep)
 
     def __call__(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
-        """``with press(model): ...`` applies the press to every attention cache of ``model``."""
+        """``with press(model): ...`` applies the press to every attention cache of ``model`` (a module, or a fitted
+        estimator holding one as ``network_``, as :class:`memorycore.lm.MemoryLM`)."""
         return self._applied(model)
 
     @contextmanager
     def _applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        if not isinstance(model, nn.Module) and isinstance(getattr(model, "network_", None), nn.Module):
+            with self._applied(model.network_):  # a fitted estimator (MemoryLM): its network
+                yield model
+            return
         if _is_hugging_face(model):  # HFSession reads the mark and presses the cache it owns
             guard = model.register_forward_pre_hook(_outside_session)
             try:
@@ -163,7 +168,7 @@ class BudgetPress(Press):
 
     def kept(self, full_length: int) -> int:
         """Entries a head keeps at an eviction."""
-        return max(1, math.ceil(self.budget * full_length - 1e-9))
+        return kept_entries(self.budget, full_length)
 
 
 class H2OPress(BudgetPress):
@@ -224,6 +229,11 @@ def resolve_budget(budget: float | None, compression_ratio: float | None) -> flo
     if not _real(budget) or not 0 < budget <= 1:
         raise InputError(f"budget must be the share of the cache to keep, in (0, 1] (e.g. 0.25), got {budget!r}")
     return float(budget)
+
+
+def kept_entries(budget: float, full_length: int) -> int:
+    """Entries a head keeps at an eviction under ``budget``: ``ceil(budget * full_length)``, at least 1."""
+    return max(1, math.ceil(budget * full_length - 1e-9))
 
 
 def count_arrivals(cache: KVCache, query_start: int) -> KVCache:

@@ -24,7 +24,7 @@ from memorycore.attention import KVCache
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.errors import CheckpointError, InputError
 from memorycore.namm.features import SpectrogramFeatures, check_features
-from memorycore.namm.press import DEFAULT_INTERVAL, Press
+from memorycore.namm.press import DEFAULT_INTERVAL, Press, kept_entries, newest, resolve_budget, top_per_head
 
 CLASS_NAME = "NAMMScorer"
 
@@ -132,6 +132,9 @@ class NAMMPress(Press):
     ----------
     scorer : BAMScorer or path, optional
         The scorer, or a file written by :meth:`BAMScorer.save`; default: an untrained one (keeps everything).
+    budget : float in (0, 1], optional
+        Keep instead the ``budget`` share of the entries the scorer ranks highest (as :class:`BudgetPress`), to
+        compare with H2O and L2 at the same cache size; default: the scorer decides the size (NAMM).
     interval : int, default 512
         Tokens between evictions (the features are updated at every call in between).
 
@@ -143,9 +146,10 @@ class NAMMPress(Press):
     >>> press.stats                                         # doctest: +SKIP
     """
 
-    def __init__(self, scorer: BAMScorer | str | os.PathLike | None = None, *,
+    def __init__(self, scorer: BAMScorer | str | os.PathLike | None = None, *, budget: float | None = None,
                  interval: int = DEFAULT_INTERVAL) -> None:
         super().__init__(interval=interval)
+        self.budget = None if budget is None else resolve_budget(budget, None)
         if scorer is None:
             scorer = BAMScorer()
         elif isinstance(scorer, (str, os.PathLike)):
@@ -160,4 +164,8 @@ class NAMMPress(Press):
     @torch.no_grad()
     def keep(self, cache: KVCache, query_end: int, full_length: int) -> Tensor:
         self.scorer.to(cache.keys.device)  # no-op once it is there
-        return self.scorer.score(cache, query_end) >= 0
+        score = self.scorer.score(cache, query_end)
+        if self.budget is None:
+            return score >= 0
+        return top_per_head(score.masked_fill(newest(cache), math.inf), cache.valid,
+                            kept_entries(self.budget, full_length))

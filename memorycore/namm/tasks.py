@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +36,17 @@ def model_logits(model: nn.Module, inputs: Tensor) -> Tensor:
     press = getattr(model, "_memorycore_press", None)
     if press is None:
         return _logits(model(inputs))
+    return feed_tokens(model, inputs, press.interval)[0]
+
+
+def feed_tokens(model: nn.Module, inputs: Tensor, piece: int) -> tuple[Tensor, Any]:
+    """``(logits [b, t, vocab], state)`` of one of our token models (``model(tokens, state) -> (logits, state)``)
+    fed ``inputs [b, t]`` in pieces of ``piece`` tokens with its state carried."""
     state, pieces = None, []
-    for piece in inputs.split(press.interval, dim=1):
-        logits, state = model(piece, state)
+    for chunk in inputs.split(piece, dim=1):
+        logits, state = model(chunk, state)
         pieces.append(logits)
-    return torch.cat(pieces, dim=1)
+    return torch.cat(pieces, dim=1), state
 
 
 def _logits(output) -> Tensor:
