@@ -708,6 +708,12 @@ def lm_generate(
     top_p: Optional[float] = typer.Option(None, help="Sample among the most likely tokens whose probability "
                                                      "reaches p (nucleus)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default: a fresh one)."),
+    press: Optional[str] = typer.Option(
+        None, help="Evict from the attention cache while reading the prompt and generating: h2o, l2 or "
+                   "namm:<scorer file> (variants attention, swa, mac, mag, mal; docs/namm.md)."),
+    budget: float = typer.Option(0.25, help="With --press h2o or l2: the share of the cache kept, in (0, 1]."),
+    interval: int = typer.Option(512, help="With --press: tokens between evictions (the prompt is read in pieces "
+                                           "of it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
 ) -> None:
@@ -718,17 +724,25 @@ def lm_generate(
         python cli.py lm generate --model lm.safetensors --prompt "ROMEO:" --tokens 500
 
         python cli.py lm generate --model lm.safetensors --prompt "To be" --temperature 0.5 --top-k 20 --seed 1
+
+        python cli.py lm generate --model lm.safetensors --prompt "ROMEO:" --press h2o --budget 0.25 --interval 64
     """
+    from contextlib import nullcontext
+
     from memorycore.lm import MemoryLM
 
     _torch_threads(threads)
     language_model = MemoryLM.load(model, device=device)
-    pieces = language_model.generate(prompt, tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                     stream=True)  # checks the prompt and settings before anything is printed
-    typer.echo(prompt, nl=False)
-    for piece in pieces:
-        typer.echo(piece, nl=False)
-    typer.echo()
+    pressing = None if press is None else _namm_press(press, budget, interval, language_model, model)
+    with nullcontext() if pressing is None else pressing(language_model):
+        pieces = language_model.generate(prompt, tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                         seed=seed, stream=True)  # checks the prompt and settings before printing
+        typer.echo(prompt, nl=False)
+        for piece in pieces:
+            typer.echo(piece, nl=False)
+        typer.echo()
+    if pressing is not None:
+        typer.echo(_press_summary(press, pressing), err=True)
 
 
 @lm_app.command("evaluate")
@@ -751,6 +765,190 @@ def lm_evaluate(
     scores = MemoryLM.load(model, device=device).evaluate(data if len(data) > 1 else data[0])
     typer.echo(f"{', '.join(p.name for p in data)}: {scores['tokens']:,} tokens scored, loss {scores['loss']:.4f} "
                f"nats/token, {scores['bits_per_byte']:.4f} bits/byte, perplexity {scores['perplexity']:.2f}")
+
+
+# ------------------------------------------------------------------------------------------------------- namm commands
+namm_app = typer.Typer(help="Evict from language models' attention caches: evolve a NAMM scorer, compare presses "
+                            "(docs/namm.md).", no_args_is_help=True)
+lm_app.add_typer(namm_app, name="namm")
+_NAMM_TASK_OPTION = typer.Option("passkey", help="passkey, needle, mk-niah (4 needles), mqar (needs a vocabulary "
+                                                 "larger than --seq-len) or lm-loss (windows of --data).")
+_NAMM_DATA_OPTION = typer.Option(None, "--data", help="Text file read by --task lm-loss.")
+_NAMM_SEQ_LEN_OPTION = typer.Option(2048, help="Tokens per example.")
+_NAMM_INTERVAL_OPTION = typer.Option(512, help="Tokens between evictions (NAMM: 512; use 32-64 on short contexts).")
+_NAMM_TASK_VOCAB_OPTION = typer.Option(
+    None, help="Token ids the retrieval tasks draw from (default: the model's vocabulary; bench/namm.py uses 64).")
+
+
+@namm_app.callback()
+def namm_main() -> None:
+    """Evict from language models' attention caches: evolve a NAMM scorer, compare presses (docs/namm.md)."""
+
+
+def _namm_press(spec: str, budget: float | None, interval: int, language_model, path: Path):
+    """The press named by ``spec`` for a model read from ``path`` (None for full), its settings checked."""
+    from memorycore.namm import make_press
+    from memorycore.namm.evaluation import check_pressable
+    from memorycore.namm.press import resolve_budget
+
+    if budget is not None:
+        resolve_budget(budget, None)
+    check_pressable(language_model.network_, f"{path} (variant {language_model.variant})")
+    return make_press(spec, budget=budget, interval=interval)
+
+
+def _press_summary(spec: str, press) -> str:
+    evictions = max((stats.applications for stats in press.stats.values()), default=0)
+    if not evictions:
+        return f"press {spec}: no eviction (the text stayed under one interval of {press.interval} tokens)"
+    return (f"press {spec}: {evictions} evictions per layer; at the last, {press.kept_fraction():.0%} of the cached "
+            "entries were kept")
+
+
+def _namm_task(language_model, task: str, seq_len: int, data: Optional[Path], task_vocab: Optional[int]):
+    from memorycore.lm.data import read_text
+    from memorycore.namm.evaluation import make_task
+
+    vocab = language_model.network_.vocab_size
+    if task_vocab is not None and not 2 <= task_vocab <= vocab:
+        raise InputError(f"--task-vocab must be in [2, {vocab}] (the model's vocabulary), got {task_vocab}")
+    tokens = None
+    if task == "lm-loss" and data is not None:
+        tokens = language_model.tokenizer_.encode(read_text(data))
+    elif data is not None:
+        raise InputError(f"--data is read by --task lm-loss only; --task {task} draws its own examples")
+    return make_task(task, seq_len=seq_len, vocab_size=task_vocab or vocab, tokens=tokens)
+
+
+@namm_app.command("fit")
+@friendly_errors
+def namm_fit(
+    model: Path = typer.Option(..., "--model", help="A model written by `lm fit` (a variant with attention)."),
+    task: str = _NAMM_TASK_OPTION,
+    data: Optional[Path] = _NAMM_DATA_OPTION,
+    out: Path = typer.Option(Path("runs/lm/namm.safetensors"), help="Where to write the scorer (.safetensors)."),
+    seq_len: int = _NAMM_SEQ_LEN_OPTION,
+    interval: int = _NAMM_INTERVAL_OPTION,
+    generations: int = typer.Option(50, help="CMA-ES generations."),
+    population: int = typer.Option(32, help="Candidates per generation (NAMM: 32)."),
+    sigma0: float = typer.Option(0.065, help="Initial step size (NAMM: 0.065)."),
+    batch_size: int = typer.Option(8, help="Examples per generation, shared by its candidates."),
+    budget: Optional[float] = typer.Option(
+        None, help="Evolve a scorer that ranks the entries a press of this budget keeps, in (0, 1]; default: the "
+                   "scorer decides what to keep (score >= 0), as NAMM."),
+    hidden: int = typer.Option(32, help="Width of the BAM scorer (3585 parameters at 32)."),
+    diagonal: bool = typer.Option(False, help="Diagonal covariance: linear time per generation."),
+    task_vocab: Optional[int] = _NAMM_TASK_VOCAB_OPTION,
+    seed: int = typer.Option(0, help="Seeds the candidates and the examples."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run of the same command from its "
+                                                        "checkpoint (<out>.evolution.safetensors, written after "
+                                                        "every generation and removed at the end)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress."),
+) -> None:
+    """Evolve a NAMM scorer for a language model by CMA-ES: fitness = task score with the pressed cache over the
+    full cache's, on the same examples.
+
+    Examples:
+
+        python cli.py lm namm fit --model lm.safetensors --task passkey --out namm.safetensors
+
+        python cli.py lm namm fit --model lm.safetensors --task lm-loss --data input.txt --seq-len 1024 --interval 64
+
+        python cli.py lm namm fit --model lm.safetensors --task needle --budget 0.25 --out namm25.safetensors --resume
+    """
+    import time
+
+    import torch
+
+    from memorycore.devices import resolve_device
+    from memorycore.lm import MemoryLM
+    from memorycore.namm import BAMScorer, fit_namm
+    from memorycore.namm.evaluation import check_pressable
+    from memorycore.namm.press import resolve_budget
+
+    _torch_threads(threads)
+    if budget is not None:
+        resolve_budget(budget, None)
+    _check_out(out, model, data)
+    language_model = MemoryLM.load(model, device=device)
+    check_pressable(language_model.network_, f"{model} (variant {language_model.variant})")
+    namm_task = _namm_task(language_model, task, seq_len, data, task_vocab)
+    network = language_model.network_.to(resolve_device(device)).eval()
+    full = namm_task.score(network, namm_task.sample(batch_size, torch.Generator().manual_seed(seed)))
+    if not bool((torch.as_tensor(full) > 0).any()):
+        raise InputError(f"{model} scores 0 on every {task} example with its full cache: there is nothing for a "
+                         "press to keep; train the model on the task (bench/namm.py does) or pick another task")
+    checkpoint = out.with_name(out.name.removesuffix(".safetensors") + ".evolution.safetensors")
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
+    start = time.perf_counter()
+    result = fit_namm(network, namm_task, generations=generations, population=population, sigma0=sigma0,
+                      batch_size=batch_size, scorer=BAMScorer(hidden), interval=interval, budget=budget,
+                      diagonal=diagonal, seed=seed, checkpoint=checkpoint, out=out, verbose=not quiet)
+    checkpoint.unlink(missing_ok=True)
+    typer.echo(f"saved {out}: best fitness {result.best_fitness:.4f} (pressed / full-cache score) after "
+               f"{len(result.history)} generations of {population}, in {(time.perf_counter() - start) / 60:.1f} min")
+
+
+@namm_app.command("evaluate")
+@friendly_errors
+def namm_evaluate(
+    model: Path = typer.Option(..., "--model", help="A model written by `lm fit` (a variant with attention)."),
+    press: str = typer.Option("full,h2o,l2", help="Comma-separated presses: full, h2o, l2, namm:<scorer file>."),
+    budget: float = typer.Option(0.25, help="Share of the cache h2o and l2 keep, in (0, 1] (NAMM decides itself)."),
+    task: str = _NAMM_TASK_OPTION,
+    data: Optional[Path] = _NAMM_DATA_OPTION,
+    seq_len: int = _NAMM_SEQ_LEN_OPTION,
+    interval: int = _NAMM_INTERVAL_OPTION,
+    examples: int = typer.Option(32, help="Held-out examples, the same for every press."),
+    batch_size: int = typer.Option(8, help="Examples read at once."),
+    decode_tokens: int = typer.Option(0, help="Also decode this many tokens after one example (decoding tokens/s)."),
+    task_vocab: Optional[int] = _NAMM_TASK_VOCAB_OPTION,
+    seed: int = typer.Option(1, help="Seeds the examples (fit draws with --seed 0 and its generations)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+) -> None:
+    """Compare presses on the same examples: score, the share of the cache each ends with, tokens/s.
+
+    Every press reads the examples in pieces of --interval tokens (the full cache too).
+
+    Examples:
+
+        python cli.py lm namm evaluate --model lm.safetensors --press namm:namm.safetensors,h2o,l2,full --budget 0.25
+
+        python cli.py lm namm evaluate --model lm.safetensors --task lm-loss --data valid.txt --interval 64
+    """
+    from memorycore.devices import resolve_device
+    from memorycore.lm import MemoryLM
+    from memorycore.namm.evaluation import compare_presses
+
+    _torch_threads(threads)
+    for name, value in (("--examples", examples), ("--batch-size", batch_size), ("--interval", interval)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if decode_tokens < 0:
+        raise InputError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+    language_model = MemoryLM.load(model, device=device)
+    specs = [spec.strip() for spec in press.split(",") if spec.strip()]
+    if not specs:
+        raise InputError("--press names no press; give e.g. full,h2o,l2,namm:namm.safetensors")
+    presses = {spec: _namm_press(spec, budget, interval, language_model, model) for spec in specs}
+    namm_task = _namm_task(language_model, task, seq_len, data, task_vocab)
+    network = language_model.network_.to(resolve_device(device)).eval()
+    results = compare_presses(network, namm_task, presses, interval=interval, examples=examples,
+                              batch_size=batch_size, seed=seed, decode_tokens=decode_tokens)
+    score = "exp(-loss)" if task == "lm-loss" else "answer tokens right"
+    width = max(len("press"), *map(len, specs)) + 2
+    typer.echo(f"{model.name}: {task}, {examples} examples of {seq_len} tokens, interval {interval}, budget "
+               f"{budget:g} (h2o, l2)")
+    header = f"{'press':<{width}}{'score':>10}{'cache kept':>12}{'tokens/s':>10}"
+    typer.echo(header + (f"{'decode/s':>10}" if decode_tokens else ""))
+    for result in results:
+        line = f"{result.name:<{width}}{result.score:>10.4f}{result.kept:>12.1%}{result.tokens_per_second:>10.0f}"
+        typer.echo(line + (f"{result.decode_tokens_per_second:>10.1f}" if decode_tokens else ""))
+    typer.echo(f"score: {score} (higher is better); cache kept: entries at the end over the full cache's")
 
 
 @bench_app.callback()
