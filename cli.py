@@ -197,6 +197,10 @@ def forecast_fit(
     data: Optional[Path] = typer.Option(None, help=f"{_DATA_HELP} Default: the bundled ETTh1."),
     horizon: int = typer.Option(_FORECASTER["horizon"], help="Steps to forecast."),
     lookback: int = typer.Option(_FORECASTER["lookback"], help="Past steps the model reads."),
+    context_length: Optional[str] = typer.Option(
+        None, help="Steps before each forecast origin that the memory reads (>= --lookback), or 'all': the whole "
+                   "series, the memory learning as it reads (docs/forecasting.md, Long context). Default: the "
+                   "lookback window."),
     epochs: int = typer.Option(_FORECASTER["epochs"],
                                help="Passes over the training windows (early stopping may end sooner)."),
     max_steps: Optional[int] = typer.Option(
@@ -253,6 +257,7 @@ def forecast_fit(
 
     import torch
 
+    from forecast.context import parse_context_length
     from forecast.estimator import MemoryForecaster
 
     if threads < 1 or max_steps is not None and max_steps < 0:
@@ -262,7 +267,8 @@ def forecast_fit(
     data = data if data is not None else BUNDLED_ETTH1
     _check_out(out, data)
     model = MemoryForecaster(
-        lookback=lookback, horizon=horizon, d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
+        lookback=lookback, horizon=horizon, context_length=parse_context_length(context_length),
+        d_model=d_model, heads=heads, n_blocks=blocks, chunk_size=chunk_size,
         channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
         max_steps_per_epoch=max_steps or None, linear_path=linear_path, cycle_length=_cycle_length(cycle_length),
         cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
