@@ -5,6 +5,8 @@
     python bench/forecast.py --quick --datasets ETTm1 --max-steps-per-epoch 200  # time-capped CPU
     python bench/forecast.py --quick --horizons 96 --no-cycle --no-linear-path   # ablations
     python bench/forecast.py --data my.csv --horizons 96 192
+    python bench/forecast.py --quick --context-length all   # + the long-context table and its ablations
+    python bench/forecast.py --cost 192 384 768 1536 all     # training / prediction seconds against context length
 
 Every test window is scored (no drop_last) on the scaled values. The ridge baseline (forecast/baseline.py) is fit in
 the same run on the same splits; the summary lists model vs ridge per horizon and their averages, and, per horizon,
@@ -44,6 +46,8 @@ PAPER = {"ETTh1": ((0.420, 0.421), (0.441, 0.432)), "ETTm1": ((0.358, 0.387), (0
          "Weather": ((0.231, 0.265), (0.255, 0.280))}
 # the ridge baseline as measured when the project's references were written (same protocol, all test windows)
 REFERENCE_RIDGE = {"ETTh1": (0.441, 0.429), "ETTm1": (0.413, 0.406), "Weather": (0.274, 0.292)}
+# PatchTST/64 (lookback 512; Nie et al. 2023, Table 3), average MSE over 96-720: the long-context reference
+PATCHTST_512 = {"ETTh1": 0.413, "ETTm1": 0.353, "Weather": 0.226}
 
 # command-line flags that override MemoryForecaster parameters: name -> type
 MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_model": int, "heads": int,
@@ -54,6 +58,8 @@ MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cost:
+        return context_cost(args)
     # MemoryForecaster's defaults (those of `forecast fit`, chosen on CPU on ETTh1 validation) on every machine, with
     # the flags' overrides: a GPU run only adds datasets and leaves out no training window. (The GPU configuration of
     # 2026-11-22, d_model 64 / 2 blocks / batch 256 / lr 1e-3 / at most 40 steps x 5 epochs, trained far less and lost
@@ -99,6 +105,11 @@ def parse_args(argv):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=kind)
     parser.add_argument("--no-cycle", action="store_true", help="cycle_length=0: no learned periodic component")
     parser.add_argument("--no-linear-path", action="store_true", help="no linear lookback->horizon path")
+    parser.add_argument("--context-length", type=_context_length,
+                        help="also fit each row with this context (steps >= lookback, or 'all') and print the "
+                             "long-context table: lookback-only / memory off / long context, same run")
+    parser.add_argument("--cost", nargs="+", type=_context_length,
+                        help="only time training steps and test forecasts at these context lengths (ETTh1)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=positive(int), default=1,
                         help="CPU threads for torch (1: see forecast fit --help)")
@@ -116,6 +127,9 @@ def check_settings(args, config: dict, horizons: list[int]) -> None:
     try:
         for horizon in horizons:
             MemoryForecaster(lookback=args.lookback, horizon=horizon, device=args.device, **config)._check_params()
+            if args.context_length is not None:
+                MemoryForecaster(lookback=args.lookback, horizon=horizon, context_length=args.context_length,
+                                 **config)._check_params()
         resolve_device(args.device)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -162,6 +176,8 @@ def run_one(name: str, path: Path, wide, protocol: str, horizon: int, config: di
                    val_mse=min([model.start_val_loss_, *model.history_.val_loss]))
         ablated = without_backbone(model).evaluate(wide)
         row.update(no_backbone_mse=ablated["mse"], no_backbone_mae=ablated["mae"])
+        if args.context_length is not None:
+            row.update(long_context_row(wide, horizon, protocol, config, args))
     except Exception as error:  # keep the other rows of a long GPU run
         row["error"] = f"{type(error).__name__}: {error}"
         traceback.print_exc()
@@ -180,6 +196,101 @@ def without_backbone(model: MemoryForecaster) -> MemoryForecaster:
     return ablated
 
 
+def long_context_row(wide, horizon: int, protocol: str, config: dict, args) -> dict:
+    """The same row fitted with ``--context-length``: its scores, with its memory off, seconds to fit and score."""
+    model = MemoryForecaster(lookback=args.lookback, horizon=horizon, protocol=protocol, device=args.device,
+                             random_state=args.seed, verbose=args.verbose, context_length=args.context_length,
+                             **config)
+    start = time.perf_counter()
+    model.fit(wide, allow_irregular=True)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = model.evaluate(wide)
+    ablated = without_backbone(model).evaluate(wide)
+    return {"context_length": args.context_length, "long_mse": scores["mse"], "long_mae": scores["mae"],
+            "long_val_mse": min([model.start_val_loss_, *model.history_.val_loss]),
+            "long_best_epoch": model.history_.best_epoch, "long_train_seconds": seconds,
+            "long_test_seconds": time.perf_counter() - start, "long_memory_off_mse": ablated["mse"],
+            "long_memory_off_mae": ablated["mae"]}
+
+
+def long_context_table(results: list[dict]) -> str:
+    """Test MSE/MAE per horizon: lookback-only model, the long-context model with its memory off (linear path and
+    cycle alone), the long-context model; averages beside PatchTST/64 at lookback 512."""
+    rows = [r for r in results if "long_mse" in r]
+    if not rows:
+        return ""
+    lines = [f"long context ({rows[0]['context_length']}): test MSE/MAE (validation MSE of the long-context model)",
+             f"{'dataset':<8} {'horizon':>7} {'lookback-only':>15} {'memory off':>15} {'long context':>15} "
+             f"{'val MSE':>8} {'train s':>8} {'memory helps':>12}"]
+    for r in rows:
+        lines.append(f"{r['dataset']:<8} {r['horizon']:>7} {_pair((r['mse'], r['mae'])):>15} "
+                     f"{_pair((r['long_memory_off_mse'], r['long_memory_off_mae'])):>15} "
+                     f"{_pair((r['long_mse'], r['long_mae'])):>15} {r['long_val_mse']:>8.4f} "
+                     f"{r['long_train_seconds']:>8.0f} {_yes(r['long_mse'] < r['long_memory_off_mse']):>12}")
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == name]
+        mean = {k: np.mean([r[k] for r in mine]) for k in ("mse", "long_memory_off_mse", "long_mse")}
+        reference = PATCHTST_512.get(name)
+        lines.append(f"{name:<8} {'average':>7} {mean['mse']:>15.3f} {mean['long_memory_off_mse']:>15.3f} "
+                     f"{mean['long_mse']:>15.3f}   PatchTST/64 (lookback 512): "
+                     f"{'-' if reference is None else f'{reference:.3f}'} ({len(mine)} horizons)")
+    return "\n".join(lines)
+
+
+def context_cost(args) -> int:
+    """Seconds of 20 training steps (batch 32) and of the forecasts of 512 test windows at each context length of
+    ``--cost`` on ETTh1 (horizon 96), one thread: what must grow linearly with the context."""
+    from forecast.context import context_forecasts, training_data, whole_series
+    from forecast.model import ForecastNetConfig, MemoryForecastNet
+    from memorycore.training import ordered_batches
+
+    path = resolve_files(argparse.Namespace(**{**vars(args), "data": None, "datasets": ["ETTh1"]}))["ETTh1"]
+    wide = read_series(path)
+    lines = [f"{'context':>8} {'train s / 20 steps':>19} {'predict s / 512 windows':>24}"]
+    rows = []
+    for context in args.cost:
+        params = MemoryForecaster(context_length=context).get_params()
+        torch.manual_seed(0)
+        network = MemoryForecastNet(ForecastNetConfig.from_params(params, n_channels=wide.shape[1], cycle_length=0))
+        prepared = prepare_protocol(wide, params["lookback"], params["horizon"], "etth")
+        values = whole_series(prepared)
+        train, _, loss = training_data(network, values, None, prepared.split, torch.nn.functional.mse_loss,
+                                       torch.nn.functional.mse_loss)
+        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+        network.train()
+        batches = iter(ordered_batches(train, 32))
+        start = time.perf_counter()
+        for _ in range(20):
+            optimizer.zero_grad()
+            loss(network, next(batches)).backward()
+            optimizer.step()
+        train_seconds = time.perf_counter() - start
+        starts = np.linspace(prepared.split.test[0], prepared.split.test[1] - 192, 512).astype(int)
+        start = time.perf_counter()
+        context_forecasts(network, values, None, starts)
+        predict_seconds = time.perf_counter() - start
+        rows.append({"context_length": context, "train_seconds_20_steps": train_seconds,
+                     "predict_seconds_512_windows": predict_seconds})
+        lines.append(f"{str(context):>8} {train_seconds:>19.2f} {predict_seconds:>24.2f}")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    write_json(args.out, {"cost": rows, "machine": machine()})
+    return 0
+
+
+def _context_length(text: str):
+    from forecast.context import parse_context_length
+
+    try:
+        value = parse_context_length(text)
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value is None:
+        raise argparse.ArgumentTypeError("give a number of steps or 'all'")
+    return value
+
+
 def format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['dataset']:<8} {row['horizon']:>4}  FAILED {row['error']}"
@@ -193,7 +304,8 @@ def format_row(row: dict) -> str:
 
 
 def summary(results: list[dict]) -> str:
-    return per_horizon_table(results) + "\n\n" + average_table(results)
+    tables = [per_horizon_table(results), average_table(results), long_context_table(results)]
+    return "\n\n".join(table for table in tables if table)
 
 
 def per_horizon_table(results: list[dict]) -> str:
@@ -227,6 +339,10 @@ def average_table(results: list[dict]) -> str:
     lines.append(f"averages over horizons {horizons}; "
                  "the paper and reference-ridge columns are averages over 96/192/336/720")
     return "\n".join(lines)
+
+
+def _yes(condition: bool) -> str:
+    return "yes" if condition else "no"
 
 
 def _pair(values) -> str:
