@@ -30,12 +30,14 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from memorycore.kernels.compile import compilable, compile_for, signature  # noqa: E402,F401  (signature: the tests)
+from neural_memory import APPLICATION_MEMORIES  # noqa: E402  (bench/neural_memory.py)
 
 _compilable_kernels = compilable
 nm = compilable("memorycore.kernels.neural_memory.triton")
 # kernel name -> the phases it runs in one launch (the GPU's form: every chunk, every phase)
 KERNELS = {
-    1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None},
+    1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None,
+        **{name: None for name in nm.TWO_PASS_DEPTH1_KERNELS}},  # the two-pass kernels (MEMORYCORE_NM_PASSES=2)
     2: {"_forward_depth2_kernel": 0b011, "_backward_depth2_kernel": 0b111},
     3: {"_forward_depth3_kernel": None, "_backward_depth3_kernel": None},
 }
@@ -78,19 +80,6 @@ def ramnet_rows(top_k: int, chunk_size: int, value_dim: int) -> None:
               f"{used['shared_bytes'] / 1024:>9.0f} {used['compile_seconds']:>9.1f}", flush=True)
 
 
-# The neural memories the applications build (head dim, hidden width, chunk, depth), before padding to tiles
-APPLICATIONS = [
-    ("forecaster (d_model 64, 4 heads, x2)", 16, 32, 8, 2),
-    ("forecaster estimator (2 heads, x2)", 32, 64, 8, 2),
-    ("DNA classifier (dim 64, 4 heads, x4)", 16, 64, 16, 2),
-    ("MQAR (dim 64-256, head 64, x4)", 64, 256, 16, 2),
-    ("LM dim 128, 4 heads, chunk 16", 32, 128, 16, 2),
-    ("LM dim 384, 8 heads, chunk 32", 48, 192, 32, 2),
-    ("LM dim 384, 6 heads, chunk 64", 64, 256, 64, 2),
-    ("LM dim 384, 4 heads, chunk 64", 96, 384, 64, 2),
-    ("depth 3, head 16, x2, chunk 16", 16, 32, 16, 3),
-    ("depth 3, head 64, x2, chunk 64", 64, 128, 64, 3),
-]
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -100,7 +89,7 @@ def application_rows(dtypes: list[str], warps: int, stages: int) -> None:
           f"(batch, head); 'fits': shared memory within {H100_SHARED_BYTES} bytes")
     print("| memory | tiles (head, hidden, chunk) | depth | dtype | kernel | registers | stack B | shared KB | fits |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, head_dim, hidden, chunk, depth in APPLICATIONS:
+    for label, head_dim, hidden, chunk, depth in APPLICATION_MEMORIES:
         tiles = nm.tile_sizes(head_dim, hidden, chunk, depth, on_gpu=True)
         for dtype in dtypes:
             for name, phases in KERNELS[depth].items():

@@ -3,6 +3,7 @@
     python bench/neural_memory.py            # the issue's shapes (GPU): (8, 2048), (2, 8192), (1, 32768)
     python bench/neural_memory.py --quick    # small shapes that finish in about a minute on a CPU
     python bench/neural_memory.py --check --memory-op   # GPU: Triton == reference first, then time the memory op alone
+    python bench/neural_memory.py --check-coverage      # GPU: every application's memory shape, kernel or reference
 
 Each implementation runs the whole layer (projections, convolution, gates, memory, output) with heads 8 x 64, depth 2,
 expansion 4, chunk 64. Prints a table and writes JSON (default bench/results/neural_memory.json).
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from memorycore.kernels.neural_memory import neural_memory, neural_memory_reference  # noqa: E402
 from memorycore import NeuralMemory  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
@@ -119,24 +120,57 @@ def titans_layer() -> torch.nn.Module:
                               default_model_kwargs=dict(depth=2, expansion_factor=EXPANSION))
 
 
+# The memories the applications build: (label, head dim, hidden width, chunk, depth), before padding to tiles
+APPLICATION_MEMORIES = [
+    ("forecaster (d_model 64, 4 heads, x2)", 16, 32, 8, 2),
+    ("forecaster estimator (2 heads, x2)", 32, 64, 8, 2),
+    ("DNA classifier (dim 64, 4 heads, x4)", 16, 64, 16, 2),
+    ("MQAR (dim 64-256, head 64, x4)", 64, 256, 16, 2),
+    ("LM dim 128, 4 heads, chunk 16", 32, 128, 16, 2),
+    ("LM dim 384, 8 heads, chunk 32", 48, 192, 32, 2),
+    ("LM dim 384, 6 heads, chunk 64", 64, 256, 64, 2),
+    ("LM dim 384, 4 heads, chunk 64", 96, 384, 64, 2),
+    ("depth 3, head 16, x2, chunk 16", 16, 32, 16, 3),
+    ("depth 3, head 64, x2, chunk 64", 64, 128, 64, 3),
+]
+
+
 def memory_inputs(batch: int, time_steps: int, device: torch.device, dtype: torch.dtype, requires_grad: bool,
-                  depth: int = 2) -> list:
+                  depth: int = 2, heads: int = HEADS, head_dim: int = HEAD_DIM,
+                  hidden: int = HEAD_DIM * EXPANSION) -> list:
     """Random inputs of the memory operation: normalised q/k, random gates and initial state."""
-    shape = (batch, HEADS, time_steps, HEAD_DIM)
+    shape = (batch, heads, time_steps, head_dim)
     q, k = (F.normalize(torch.randn(shape, device=device), dim=-1).to(dtype) for _ in range(2))
     v = torch.randn(shape, device=device).to(dtype)
-    gate_shape = (batch, HEADS, time_steps)
+    gate_shape = (batch, heads, time_steps)
     lr = 0.05 * torch.rand(gate_shape, device=device)  # small enough that the memory does not diverge over 32k tokens
     log_eta = F.logsigmoid(torch.randn(gate_shape, device=device) + 2.0)
     log_keep = F.logsigmoid(torch.randn(gate_shape, device=device) + 4.0)
-    widths = [HEAD_DIM] + [HEAD_DIM * EXPANSION] * (depth - 1) + [HEAD_DIM]
-    weights = tuple(torch.randn(batch, HEADS, i, o, device=device) / i**0.5 for i, o in zip(widths, widths[1:]))
+    widths = [head_dim] + [hidden] * (depth - 1) + [head_dim]
+    weights = tuple(torch.randn(batch, heads, i, o, device=device) / i**0.5 for i, o in zip(widths, widths[1:]))
     momentum = tuple(0.01 * torch.randn_like(w) for w in weights)
     tensors = [q, k, v, lr, log_eta, log_keep]
     if requires_grad:
         tensors = [t.requires_grad_() for t in tensors]
         weights, momentum = (tuple(w.requires_grad_() for w in group) for group in (weights, momentum))
     return tensors + [weights, momentum]
+
+
+def triton_errors(inputs: list, chunk_size: int, device: torch.device) -> list[float]:
+    """Relative errors of the Triton path against the float64 reference: y, the final state, every gradient."""
+    as_double = [tuple(w.detach().double().requires_grad_() for w in x) if isinstance(x, tuple)
+                 else x.detach().double().requires_grad_() for x in inputs]
+    results = []
+    for fn, args in ((neural_memory_reference, as_double), (neural_memory, inputs)):
+        with environment(MEMORYCORE_BACKEND="triton" if fn is neural_memory else "torch"):
+            y, weights, momentum = fn(*args, chunk_size)
+        leaves = [t for x in args for t in (x if isinstance(x, tuple) else (x,))]
+        generator = torch.Generator(device).manual_seed(0)
+        loss = sum((out.double() * torch.randn(out.shape, device=device, generator=generator,
+                                               dtype=torch.float64)).sum()
+                   for out in (y, *weights, *momentum))
+        results.append([y, *weights, *momentum, *torch.autograd.grad(loss, leaves)])
+    return [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results[1], results[0])]
 
 
 def check_triton(device: torch.device, splits: list[str]) -> float:
@@ -151,23 +185,29 @@ def check_triton(device: torch.device, splits: list[str]) -> float:
         print(f"check depth {depth} {dtype} split {split}: ", end="", flush=True)
         with environment(**SPLITS[split]):
             torch.manual_seed(depth)
-            inputs = memory_inputs(2, 200, device, dtype, True, depth=depth)
-            as_double = [tuple(w.detach().double().requires_grad_() for w in x) if isinstance(x, tuple)
-                         else x.detach().double().requires_grad_() for x in inputs]
-            results = []
-            for fn, args in ((neural_memory_reference, as_double), (neural_memory, inputs)):
-                with environment(MEMORYCORE_BACKEND="triton" if fn is neural_memory else "torch"):
-                    y, weights, momentum = fn(*args, CHUNK)
-                leaves = [t for x in args for t in (x if isinstance(x, tuple) else (x,))]
-                generator = torch.Generator(device).manual_seed(0)
-                loss = sum((out.double() * torch.randn(out.shape, device=device, generator=generator,
-                                                       dtype=torch.float64)).sum()
-                           for out in (y, *weights, *momentum))
-                results.append([y, *weights, *momentum, *torch.autograd.grad(loss, leaves)])
-            errors = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-                      for a, b in zip(results[1], results[0])]
+            errors = triton_errors(memory_inputs(2, 200, device, dtype, True, depth=depth), CHUNK, device)
             print(f"max relative error {max(errors):.2e} over y, state and {len(errors) - 1 - 2 * depth} gradients")
             worst = max(worst, max(errors))
+    return worst
+
+
+def check_coverage(device: torch.device) -> float:
+    """Every application's memory (APPLICATION_MEMORIES) in bf16 and fp32: does it run the kernels, and how far
+    from the float64 reference? Returns the largest relative error of those that ran the kernels."""
+    from memorycore.kernels.neural_memory.triton import unsupported_reason
+
+    worst = 0.0
+    for label, head_dim, hidden, chunk, depth in APPLICATION_MEMORIES:
+        for dtype in (torch.bfloat16, torch.float32):
+            torch.manual_seed(0)
+            inputs = memory_inputs(2, 3 * chunk + 5, device, dtype, True, depth=depth, heads=2, head_dim=head_dim,
+                                   hidden=hidden)
+            reason = unsupported_reason(inputs[0], inputs[6], chunk)
+            errors = triton_errors(inputs, chunk, device)
+            ran = "reference (" + reason + ")" if reason else "kernels"
+            print(f"{label:<40} {str(dtype):<15} {ran}: max relative error {max(errors):.2e}", flush=True)
+            if reason is None:
+                worst = max(worst, max(errors))
     return worst
 
 
@@ -256,6 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--memory-op", action="store_true",
                         help="time the memory operation alone (q/k/v/gates in, y and state out) instead of the layer")
     parser.add_argument("--check", action="store_true", help="first compare the Triton path with the reference")
+    parser.add_argument("--check-coverage", action="store_true",
+                        help="only check every application's memory shape, bf16 and fp32, against the reference")
     parser.add_argument("--check-only", action="store_true",
                         help="compare the Triton path with the reference, then stop")
     parser.add_argument("--triton-splits", default=None,
@@ -267,7 +309,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--repeats", type=positive(int), default=None)
     parser.add_argument("--out", type=writable_path, default=Path(__file__).parent / "results" / "neural_memory.json")
+    add_threads(parser)
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
 
     try:
         device = torch.device(args.device)
@@ -286,6 +330,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         parser.error(f"unknown --backends {', '.join(unknown)}: use {', '.join(BACKENDS)}")
+    if args.check_coverage:
+        worst = check_coverage(device)
+        if not worst <= 2e-2:  # NaN fails too
+            raise SystemExit(f"a kernel differs from the reference (relative error {worst:.2e})")
+        return []
     if args.check or args.check_only:
         worst = check_triton(device, splits)
         if not worst <= 2e-2:  # NaN fails too

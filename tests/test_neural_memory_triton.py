@@ -435,3 +435,52 @@ def test_the_neural_memory_layer_takes_the_kernels_for_the_applications_shapes(m
         y, _ = layer(torch.randn(2, time, 64))
         y.sum().backward()
     assert calls == [16, 16, 16]  # chunks of 8 run as tiles of 16
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Two passes (depth 1): the state chain alone is serial, everything else runs over (batch, head, chunk)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    """MEMORYCORE_NM_PASSES=2, and a record of the two-pass backward's runs."""
+    monkeypatch.setenv("MEMORYCORE_NM_PASSES", "2")
+    runs = []
+    original = nm_triton._backward_two_pass
+    monkeypatch.setattr(nm_triton, "_backward_two_pass", lambda *a: runs.append(1) or original(*a))
+    return runs
+
+
+@pytest.mark.parametrize("case, chunk_size", [
+    pytest.param(dict(depth=1), 16, id="mom-decay"),
+    pytest.param(dict(depth=1, momentum=False, decay=False), 16, id="plain"),
+    pytest.param(dict(depth=1, time=20, dim=24), 8, id="D24-C8-T20"),
+    pytest.param(dict(depth=1, batch=1, heads=1, time=20, dim=128), 16, id="D128"),
+    pytest.param(dict(depth=1, batch=1, time=140, dim=32), 128, id="C128-T140"),
+])
+def test_two_pass_kernels_match_the_reference(two_pass, case, chunk_size):
+    inputs = memory_inputs(**case)
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, chunk_size)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, chunk_size)
+    assert two_pass, "the two-pass backward did not run"
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+def test_two_pass_kernels_are_deterministic_and_infer_as_they_train(two_pass):
+    inputs = memory_inputs(depth=1, time=40)
+    first_out, first_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    second_out, second_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    assert all(torch.equal(a, b) for a, b in zip(first_out + first_grads, second_out + second_grads))
+    with torch.no_grad():
+        y, weights, momentum = neural_memory_triton(*inputs, 16)
+    assert all(torch.equal(a, b) for a, b in zip([y, *weights, *momentum], first_out))
+
+
+def test_two_passes_only_for_depth_1(monkeypatch):
+    monkeypatch.setenv("MEMORYCORE_NM_PASSES", "2")
+    assert [nm_triton._passes(depth) for depth in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setenv("MEMORYCORE_NM_PASSES", "3")
+    with pytest.raises(ValueError, match="MEMORYCORE_NM_PASSES=3 must be 1"):
+        nm_triton._passes(1)

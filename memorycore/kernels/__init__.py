@@ -5,7 +5,9 @@ the Triton implementation (when present) must match it in the tests.
 
 Dispatch rule (DESIGN.md): Triton when the tensors are on CUDA and triton imports; the PyTorch reference
 otherwise. The environment variable ``MEMORYCORE_BACKEND`` = ``auto`` | ``torch`` | ``triton`` overrides it
-(``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``, which is how the tests run the kernels).
+(``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``, which is how the tests run the kernels). Past this rule an
+operation's Triton entry point runs its reference for the inputs its kernels document as unsupported (the neural
+memory: ``memorycore.kernels.neural_memory.triton.unsupported_reason``, which says why).
 
 This package imports nothing from the rest of the project.
 """

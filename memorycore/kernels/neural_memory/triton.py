@@ -495,6 +495,171 @@ def _backward_depth3_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Depth 1 in two passes: a serial kernel carries only the chunk-to-chunk state, kernels over (batch, head, chunk) do
+# the rest (issue 27, item 2; chosen by MEMORYCORE_NM_PASSES=2, see _passes)
+# ----------------------------------------------------------------------------------------------------------------------
+#
+# Exact: a chunk's outputs depend on the state only through its start state, so the forward first runs the state
+# chain (each chunk's update from its start state, stored at every boundary), then every chunk's retrieval in parallel.
+# The backward splits the gradient of each start state into the chunk's local term G_c (through its own outputs,
+# linear in dy: parallel) and the vector-Jacobian product of the update map J_c^T dS_{c+1} (serial):
+#     dS_c = G_c + J_c^T dS_{c+1}.
+# One buffer [bh, n + 1, D, D] per state matrix holds G_c at slot c, then the serial kernel overwrites it, from the
+# last chunk down, with dS_c; the last kernel reads dS_{c+1} at slot c + 1 for the gradients of k, v and the update's
+# gates. On the serial chain per chunk: 3 dots of [CHUNK, D] x [D, D] in the forward (k W, and k^T times the two
+# error columns) and 3 in the backward (k dW, k dS, k^T d_pred), against 4 and 13 in the fused kernels. Every output
+# is written once by one program: no atomics, bit-identical reruns.
+
+
+@triton.jit
+def _chain_depth1_kernel(
+    k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w_ptr, s_ptr, T, n_chunks,
+    D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """The state chain: every chunk-boundary state, from slot 0 (the initial state) on."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    seq = pid * T * D
+    mat = cols[:, None] * D + cols[None, :]
+    for chunk in range(n_chunks):
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        v = _load_rows(v_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+        row_offset = (pid * n_chunks + chunk) * CHUNK
+        coef_last = tl.load(coef_last_ptr + row_offset + rows)
+        mcoef = tl.load(mcoef_ptr + row_offset + rows)
+        end = (pid * n_chunks + chunk) * 3
+        src = (pid * (n_chunks + 1) + chunk) * D * D
+        w = tl.load(w_ptr + src + mat)
+        s = tl.load(s_ptr + src + mat)
+        err = 2.0 * (_mm(k, w, MM) - v)
+        new_w, new_s = _update_layer(k, err, w, s, coef_last, mcoef, tl.load(ends_ptr + end),
+                                     tl.load(ends_ptr + end + 1), tl.load(ends_ptr + end + 2), MM)
+        tl.store(w_ptr + src + D * D + mat, new_w)
+        tl.store(s_ptr + src + D * D + mat, new_s)
+        tl.debug_barrier()  # the next chunk reads the state this one wrote
+
+
+@triton.jit
+def _chunk_of_program(q_ptr, k_ptr, v_ptr, w_ptr, s_ptr, T, n_chunks,
+                      D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr):
+    """The start of every kernel over (batch * heads, chunks): this program's chunk, its offsets (rows, seq, mat,
+    row_offset into the gates, slot into the [bh, n + 1, D, D] boundary buffers), q, k, v, start state and err."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    seq = pid * T * D
+    mat = cols[:, None] * D + cols[None, :]
+    q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
+    slot = (pid * (n_chunks + 1) + chunk) * D * D
+    w = tl.load(w_ptr + slot + mat)
+    s = tl.load(s_ptr + slot + mat)
+    err = 2.0 * (_mm(k, w, MM) - v)
+    return chunk, rows, cols, seq, mat, (pid * n_chunks + chunk) * CHUNK, slot, q, k, v, w, s, err
+
+
+@triton.jit
+def _outputs_depth1_kernel(
+    q_ptr, k_ptr, v_ptr, y_ptr, keep_ptr, carry_ptr, coef_ptr, w_ptr, s_ptr, T, n_chunks,
+    D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's retrieval from its start state (grid: batch * heads, chunks)."""
+    chunk, rows, cols, seq, mat, row_offset, slot, q, k, v, w, s, err = _chunk_of_program(
+        q_ptr, k_ptr, v_ptr, w_ptr, s_ptr, T, n_chunks, D, CHUNK, MM)
+    keep = tl.load(keep_ptr + row_offset + rows)
+    carry = tl.load(carry_ptr + row_offset + rows)
+    coef = tl.load(coef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+    _store_rows(y_ptr + seq, _retrieve_layer(q, k, err, w, s, keep, carry, coef, MM), chunk, T, rows, cols, D)
+
+
+@triton.jit
+def _local_grads_depth1_kernel(
+    q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, keep_ptr, carry_ptr, coef_ptr, dkeep_ptr, dcarry_ptr, dcoef_ptr,
+    w_ptr, s_ptr, dw_ptr, ds_ptr, T, n_chunks,
+    D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's gradients through its own outputs: of q and the retrieval's gates, and G_c, the local term of
+    its start state's gradient, into slot c of dw_ptr / ds_ptr (grid: batch * heads, chunks)."""
+    chunk, rows, cols, seq, mat, row_offset, slot, q, k, v, w, s, err = _chunk_of_program(
+        q_ptr, k_ptr, v_ptr, w_ptr, s_ptr, T, n_chunks, D, CHUNK, MM)
+    dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+    keep = tl.load(keep_ptr + row_offset + rows)
+    carry = tl.load(carry_ptr + row_offset + rows)
+    coef = tl.load(coef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+    dq, _, d_err, dw, ds, d_keep, d_carry, d_coef = _retrieve_layer_backward(dy, q, k, err, w, s, keep, carry, coef,
+                                                                             MM)
+    dw += _mm(tl.trans(k), 2.0 * d_err, MM)  # err = 2 (k W - v)
+    _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
+    tl.store(dkeep_ptr + row_offset + rows, d_keep)
+    tl.store(dcarry_ptr + row_offset + rows, d_carry)
+    tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
+    tl.store(dw_ptr + slot + mat, dw)
+    tl.store(ds_ptr + slot + mat, ds)
+
+
+@triton.jit
+def _grad_chain_depth1_kernel(
+    k_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, dw_ptr, ds_ptr, T, n_chunks,
+    D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """The state-gradient chain dS_c = G_c + J_c^T dS_{c+1}, from the last chunk down, in place (slot n holds the
+    gradient of the final state)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    seq = pid * T * D
+    mat = cols[:, None] * D + cols[None, :]
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        k = _load_rows(k_ptr + seq, chunk, T, rows, cols, D).to(MM)
+        row_offset = (pid * n_chunks + chunk) * CHUNK
+        coef_last = tl.load(coef_last_ptr + row_offset + rows)
+        mcoef = tl.load(mcoef_ptr + row_offset + rows)
+        end = (pid * n_chunks + chunk) * 3
+        slot = (pid * (n_chunks + 1) + chunk) * D * D
+        dw_next = tl.load(dw_ptr + slot + D * D + mat)
+        ds_next = tl.load(ds_ptr + slot + D * D + mat)
+        # new_w = keep_end w + carry_end s - k^T (coef_last err), new_s = eta_end s - k^T (mcoef err), err = 2 (k w - v)
+        d_pred = -2.0 * (coef_last[:, None] * _mm(k, dw_next, MM) + mcoef[:, None] * _mm(k, ds_next, MM))
+        dw = tl.load(dw_ptr + slot + mat) + tl.load(ends_ptr + end) * dw_next + _mm(tl.trans(k), d_pred, MM)
+        ds = tl.load(ds_ptr + slot + mat) + tl.load(ends_ptr + end + 1) * dw_next + tl.load(ends_ptr + end + 2) * ds_next
+        tl.store(dw_ptr + slot + mat, dw)
+        tl.store(ds_ptr + slot + mat, ds)
+        tl.debug_barrier()  # the next (earlier) chunk reads the gradient this one wrote
+
+
+@triton.jit
+def _input_grads_depth1_kernel(
+    q_ptr, k_ptr, v_ptr, dy_ptr, dk_ptr, dv_ptr, keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr,
+    dcoef_last_ptr, dends_ptr, dmcoef_ptr, w_ptr, s_ptr, dw_ptr, ds_ptr, T, n_chunks,
+    D: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's gradients of k, v and the update's gates, from dy and its end state's gradient dS_{c+1}
+    (grid: batch * heads, chunks)."""
+    chunk, rows, cols, seq, mat, row_offset, slot, q, k, v, w, s, err = _chunk_of_program(
+        q_ptr, k_ptr, v_ptr, w_ptr, s_ptr, T, n_chunks, D, CHUNK, MM)
+    dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+    keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
+        keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK)
+    _, dk, d_err, _, _, _, _, _ = _retrieve_layer_backward(dy, q, k, err, w, s, keep, carry, coef, MM)
+    zero_rows = tl.zeros((CHUNK,), dtype=tl.float32)
+    dk, d_err, _, _, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+        k, err, w, s, dw_ptr + slot + D * D + mat, ds_ptr + slot + D * D + mat, coef_last, mcoef, keep_end,
+        carry_end, eta_end, dk, d_err, w, s, zero_rows, zero_rows, 0.0, 0.0, 0.0, MM)
+    d_pred = 2.0 * d_err
+    dk += _mm(d_pred, tl.trans(w), MM)
+    _store_rows(dk_ptr + seq, dk, chunk, T, rows, cols, D)
+    _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
+    tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
+    tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
+    end = row_offset // CHUNK * 3
+    tl.store(dends_ptr + end, d_keep_end)
+    tl.store(dends_ptr + end + 1, d_carry_end)
+    tl.store(dends_ptr + end + 2, d_eta_end)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Depth 2 (MLP memory d -> hidden -> d), each (batch, head) split over PARTS programs along the hidden units
 # ----------------------------------------------------------------------------------------------------------------------
 #
@@ -804,6 +969,21 @@ BLOCK_HIDDEN = 64  # hidden-layer columns per tile of the depth-2 kernels (32 wa
 SPLIT_BY_DEFAULT = True
 
 
+# The two-pass kernels (depth 1 only so far) are exact and deterministic but have not run on a GPU, so the fused
+# kernels stay the default until they are timed there; MEMORYCORE_NM_PASSES=2 chooses them.
+TWO_PASS_DEPTH1_KERNELS = ("_chain_depth1_kernel", "_outputs_depth1_kernel", "_local_grads_depth1_kernel",
+                           "_grad_chain_depth1_kernel", "_input_grads_depth1_kernel")
+
+
+def _passes(depth: int) -> int:
+    """1: the fused kernels (every chunk's work on the serial chain); 2: the two-pass kernels (the state chain alone
+    is serial). ``MEMORYCORE_NM_PASSES`` chooses; 2 exists for depth 1 only, other depths run the fused kernels."""
+    forced = os.environ.get("MEMORYCORE_NM_PASSES", "1")
+    if forced not in ("1", "2"):
+        raise ValueError(f"MEMORYCORE_NM_PASSES={forced} must be 1 (fused kernels) or 2 (two passes, depth 1)")
+    return 2 if forced == "2" and depth == 1 else 1
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A fresh buffer the kernels fully overwrite (the tests swap in a NaN fill to catch reads of unwritten memory)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -879,6 +1059,8 @@ def _shared_memory_needed(q: Tensor, depth: int, tiles: tuple[int, int, int]) ->
 
 def _kernels_for(depth: int, hidden: int, batch_heads: int, device: torch.device) -> list[tuple[str, int]]:
     """(kernel name, parts) of every kernel one forward + backward launches."""
+    if _passes(depth) == 2:
+        return [(name, 1) for name in TWO_PASS_DEPTH1_KERNELS]
     if depth == 2:
         parts, _ = _split(batch_heads, hidden, device)
         return [("_forward_depth2_kernel", parts), ("_backward_depth2_kernel", parts)]
@@ -1003,13 +1185,21 @@ def _forward(
     """Run the forward kernel; return y, the final state and the state buffers [bh, slots, i, o]."""
     batch, heads, time, dim = q.shape
     bh, n_chunks = batch * heads, gates[0].shape[1]
-    n_slots = n_chunks + 1 if keep_boundaries else 2  # inference ping-pongs between two slots
+    two_pass = _passes(len(state) // 2) == 2
+    # inference ping-pongs between two slots; the two-pass kernels keep every boundary, as training does
+    n_slots = n_chunks + 1 if keep_boundaries or two_pass else 2
     buffers = []
     for s in state:
         buffer = _empty((bh, n_slots, *s.shape[-2:]), torch.float32, q.device)
         buffer[:, 0] = s.reshape(bh, *s.shape[-2:])
         buffers.append(buffer)
-    if len(state) != 4:  # depth 1 or 3: one program per (batch, head)
+    if two_pass:
+        y = _empty(q.shape, q.dtype, q.device)
+        keep, carry, coef, coef_last, ends, mcoef = gates
+        options = _launch_options(q, state, chunk_size)
+        _chain_depth1_kernel[(bh,)](k, v, coef_last, ends, mcoef, *buffers, time, n_chunks, **options)
+        _outputs_depth1_kernel[(bh, n_chunks)](q, k, v, y, keep, carry, coef, *buffers, time, n_chunks, **options)
+    elif len(state) != 4:  # depth 1 or 3: one program per (batch, head)
         y = _empty(q.shape, q.dtype, q.device)
         kernel = _forward_depth1_kernel if len(state) == 2 else _forward_depth3_kernel
         kernel[(bh,)](q, k, v, y, *gates, *buffers, time, n_chunks, n_slots, **_launch_options(q, state, chunk_size))
@@ -1036,6 +1226,8 @@ def _backward(
     # the state gradient flows backwards through these buffers, starting from the gradient of the final state
     d_state = [g.reshape(bh, *g.shape[-2:]).to(torch.float32).clone(memory_format=torch.contiguous_format)
                for g in d_final]
+    if _passes(len(buffers) // 2) == 2:
+        return _backward_two_pass(q, k, v, dy, gates, buffers, d_state, chunk_size)
     if len(buffers) != 4:  # depth 1 or 3: one program per (batch, head)
         dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
         d_gates = [_empty(g.shape, torch.float32, q.device) for g in gates]
@@ -1058,6 +1250,30 @@ def _backward(
                        _launch_options(q, buffers, chunk_size, parts))
         dq, dk = dq.to(q.dtype), dk.to(q.dtype)
     d_initial = tuple(g.reshape(batch, heads, *g.shape[-2:]) for g in d_state)
+    return (dq, dk, dv, *d_gates, *d_initial)
+
+
+def _backward_two_pass(q: Tensor, k: Tensor, v: Tensor, dy: Tensor, gates: tuple[Tensor, ...],
+                       buffers: tuple[Tensor, ...], d_final: list[Tensor], chunk_size: int) -> tuple[Tensor, ...]:
+    """The two-pass backward (depth 1): local terms over every chunk, the state-gradient chain, the input gradients."""
+    batch, heads, time, _ = q.shape
+    bh, n_chunks = batch * heads, gates[0].shape[1]
+    keep, carry, coef, coef_last, ends, mcoef = gates
+    d_keep, d_carry, d_coef, d_coef_last, d_ends, d_mcoef = d_gates = [_empty(g.shape, torch.float32, q.device)
+                                                                       for g in gates]
+    dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
+    d_buffers = []  # slot c: G_c, then dS_c; slot n: the gradient of the final state
+    for buffer, d in zip(buffers, d_final):
+        d_buffer = _empty(buffer.shape, torch.float32, q.device)
+        d_buffer[:, n_chunks] = d
+        d_buffers.append(d_buffer)
+    options = _launch_options(q, buffers, chunk_size)
+    _local_grads_depth1_kernel[(bh, n_chunks)](q, k, v, dy, dq, keep, carry, coef, d_keep, d_carry, d_coef,
+                                               *buffers, *d_buffers, time, n_chunks, **options)
+    _grad_chain_depth1_kernel[(bh,)](k, coef_last, ends, mcoef, *d_buffers, time, n_chunks, **options)
+    _input_grads_depth1_kernel[(bh, n_chunks)](q, k, v, dy, dk, dv, *gates, d_coef_last, d_ends, d_mcoef,
+                                               *buffers, *d_buffers, time, n_chunks, **options)
+    d_initial = tuple(d[:, 0].reshape(batch, heads, *d.shape[-2:]) for d in d_buffers)
     return (dq, dk, dv, *d_gates, *d_initial)
 
 
