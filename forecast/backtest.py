@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from forecast.data import read_series
+from forecast.data import read_series, wide_to_long
 from forecast.metrics import channel_metrics
 from forecast.outliers import OutlierBounds, handle_outliers
+from forecast.ragged import is_ragged
 from memorycore.errors import InputError
 
 _READ_OPTIONS = ("date_column", "target", "fill", "allow_irregular")
@@ -76,27 +77,36 @@ def cross_validation(model, data, n_windows: int = 1, step_size: int | None = No
     fit_options = {k: v for k, v in fit_options.items() if k not in ("date_column", "target")}  # read already
     frames, fitted = [], None
     for row in rows:
+        # ragged series (long data) stay long, so that a series absent before the cutoff stays absent
+        past = wide_to_long(wide.iloc[:row + 1]).dropna(subset=["y"]) if is_ragged(wide) else wide.iloc[:row + 1]
         if fitted is None or refit:
-            fitted = clone(model).fit(wide.iloc[:row + 1], **fit_options)
-        forecast = fitted.predict(wide.iloc[:row + 1], h=steps, quantiles=quantiles)
+            fitted = clone(model).fit(past, **fit_options)
+        forecast = fitted.predict(past, h=steps, quantiles=quantiles)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the actuals' outliers were reported when the data was read
-            actual = fitted.read_like_fit(wide.iloc[row + 1:row + 1 + steps])
-        frames.append(_long(forecast, actual, wide.index[row]))
+            actual = wide.iloc[row + 1:row + 1 + steps][fitted.columns_]
+            if fitted.outlier_bounds_ is not None:
+                actual = handle_outliers(actual, fitted.outlier_bounds_, fitted.outliers_)
+        frames.append(_window_frame(forecast, actual, wide.index[row]))
     return pd.concat(frames).sort_values(["unique_id", "cutoff", "ds"], kind="stable").reset_index(drop=True)
 
 
-def _long(forecast: pd.DataFrame, actual: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
-    """One window's forecasts ``[h, channels (+ quantile columns)]`` and actuals ``[h, channels]`` in the long
-    format."""
-    columns = list(actual.columns)
-    ids = np.repeat(columns, len(actual))
-    long = pd.DataFrame({"unique_id": ids, "ds": np.tile(actual.index.to_numpy(), len(columns)), "cutoff": cutoff,
-                         "y": actual.to_numpy().T.ravel(), "forecast": forecast[columns].to_numpy().T.ravel()})
-    for name in forecast.columns[len(columns):]:  # <column>_q<level>
-        level = name.rsplit("_q", 1)[1]
-        long[f"forecast_q{level}"] = forecast[[f"{c}_q{level}" for c in columns]].to_numpy().T.ravel()
-    return long
+def _window_frame(forecast: pd.DataFrame, actual: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
+    """One window's forecasts (wide: the channels then ``<column>_q<level>``; or long: ``unique_id, ds, y,
+    y_q<level>``) beside the actuals ``[h, channels]`` that exist, in the long format."""
+    if "unique_id" in forecast.columns:
+        long = forecast.rename(columns=lambda name: "forecast" + name[1:] if name.startswith("y") else name)
+    else:
+        columns = list(actual.columns)
+        long = wide_to_long(forecast[columns]).rename(columns={"y": "forecast"})
+        for name in forecast.columns[len(columns):]:  # <column>_q<level>
+            level = name.rsplit("_q", 1)[1]
+            quantile = forecast[[f"{c}_q{level}" for c in columns]].set_axis(columns, axis=1)
+            long[f"forecast_q{level}"] = wide_to_long(quantile)["y"].to_numpy()
+    truth = wide_to_long(actual).dropna(subset=["y"])  # a ragged series that has ended has no actual
+    merged = truth.merge(long, on=["unique_id", "ds"], how="inner")
+    merged.insert(2, "cutoff", cutoff)
+    return merged
 
 
 def backtest_metrics(frame: pd.DataFrame, history: pd.DataFrame | None = None, season: int = 1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -43,8 +44,12 @@ def closed_form_init(network: MemoryForecastNet, prepared: ProtocolData, phases:
     lookback = network.config.lookback
     if network.cycle is not None:
         train, train_phases = prepared.train, phases["train"]
-        table = np.stack([train[train_phases == p].mean(axis=0) if (train_phases == p).any()
-                          else np.zeros(train.shape[1]) for p in range(network.config.cycle_length)])
+        mean = np.nanmean if np.isnan(train).any() else np.mean  # NaN: where ragged series do not exist
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a phase no value of a series falls on: 0 below
+            table = np.stack([mean(train[train_phases == p], axis=0) if (train_phases == p).any()
+                              else np.zeros(train.shape[1]) for p in range(network.config.cycle_length)])
+        table = np.nan_to_num(table)
         network.cycle.data.copy_(torch.as_tensor(table - table.mean(axis=0), dtype=torch.float32))
     if network.linear is None:
         return math.nan
@@ -73,6 +78,9 @@ def _residual_moments(network: MemoryForecastNet, values: np.ndarray, phases: np
         level = x.mean(dim=1, keepdim=True)
         inputs = (x - level).transpose(1, 2).reshape(-1, lookback).numpy()
         targets = (y - level).transpose(1, 2).reshape(-1, horizon).numpy()
+        if np.isnan(inputs).any() or np.isnan(targets).any():  # windows of ragged series where they do not exist
+            whole = np.isfinite(inputs).all(axis=1) & np.isfinite(targets).all(axis=1)
+            inputs, targets = inputs[whole], targets[whole]
         gram += inputs.T @ inputs
         cross += inputs.T @ targets
         target_square += float(np.square(targets).sum())

@@ -100,12 +100,13 @@ def read_series(
     frame = _read_table(data) if not isinstance(data, pd.DataFrame) else data.copy()
     if frame.empty or frame.shape[1] == 0:
         raise InputError("the data is empty; pass a CSV with a date column and at least one numeric column")
-    wide = long_to_wide(frame) if set(LONG_COLUMNS) <= set(frame.columns) else _index_by_date(frame, date_column)
+    long = set(LONG_COLUMNS) <= set(frame.columns)
+    wide = long_to_wide(frame) if long else _index_by_date(frame, date_column)
     wide = _select_target(wide, target)
     _check_numeric(wide)
     wide = wide.astype(np.float64)
     _check_timestamps(wide.index, allow_irregular)
-    return _handle_missing(wide, fill)
+    return _handle_missing(wide, fill, ragged=long)
 
 
 def _read_table(path: str | Path, rows: int | None = None) -> pd.DataFrame:
@@ -276,8 +277,13 @@ def _check_timestamps(index: pd.DatetimeIndex, allow_irregular: bool) -> None:
                          f"to {index[row]}{hint}")
 
 
-def _handle_missing(wide: pd.DataFrame, fill: str | None) -> pd.DataFrame:
+def _handle_missing(wide: pd.DataFrame, fill: str | None, ragged: bool = False) -> pd.DataFrame:
+    """NaN/inf refused or interpolated; with ``ragged`` (long input, whose series may start and end on different
+    dates) the NaN before a series' first value and after its last are not missing values but outside the series:
+    they stay NaN, never filled."""
     bad = ~np.isfinite(wide.to_numpy())
+    if ragged:
+        bad &= ~outside_series(wide)
     if not bad.any():
         return wide
     if fill is None:
@@ -291,7 +297,18 @@ def _handle_missing(wide: pd.DataFrame, fill: str | None) -> pd.DataFrame:
         empty = [str(c) for c, all_bad in zip(wide.columns, bad.all(axis=0)) if all_bad]
         raise InputError(f"column(s) {', '.join(empty)} hold no finite value; nothing to interpolate from")
     cleaned = wide.mask(bad)
+    if ragged:  # fill inside each series only
+        return wide.where(~bad, cleaned.interpolate(method="linear", limit_area="inside"))
     return cleaned.interpolate(method="linear", limit_direction="both")
+
+
+def outside_series(wide: pd.DataFrame) -> np.ndarray:
+    """Boolean mask ``[time, channels]`` of the rows before each column's first non-NaN value and after its last:
+    where a series of long-format data does not exist (its values are NaN in the wide frame)."""
+    present = wide.notna().to_numpy()
+    started = np.maximum.accumulate(present, axis=0)
+    not_ended = np.maximum.accumulate(present[::-1], axis=0)[::-1]
+    return ~(started & not_ended)
 
 
 # ------------------------------------------------------------------------------------------------- long <-> wide
@@ -424,8 +441,14 @@ class StandardScaler:
 
     @classmethod
     def fit(cls, values: np.ndarray) -> "StandardScaler":
-        mean = values.mean(axis=0)
-        scale = values.std(axis=0)
+        """Channel statistics over the rows; NaN (where a ragged series does not exist) left out, a channel without
+        any value gets NaN."""
+        if np.isnan(values).any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel
+                mean, scale = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+        else:
+            mean, scale = values.mean(axis=0), values.std(axis=0)
         return cls(mean, np.where(scale > 0, scale, 1.0))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
@@ -495,6 +518,10 @@ def prepare_protocol(wide: pd.DataFrame, lookback: int, horizon: int, protocol: 
     check_length(split, lookback, horizon)
     values = wide.to_numpy(dtype=np.float64)
     scaler = StandardScaler.fit(values[split.train[0]:split.train[1]])
+    unscaled = np.isnan(scaler.mean)  # a ragged series with no training value: scaled by its own values
+    if unscaled.any():
+        own = StandardScaler.fit(values[:, unscaled])
+        scaler.mean[unscaled], scaler.scale[unscaled] = own.mean, own.scale
     scaled = scaler.transform(values)
     parts = {part: scaled[slice(*getattr(split, part))] for part in ("train", "val", "test")}
     return ProtocolData(split, scaler, **parts)

@@ -29,6 +29,7 @@ from forecast.intervals import CALIBRATION_WINDOWS, calibrate, coverage, interpo
 from forecast.outliers import OUTLIER_ACTIONS, OutlierBounds, handle_outliers
 from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, ForecastNetConfig, MemoryForecastNet
 from forecast.metrics import CRPS_LEVELS, channel_metrics
+from forecast.ragged import forecast_each_series, is_ragged, last_rows, masked_loss, skip_short_series
 from forecast.rollout import check_phases, forecast_series, forecast_windows, window_errors, window_targets
 from memorycore.devices import resolve_device
 from memorycore.errors import InputError
@@ -47,6 +48,8 @@ def loss_function(name: str):
     def loss(model, batch) -> torch.Tensor:
         windows, targets, *phase = batch
         criterion = _TRAINING_LOSSES[name] if model.training else torch.nn.functional.mse_loss
+        if not (torch.isfinite(windows).all() and torch.isfinite(targets).all()):  # ragged series
+            return masked_loss(criterion, model, windows, targets, phase)
         return criterion(model(windows, *phase).float(), targets.float())
     return loss
 
@@ -229,10 +232,15 @@ class MemoryForecaster(BaseEstimator):
         read_options = {"date_column": date_column, "target": target, "fill": fill, "allow_irregular": allow_irregular}
         wide = read_series(data, **read_options)
         self.protocol_ = resolve_protocol(self.protocol, dataset_name(data))
+        if is_ragged(wide):  # long data whose series start and end on different dates
+            if self.channels != "independent" or self.context_length is not None:
+                raise InputError("series that start or end on different dates need channels='independent' (a "
+                                 "mixing model reads every series on every row) and no context_length")
+            wide = skip_short_series(wide, self.lookback + self.horizon, "lookback + horizon")
         train_rows = slice(*split_borders(len(wide), self.lookback, self.protocol_).train)
         self.outliers_, self.outlier_bounds_ = outliers, OutlierBounds.fit(wide.to_numpy()[train_rows])
         wide = handle_outliers(wide, self.outlier_bounds_, outliers)
-        never_negative = (wide.to_numpy()[train_rows] >= 0).all(axis=0) & (not allow_negative)
+        never_negative = ~(wide.to_numpy()[train_rows] < 0).any(axis=0) & (not allow_negative)  # NaN: absent
         self.floor_ = np.where(never_negative, 0.0, -np.inf)  # forecasts of these channels are clipped at 0
         prepared = prepare_protocol(wide, self.lookback, self.horizon, self.protocol_)
 
@@ -265,6 +273,8 @@ class MemoryForecaster(BaseEstimator):
         self.input_format_ = "long" if is_long_format(data) else "wide"
         self.read_options_ = {k: v for k, v in read_options.items() if k != "target"}
         self.last_window_, self.context_state_ = self._carry(wide)
+        if is_ragged(wide):
+            self.last_window_ = last_rows(wide, self.lookback)  # every series' own last lookback values
         residuals = -self.part_errors(prepared, "val", phases, max_windows=CALIBRATION_WINDOWS)
         self.residual_quantiles_ = calibrate(residuals)
         return self
@@ -357,6 +367,8 @@ class MemoryForecaster(BaseEstimator):
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise InputError(f"the forecast horizon (h, --horizon) must be a positive integer, got {h!r}")
         history = self.last_window_ if data is None else self.read_like_fit(data)
+        if is_ragged(history):  # each series from its own last values, after its own last timestamp
+            return forecast_each_series(self, history, steps, quantiles)
         if len(history) < self.lookback:
             raise InputError(f"the series has {len(history)} rows but the model needs lookback = {self.lookback}")
         index = future_index(history.index, steps)  # first: it refuses dates pandas cannot hold before any work
@@ -475,16 +487,19 @@ class MemoryForecaster(BaseEstimator):
         floor = getattr(self, "floor_", None)
         if floor is not None and np.isfinite(floor).any():  # the forecasts clipped at 0, as predict gives them
             error = np.maximum(truth + error, self.scaler_.transform(floor)) - truth
-        scores = {"mse": float(np.square(error).mean()), "mae": float(np.abs(error).mean()), "windows": len(error)}
+        scores = {"mse": float(np.nanmean(np.square(error))), "mae": float(np.nanmean(np.abs(error))),
+                  "windows": len(error)}  # NaN: windows of ragged series where they do not exist
         calibrated = getattr(self, "residual_quantiles_", None) is not None
         if interval is not None and calibrated:
             low, high = self.residual_quantiles([(1 - interval) / 2, (1 + interval) / 2])
             scores["interval_coverage"] = coverage(error, low, high)
         if units:
             offsets = self.residual_quantiles(CRPS_LEVELS) if calibrated else []
+            values = wide.to_numpy()  # not the scaled values transformed back: a 0 would come back as 1e-16
             scores["channels"] = channel_metrics(
-                self.scaler_.inverse_transform(truth), self.to_units(truth + error), self.columns_,
-                insample=self.scaler_.inverse_transform(prepared.train), season=self.cycle_length_ or 1,
+                window_targets(values[slice(*prepared.split.test)], self.lookback, self.horizon),
+                self.to_units(truth + error), self.columns_,
+                insample=values[slice(*prepared.split.train)], season=self.cycle_length_ or 1,
                 quantile_forecasts={level: self.to_units(truth + error + offset)
                                     for level, offset in zip(CRPS_LEVELS, offsets)})
         return scores

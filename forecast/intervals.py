@@ -3,6 +3,8 @@ channel, stored at fixed levels and interpolated between them (docs/forecasting.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from memorycore.errors import InputError
@@ -14,8 +16,15 @@ CALIBRATION_WINDOWS = 1000  # validation windows (evenly spaced) whose residuals
 
 def calibrate(residuals: np.ndarray) -> np.ndarray:
     """The stored table ``[len(QUANTILE_LEVELS), horizon, channels]`` of residuals ``[n, horizon, channels]``
-    (truth - forecast)."""
-    return np.quantile(residuals, QUANTILE_LEVELS, axis=0).astype(np.float32)
+    (truth - forecast). NaN residuals (ragged series where they do not exist) are left out; a channel with none at
+    a step takes the quantiles of all channels' residuals there."""
+    if not np.isnan(residuals).any():
+        return np.quantile(residuals, QUANTILE_LEVELS, axis=0).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: filled below
+        table = np.nanquantile(residuals, QUANTILE_LEVELS, axis=0)
+        pooled = np.nanquantile(residuals.transpose(0, 2, 1).reshape(-1, residuals.shape[1]), QUANTILE_LEVELS, axis=0)
+    return np.where(np.isnan(table), pooled[..., None], table).astype(np.float32)
 
 
 def interpolate_quantiles(table: np.ndarray | None, quantiles, steps: int, horizon: int) -> np.ndarray:
@@ -43,4 +52,5 @@ def interpolate_quantiles(table: np.ndarray | None, quantiles, steps: int, horiz
 def coverage(errors: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
     """Share of the truths inside the interval: ``errors`` (forecast - truth) ``[n, horizon, channels]``, the
     residual quantiles ``low``, ``high`` ``[horizon, channels]`` (low <= truth - forecast <= high)."""
-    return float(((errors <= -low) & (errors >= -high)).mean())
+    inside = (errors <= -low) & (errors >= -high)
+    return float(inside[np.isfinite(errors)].mean())  # NaN: ragged series where they do not exist

@@ -93,16 +93,22 @@ def channel_metrics(truth: np.ndarray, forecast: np.ndarray, columns: list[str],
                     quantile_forecasts: Mapping[float, np.ndarray] | None = None) -> pd.DataFrame:
     """Metrics per channel (rows) of ``forecast`` against ``truth`` ``[..., channels]`` in the data's units:
     :data:`POINT_METRICS`, and :data:`QUANTILE_METRICS` when ``quantile_forecasts {level: [..., channels]}`` are
-    given. ``insample [time, channels]``: each channel's past for MASE."""
+    given. ``insample [time, channels]``: each channel's past for MASE. NaN values (where a ragged series does not
+    exist) are left out; a channel without any value has no row."""
     truth, forecast = np.asarray(truth, dtype=np.float64), np.asarray(forecast, dtype=np.float64)
     if truth.shape[-1] != len(columns):
         raise InputError(f"got {truth.shape[-1]} channels of values for {len(columns)} column names")
     rows = {}
     for j, column in enumerate(columns):
+        present = np.isfinite(truth[..., j]) & np.isfinite(forecast[..., j])  # NaN: a ragged series' absence
+        if not present.any():
+            continue
         past = None if insample is None else np.asarray(insample)[:, j]
-        rows[column] = point_metrics(truth[..., j], forecast[..., j], insample=past, season=season)
+        past = None if past is None else past[np.isfinite(past)]
+        rows[column] = point_metrics(truth[..., j][present], forecast[..., j][present], insample=past, season=season)
         if quantile_forecasts:
-            rows[column] |= quantile_metrics(truth[..., j], {q: f[..., j] for q, f in quantile_forecasts.items()})
+            rows[column] |= quantile_metrics(truth[..., j][present],
+                                             {q: f[..., j][present] for q, f in quantile_forecasts.items()})
     return pd.DataFrame.from_dict(rows, orient="index")
 
 

@@ -2,9 +2,9 @@
 with their column, count and first timestamp, then kept, treated as missing (and filled) or refused.
 
 The bound is ``median +- MAD_LIMIT * 1.4826 * MAD`` of the channel's training rows (sentinels left out), so one
-glitch cannot move it. ``MAD_LIMIT`` was chosen on the validation splits of ETTh1, ETTm1, Weather and Electricity
-(docs/forecasting.md, "Dirty data"): their largest legitimate value lies 27 MADs from its median (Weather's solar
-radiation), a sentinel thousands. A channel whose MAD is 0 (mostly one value, such as rain) is checked for sentinels
+glitch cannot move it. ``MAD_LIMIT`` was chosen on ETTh1, ETTm1, Weather and Electricity (docs/forecasting.md,
+"Dirty data: the bound"): their largest legitimate value lies 27 MADs from its median in the validation splits and
+41 in the training splits (Weather's solar radiation, both), a sentinel thousands. A channel whose MAD is 0 (mostly one value, such as rain) is checked for sentinels
 only.
 """
 
