@@ -239,9 +239,7 @@ def forecast_fit(
     out: Path = typer.Option(Path("runs/forecast/model.safetensors"), help="Where to write the model."),
     device: str = typer.Option(_FORECASTER["device"], help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(_FORECASTER["random_state"], help="Random seed."),
-    threads: int = typer.Option(
-        1, help="CPU threads for torch. 1 suits the default small model: 2 were only ~1.3x faster on an idle 2-core "
-                "machine and 20-60x slower on a busy one (threads spin-wait on tiny tensors)."),
+    threads: Optional[int] = _THREADS_OPTION,
     resume: bool = _RESUME_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -255,15 +253,12 @@ def forecast_fit(
     """
     import time
 
-    import torch
-
     from forecast.context import parse_context_length
     from forecast.estimator import MemoryForecaster
 
-    if threads < 1 or max_steps is not None and max_steps < 0:
+    if threads is not None and threads < 1 or max_steps is not None and max_steps < 0:
         raise InputError(f"--threads must be >= 1 and --max-steps >= 0 (0: every window), got {threads} and "
                          f"{max_steps}")
-    torch.set_num_threads(threads)
     data = data if data is not None else BUNDLED_ETTH1
     _check_out(out, data)
     model = MemoryForecaster(
@@ -272,7 +267,7 @@ def forecast_fit(
         channels=channels, dropout=dropout, epochs=epochs, batch_size=batch_size, lr=lr,
         max_steps_per_epoch=max_steps or None, linear_path=linear_path, cycle_length=_cycle_length(cycle_length),
         cycle_amplitude=cycle_amplitude, init=init, loss=loss, weight_decay=weight_decay,
-        protocol=protocol, random_state=seed, device=device, verbose=not quiet)
+        protocol=protocol, random_state=seed, device=device, n_threads=threads, verbose=not quiet)
     start = time.perf_counter()
     _fit_and_save(model, out, resume, data, **_read_options(date_column, target, fill, allow_irregular),
                   outliers=outliers, allow_negative=allow_negative)

@@ -32,3 +32,19 @@ def writable_path(text: str) -> Path:
     except InputError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return Path(text)
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch CPU threads; default the estimators' rule (:func:`memorycore.devices.resolve_threads`)."""
+    parser.add_argument("--threads", type=positive(int), default=None,
+                        help="torch CPU threads (default: memorycore's rule, 1: README, CPU threads)")
+
+
+def apply_threads(threads: int | None) -> int:
+    """Set torch's CPU threads for the whole script by the estimators' rule (``--threads`` overrides it)."""
+    import torch
+
+    from memorycore.devices import resolve_threads
+
+    torch.set_num_threads(resolve_threads(threads))
+    return torch.get_num_threads()

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from forecast.baseline import ridge_benchmark  # noqa: E402
 from forecast.data import dataset_name, prepare_protocol, read_series, resolve_protocol  # noqa: E402
 from forecast.estimator import MemoryForecaster  # noqa: E402
@@ -57,7 +57,7 @@ MODEL_FLAGS = {"epochs": int, "max_steps_per_epoch": int, "batch_size": int, "d_
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     if args.cost:
         return context_cost(args)
     # MemoryForecaster's defaults (those of `forecast fit`, chosen on CPU on ETTh1 validation) on every machine, with
@@ -111,8 +111,7 @@ def parse_args(argv):
     parser.add_argument("--cost", nargs="+", type=_context_length,
                         help="only time training steps and test forecasts at these context lengths (ETTh1)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=positive(int), default=1,
-                        help="CPU threads for torch (1: see forecast fit --help)")
+    add_threads(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true", help="progress bars")
     parser.add_argument("--time-budget", type=positive(float),

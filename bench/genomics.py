@@ -29,7 +29,7 @@ from sklearn.model_selection import train_test_split
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, writable_path  # noqa: E402
 from genomics import DNAClassifier, kmer_logistic_regression, load_sequences  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.errors import InputError  # noqa: E402
@@ -118,13 +118,12 @@ def main(argv=None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override a DNAClassifier parameter of the configuration, e.g. --set dim=128")
-    parser.add_argument("--threads", type=positive(int), help="torch CPU threads")
+    add_threads(parser)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--out", type=writable_path, default=ROOT / "bench/results/genomics.json")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     # The reference recipe is scikit-learn's default logistic regression, which stops at 100 iterations on purpose.
     warnings.filterwarnings("ignore", message="lbfgs failed to converge")
 

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from memorycore import CheckpointError, NeuralMemory, RAMNet  # noqa: E402
 from memorycore.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
@@ -369,6 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked, with the defaults of --quick or of the full run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU run (V=256, short sequences, small RAM-Net)")
+    add_threads(parser)
     parser.add_argument("--models", default=",".join(MODEL_NAMES),
                         help=f"comma-separated, of: {', '.join(MODEL_NAMES)} (default all)")
     parser.add_argument("--dims", default=None, help="comma-separated d_model values (default 64,128,256; 64 with "
@@ -488,8 +489,7 @@ def main(argv: list[str] | None = None) -> None:
     mixture = QUICK_TRAIN_MIXTURE if quick else ZOOLOGY_TRAIN_MIXTURE
     settings = QUICK_TEST_SETTINGS if quick else ZOOLOGY_TEST_SETTINGS
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+    apply_threads(args.threads)
 
     print(f"MQAR on {device}: V={args.vocab_size}, up to {args.steps} steps of {args.batch_size} x "
           f"{mixture[0][0]} tokens, lr {args.lr}, {args.test_examples} test sequences per setting (L/N), "

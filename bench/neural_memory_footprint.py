@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 
 
@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--one", choices=["ours", "titans"], help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--out", type=writable_path,
                         default=Path(__file__).parent / "results" / "neural_memory_footprint.json")
+    add_threads(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    apply_threads(args.threads)
     if args.one:
         print(json.dumps(measure_one(args.one, args.batch, args.time)))
         return []

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.files import pyplot, save_figure, write_text_atomic  # noqa: E402
 from memorycore.lm.model import TitansLM  # noqa: E402
@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="a short CPU run: 150 steps, train length 64")
+    add_threads(parser)
     parser.add_argument("--out", type=writable_path, default=Path("bench/results/niah.json"))
     parser.add_argument("--plot", type=writable_path, default=Path("bench/results/niah.png"))
     args = parser.parse_args(argv)
@@ -143,6 +144,7 @@ def evaluate(model: TitansLM, args: argparse.Namespace, length: int, device: tor
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_threads(args.threads)
     device = resolve_device(args.device)
     largest = max(parameters(TitansLM(args.vocab_size, config(args, v, args.dim))) for v in args.variants)
     print(f"{args.task} on {device}: train length {args.train_length}, {args.steps} steps of {args.batch_size}, "

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
 from memorycore.kernels.ramnet import TRAINING_KERNELS, training_kernel  # noqa: E402
 from memorycore import RAMNet  # noqa: E402
 from memorycore.files import pyplot, save_figure  # noqa: E402
@@ -97,6 +97,7 @@ def tokens_per_second(layer: RAMNet, batch: int, time_steps: int, device: torch.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small CPU run")
+    add_threads(parser)
     parser.add_argument("--batch", type=positive(int), default=None)
     parser.add_argument("--time", type=positive(int), default=None)
     parser.add_argument("--heads", type=positive(int), default=4)
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.pieces < 1:
         parser.error(f"--pieces must be at least 1, got {args.pieces}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
+    apply_threads(args.threads)
     batch = args.batch or (2 if args.quick else 8)
     time_steps = args.time or (128 if args.quick else 2048)
     repeats = args.repeats or (2 if args.quick else 5)

@@ -31,7 +31,7 @@ from forecast.model import CHANNEL_MODES, CYCLE_AMPLITUDES, EMBEDDINGS, Forecast
 from forecast.metrics import CRPS_LEVELS, channel_metrics
 from forecast.ragged import forecast_each_series, is_ragged, last_rows, masked_loss, skip_short_series
 from forecast.rollout import check_phases, forecast_series, forecast_windows, window_errors, window_targets
-from memorycore.devices import resolve_device
+from memorycore.devices import resolve_device, uses_threads
 from memorycore.errors import InputError
 from memorycore.training import evaluate_loss, fit_model, resolve_seed, seeded
 from memorycore.validation import NON_NEGATIVE_INT, POSITIVE_INT, TRAINING_CONSTRAINTS, Options, check_params
@@ -119,8 +119,11 @@ class MemoryForecaster(BaseEstimator):
     random_state : int or None, default 0
         Seeds weight init, dropout and the batch order (None: a fresh seed each fit).
     device : str, default "auto"
+    n_threads : int or None, default None
+        Torch CPU threads while fitting and forecasting (the caller's count is restored after); None: the rule of
+        :func:`memorycore.devices.resolve_threads`, 1 (fastest for this model size: README, "CPU threads").
     verbose : bool, default True
-        Show a progress bar on stderr.
+        Show a progress bar on stderr (one line per epoch where stderr is not a terminal).
 
     Attributes
     ----------
@@ -167,7 +170,7 @@ class MemoryForecaster(BaseEstimator):
                  loss: str = "mse", weight_decay: float = 0.01, epochs: int = 5, batch_size: int = 32,
                  lr: float = 1e-4, patience: int = 3,
                  max_steps_per_epoch: int | None = None, protocol: str = "auto", random_state: int = 0,
-                 device: str = "auto", verbose: bool = True) -> None:
+                 device: str = "auto", n_threads: int | None = None, verbose: bool = True) -> None:
         self.lookback = lookback
         self.horizon = horizon
         self.context_length = context_length
@@ -196,9 +199,11 @@ class MemoryForecaster(BaseEstimator):
         self.protocol = protocol
         self.random_state = random_state
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
 
     # ------------------------------------------------------------------------------------------------ fitting
+    @uses_threads
     def fit(self, data: str | Path | pd.DataFrame, y=None, *, date_column: str | None = None,
             target: str | list[str] | None = None, fill: str | None = None,
             allow_irregular: bool = False, outliers: str = "missing", allow_negative: bool = False,
@@ -332,6 +337,7 @@ class MemoryForecaster(BaseEstimator):
         "cycle_amplitude": [Options("auto", *CYCLE_AMPLITUDES)],
         "cycle_length": [Options("auto"), NON_NEGATIVE_INT],  # 0: no cycle
         "max_steps_per_epoch": [POSITIVE_INT, Options(0), None],  # None or 0: every window
+        "n_threads": [POSITIVE_INT, None],
     }
 
     def _check_params(self) -> None:
@@ -429,6 +435,7 @@ class MemoryForecaster(BaseEstimator):
                              f"{pd.Timedelta(self.step_ns_)}; resample the data to the model's step, or fit a model "
                              "on it")
 
+    @uses_threads
     def forecast_scaled(self, windows: np.ndarray, steps: int | None = None, batch_size: int = 256,
                         phases: np.ndarray | None = None) -> np.ndarray:
         """Forecasts ``[n, steps, channels]`` from scaled windows ``[n, lookback, channels]`` (the protocol's scale).
@@ -441,6 +448,7 @@ class MemoryForecaster(BaseEstimator):
         return forecast_windows(self.network_, windows, steps or self.horizon, device=resolve_device(self.device),
                                 phases=check_phases(phases, len(windows), self.cycle_length_), batch_size=batch_size)
 
+    @uses_threads
     def forecast_series_scaled(self, series: np.ndarray, channel_index: np.ndarray, steps: int | None = None,
                                batch_size: int = 256, phases: np.ndarray | None = None) -> np.ndarray:
         """Forecasts ``[n, steps]`` from scaled single-channel windows ``[n, lookback]``; row i belongs to channel
@@ -530,6 +538,7 @@ class MemoryForecaster(BaseEstimator):
                                 None if phases is None else int(phases[0]), steps,
                                 states=self.context_state_ if carried else None)
 
+    @uses_threads
     def split_errors(self, values: np.ndarray, phases: np.ndarray | None,
                      max_windows: int | None = None) -> np.ndarray:
         """Errors (forecast - truth) ``[n, horizon, c]`` of the windows of a scaled split (:func:`window_errors`)."""

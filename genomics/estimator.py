@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from genomics.data import encode, pad_tokens, split_windows
 from genomics.model import DNANetConfig, DNANetwork, reverse_complement_batch, upgrade_state_dict
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
-from memorycore.devices import resolve_device
+from memorycore.devices import resolve_device, uses_threads
 from memorycore.errors import CheckpointError, InputError
 from memorycore.training import TrainingHistory, fit_model, predict_batches, resolve_seed, seeded
 from memorycore.validation import (FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, TRAINING_CONSTRAINTS, Interval,
@@ -87,6 +87,9 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         Epochs without a better validation loss before stopping.
     device : str, default "auto"
         "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+    n_threads : int or None, default None
+        Torch CPU threads while fitting and predicting (the caller's count is restored after); None: the rule of
+        :func:`memorycore.devices.resolve_threads`, 1 (fastest for this model size: README, "CPU threads").
     random_state : int or None, default 0
         Seeds the weights, the validation split, the batch order and the augmentation.
     verbose : bool, default True
@@ -135,6 +138,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         validation_fraction: float = 0.1,
         patience: int = 4,
         device: str = "auto",
+        n_threads: int | None = None,
         random_state: int | None = 0,
         verbose: bool = True,
     ) -> None:
@@ -161,11 +165,13 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.device = device
+        self.n_threads = n_threads
         self.random_state = random_state
         self.verbose = verbose
 
     # ------------------------------------------------------------------------------------------------ training
 
+    @uses_threads
     def fit(self, sequences: Sequence[str], labels: Sequence, *, checkpoint: str | os.PathLike | None = None,
             resume: bool = False) -> "DNAClassifier":
         """Train on DNA strings and their labels.
@@ -227,6 +233,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
         "memory_momentum": [Interval(numbers.Real, 0, 1, "neither"), None],
         "validation_fraction": [FRACTION],
         "max_length": [POSITIVE_INT, None],
+        "n_threads": [POSITIVE_INT, None],
     }
 
     def _check_params(self) -> None:
@@ -276,6 +283,7 @@ class DNAClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------------------------------ prediction
 
+    @uses_threads
     def predict_proba(self, sequences: Sequence[str]) -> np.ndarray:
         """Class probabilities ``[n, n_classes]`` (columns in ``classes_`` order; rows sum to 1).
 

@@ -179,7 +179,8 @@ def fit_model(
                 generator.set_state(loader_state)  # a resumed epoch draws the batch order it drew before
 
                 def report(mean_loss: float, epoch: int = epoch) -> None:
-                    progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}")
+                    progress.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {mean_loss:.4f}",
+                                    epoch=epoch + 1, epochs=epochs, loss=mean_loss)
 
                 def after_step(step: int, running: float, seen: int, epoch: int = epoch,
                                epoch_start_state: torch.Tensor = loader_state) -> None:
@@ -214,7 +215,8 @@ def fit_model(
                     break
                 history.val_loss.append(val_loss)
                 best = min(run.best_loss, val_loss)
-                progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})")
+                progress.update(task, status=f"epoch {epoch + 1}/{epochs} val {val_loss:.4f} (best {best:.4f})",
+                                val=val_loss, best=best)
                 if val_loss < run.best_loss:
                     run.best_loss, best_state, run.stale = val_loss, copy.deepcopy(model.state_dict()), 0
                     history.best_epoch = epoch
@@ -347,6 +349,8 @@ def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fr
 def _progress(enabled: bool, description: str):
     if not enabled:
         return _SilentProgress()
+    if not sys.stderr.isatty():  # a log file or a notebook: a bar would show nothing until the end
+        return _EpochLines(description)
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -374,6 +378,61 @@ class _SilentProgress:
 
     def update(self, *args, **kwargs) -> None:
         pass
+
+
+class _EpochLines(_SilentProgress):
+    """Stands in for a rich Progress where stderr is not a terminal: one line per epoch on stderr, with the losses,
+    the time spent and the time left (at most: early stopping may end sooner).
+
+    It reads the fields fit_model gives the bar: ``epoch``, ``epochs`` and ``loss`` (the running training loss) with
+    each step, then ``val`` and ``best`` after validation. Without validation, an epoch's line comes with the first step
+    of the next one, or at the end.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description, self.total, self.completed, self.pending = description, 0, 0, None
+
+    def __enter__(self):
+        self.start, self.done_before = time.perf_counter(), 0
+        return self
+
+    def __exit__(self, *exc):
+        if self.pending is not None and exc[0] is None:
+            self._write()
+        return False
+
+    def add_task(self, description: str = "", *, total: float | None = None, completed: int = 0, **fields) -> int:
+        self.total, self.completed, self.done_before = total or 0, completed, completed  # resumed steps take no time
+        return 0
+
+    def update(self, task: int = 0, *, advance: int = 0, epoch: int | None = None, epochs: int | None = None,
+               loss: float | None = None, val: float | None = None, best: float | None = None, **fields) -> None:
+        if epoch is not None and self.pending is not None and self.pending[0] != epoch:
+            self._write()  # the previous epoch had no validation
+        self.completed += advance
+        if epoch is not None:
+            self.pending = (epoch, epochs, loss)
+        if val is not None and self.pending is not None:
+            self._write(f" val {val:.4f} (best {best:.4f})")
+
+    def _write(self, validation: str = "") -> None:
+        epoch, epochs, loss = self.pending
+        self.pending = None
+        elapsed = time.perf_counter() - self.start
+        done = self.completed - self.done_before
+        left = elapsed / done * (self.total - self.completed) if done else 0.0
+        print(f"{self.description}: epoch {epoch}/{epochs} train {loss:.4f}{validation}, "
+              f"{_duration(elapsed)} elapsed, at most {_duration(left)} left", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def ordered_batches(data: Dataset, batch_size: int) -> DataLoader:
