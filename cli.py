@@ -712,7 +712,8 @@ def lm_generate(
     press: Optional[str] = typer.Option(
         None, help="Evict from the attention cache while reading the prompt and generating: h2o, l2 or "
                    "namm:<scorer file> (variants attention, swa, mac, mag, mal; docs/namm.md)."),
-    budget: float = typer.Option(0.25, help="With --press h2o or l2: the share of the cache kept, in (0, 1]."),
+    budget: float = typer.Option(0.25, help="With --press h2o, l2 or a NAMM scorer evolved with a budget: the "
+                                            "share of the cache kept, in (0, 1]."),
     interval: int = typer.Option(512, help="With --press: tokens between evictions (the prompt is read in pieces "
                                            "of it)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -898,7 +899,8 @@ def namm_fit(
 def namm_evaluate(
     model: Path = typer.Option(..., "--model", help="A model written by `lm fit` (a variant with attention)."),
     press: str = typer.Option("full,h2o,l2", help="Comma-separated presses: full, h2o, l2, namm:<scorer file>."),
-    budget: float = typer.Option(0.25, help="Share of the cache h2o and l2 keep, in (0, 1] (NAMM decides itself)."),
+    budget: float = typer.Option(0.25, help="Share of the cache h2o and l2 keep, in (0, 1]; also a NAMM scorer "
+                                            "evolved with --budget (a scorer evolved without decides itself)."),
     task: str = _NAMM_TASK_OPTION,
     data: Optional[Path] = _NAMM_DATA_OPTION,
     seq_len: int = _NAMM_SEQ_LEN_OPTION,
@@ -943,7 +945,7 @@ def namm_evaluate(
     score = "exp(-loss)" if task == "lm-loss" else "answer tokens right"
     width = max(len("press"), *map(len, specs)) + 2
     typer.echo(f"{model.name}: {task}, {examples} examples of {seq_len} tokens, interval {interval}, budget "
-               f"{budget:g} (h2o, l2)")
+               f"{budget:g}")
     header = f"{'press':<{width}}{'score':>10}{'cache kept':>12}{'tokens/s':>10}"
     typer.echo(header + (f"{'decode/s':>10}" if decode_tokens else ""))
     for result in results:

@@ -80,6 +80,18 @@ def test_fit_writes_a_scorer_that_evaluate_reads(workspace):
     assert evaluated.exit_code == 0, evaluated.output
 
 
+def test_a_scorer_evolved_for_a_budget_keeps_the_budget_asked(workspace):
+    result = invoke(workspace, "namm", "fit", "--model", "lm.safetensors", "--task", "lm-loss", "--data",
+                    "input.txt", "--out", "budgeted.safetensors", "--budget", "0.5", "--generations", "1",
+                    "--population", "2", "--batch-size", "2", "--hidden", "4", "--quiet", *SHORT)
+    assert result.exit_code == 0, result.output
+    evaluated = invoke(workspace, "namm", "evaluate", "--model", "lm.safetensors", "--press",
+                       "namm:budgeted.safetensors", "--budget", "0.25", "--task", "lm-loss", "--data", "input.txt",
+                       "--examples", "2", *SHORT)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stdout.splitlines()[2].split()[2] == "25.0%"
+
+
 def test_fit_resumes_a_checkpoint(workspace):
     from memorycore.namm import fit_namm
     from memorycore.namm.evaluation import make_task

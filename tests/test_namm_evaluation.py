@@ -6,7 +6,7 @@ import torch
 from memorycore import InputError
 from memorycore.attention import KVCache
 from memorycore.lm.model import TitansLM
-from memorycore.namm import BAMScorer, H2OPress, NAMMPress, fit_namm
+from memorycore.namm import BAMScorer, H2OPress, NAMMPress, fit_namm, make_press
 from memorycore.namm.evaluation import TASKS, cache_entries, check_pressable, compare_presses, make_task
 from memorycore.titans import TitansConfig
 
@@ -107,3 +107,15 @@ def test_cache_entries_counts_every_cache_in_a_state():
     _, state = model(torch.randint(0, 64, (2, 20)))
     assert cache_entries(state) > 0
     assert cache_entries((None, 3, "x")) == 0
+
+
+def test_a_scorer_evolved_for_a_budget_ranks_entries_at_a_budget(tmp_path):
+    result = fit_namm(small_lm(), make_task("needle", seq_len=32, vocab_size=64), generations=1, population=2,
+                      batch_size=2, scorer=BAMScorer(4), interval=8, budget=0.5, out=tmp_path / "namm.safetensors",
+                      verbose=False)
+    assert result.scorer.budget == 0.5
+    assert BAMScorer.load(tmp_path / "namm.safetensors").budget == 0.5
+    assert NAMMPress(tmp_path / "namm.safetensors").budget == 0.5  # its own budget by default
+    assert make_press(f"namm:{tmp_path / 'namm.safetensors'}", budget=0.1).budget == 0.1  # or the one asked for
+    BAMScorer(4).save(tmp_path / "own.safetensors")
+    assert make_press(f"namm:{tmp_path / 'own.safetensors'}", budget=0.1).budget is None  # it decides itself

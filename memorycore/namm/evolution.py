@@ -151,6 +151,7 @@ def fit_namm(model: nn.Module, task: NAMMTask, *, generations: int, population: 
     finally:
         model.train(training)
     result = EvolutionResult(template.load_vector(run.best), run.best_fitness, run.history)
+    result.scorer.budget = settings.get("budget")
     if out is not None:
         result.scorer.save(out, fitness=result.best_fitness, generations=len(run.fitness))
     return result

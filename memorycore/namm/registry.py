@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memorycore.errors import InputError
 from memorycore.namm.press import DEFAULT_INTERVAL, H2OPress, L2NormPress, Press
-from memorycore.namm.scorer import NAMMPress
+from memorycore.namm.scorer import BAMScorer, NAMMPress
 
 PRESSES = ("full", "h2o", "l2", "namm")
 
@@ -17,7 +17,8 @@ def make_press(spec: str, *, budget: float | None = None, interval: int = DEFAUL
     spec : str
         ``full``, ``h2o``, ``l2`` or ``namm:<scorer.safetensors>``.
     budget : float, optional
-        Kept share of the cache in (0, 1] for ``h2o`` and ``l2`` (required there; NAMM decides by itself).
+        Kept share of the cache in (0, 1] for ``h2o`` and ``l2`` (required there), and for a NAMM scorer evolved for
+        a budget (``fit_namm(budget=)``: it ranks the entries); a scorer evolved without one decides by itself.
     interval : int, default 512
         Tokens between evictions.
     """
@@ -30,7 +31,8 @@ def make_press(spec: str, *, budget: float | None = None, interval: int = DEFAUL
     if name == "namm":
         if not argument:
             raise InputError("the namm press needs its scorer file: namm:<path to the .safetensors fit_namm wrote>")
-        return NAMMPress(argument, interval=interval)
+        scorer = BAMScorer.load(argument)  # one evolved for a budget press ranks entries at `budget`
+        return NAMMPress(scorer, budget=budget if scorer.budget is not None else None, interval=interval)
     if argument:
         raise InputError(f"press {name!r} takes no ':' argument, got {spec!r}")
     if name == "full":

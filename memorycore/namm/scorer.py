@@ -53,6 +53,7 @@ class BAMScorer(nn.Module):
         self.features = features or SpectrogramFeatures()
         check_features(self.features)
         self.hidden = hidden
+        self.budget: float | None = None  # the budget it was evolved to rank entries for (None: it decides the size)
         self.qkv = nn.Linear(self.features.width, 3 * hidden)
         self.mlp = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, 1)
@@ -111,7 +112,8 @@ class BAMScorer(nn.Module):
 
     def save(self, path: str | os.PathLike, **metadata) -> Path:
         """Write the scorer to a ``.safetensors`` file with its settings (and ``metadata``) as JSON."""
-        return save_checkpoint(path, self.state_dict(), {"class": CLASS_NAME, **self.config(), **metadata})
+        budget = {} if self.budget is None else {"budget": self.budget}
+        return save_checkpoint(path, self.state_dict(), {"class": CLASS_NAME, **self.config(), **budget, **metadata})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BAMScorer":
@@ -120,6 +122,7 @@ class BAMScorer(nn.Module):
         try:
             scorer = cls(config["hidden"], SpectrogramFeatures(**config["features"]))
             scorer.load_state_dict(tensors)
+            scorer.budget = None if config.get("budget") is None else float(config["budget"])
         except (KeyError, TypeError, RuntimeError, InputError) as error:
             raise CheckpointError(f"{path} is not a usable NAMM scorer ({str(error).splitlines()[0][:200]})") from None
         return scorer
@@ -134,7 +137,8 @@ class NAMMPress(Press):
         The scorer, or a file written by :meth:`BAMScorer.save`; default: an untrained one (keeps everything).
     budget : float in (0, 1], optional
         Keep instead the ``budget`` share of the entries the scorer ranks highest (as :class:`BudgetPress`), to
-        compare with H2O and L2 at the same cache size; default: the scorer decides the size (NAMM).
+        compare with H2O and L2 at the same cache size; default: the budget the scorer was evolved for
+        (``fit_namm(budget=)``), else the scorer decides the size (NAMM).
     interval : int, default 512
         Tokens between evictions (the features are updated at every call in between).
 
@@ -157,6 +161,8 @@ class NAMMPress(Press):
         elif not isinstance(scorer, BAMScorer):
             raise InputError(f"scorer must be a BAMScorer or the path of a saved one, got {type(scorer).__name__}")
         self.scorer = scorer
+        if self.budget is None and scorer.budget is not None:
+            self.budget = resolve_budget(scorer.budget, None)
 
     def observe(self, cache: KVCache, attention: Tensor, query_end: int) -> KVCache:
         return self.scorer.features.observe(cache, attention, query_end)
