@@ -492,6 +492,10 @@ def genomics_fit(
                                             help="Average both strands (reverse-complement invariant model)."),
     device: str = typer.Option(_CLASSIFIER["device"], help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(_CLASSIFIER["random_state"], help="Random seed."),
+    kind: str = typer.Option("neural", "--model",
+                             help="neural (DNAClassifier: the options above) or kmer (2-7-mer counts + logistic "
+                                  "regression: seconds, docs/genomics.md)."),
+    threads: Optional[int] = _THREADS_OPTION,
     resume: bool = _RESUME_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -502,14 +506,28 @@ def genomics_fit(
         python cli.py genomics fit --train human_nontata_promoters --out m.safetensors
 
         python cli.py genomics fit --train seqs.fa --labels labels.tsv --out m.safetensors --epochs 5
-    """
-    from genomics import DNAClassifier, load_sequences
 
+        python cli.py genomics fit --train train.csv --model kmer --out kmer.safetensors   # the k-mer linear model
+    """
+    import time
+
+    from genomics import DNAClassifier, KmerClassifier, load_sequences
+
+    _check_threads(threads)
+    if kind not in ("neural", "kmer"):
+        raise InputError(f"--model must be neural or kmer, got {kind!r}")
     _check_out(out, train, labels)
     data = load_sequences(train, labels=labels, split=split, require_labels=True)
+    if kind == "kmer":
+        start = time.perf_counter()
+        kmers = KmerClassifier(random_state=seed).fit(data.sequences, data.labels)
+        kmers.save(out)
+        typer.echo(f"saved {out}: {len(data)} sequences, classes {', '.join(map(str, kmers.classes_))}; "
+                   f"{kmers.k_min}-{kmers.k_max}-mer linear model, {time.perf_counter() - start:.1f} s")
+        return
     classifier = DNAClassifier(dim=dim, blocks=blocks, max_length=max_length, epochs=epochs, batch_size=batch_size,
-                               lr=lr, reverse_complement=reverse_complement, device=device, random_state=seed,
-                               verbose=not quiet)
+                               lr=lr, reverse_complement=reverse_complement, device=device, n_threads=threads,
+                               random_state=seed, verbose=not quiet)
     _fit_and_save(classifier, out, resume, data.sequences, data.labels)
     history = classifier.history_
     best = f", best epoch {history.best_epoch + 1}" if history.val_loss else ""
@@ -527,29 +545,35 @@ def genomics_classify(
     split: str = typer.Option("test", help="Split to read from a GenomicBenchmarks folder."),
     batch_size: int = typer.Option(512, help="Records held in memory at once."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = _THREADS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Write one TSV row per sequence: id, predicted class, and a probability per class.
+    """Write one TSV row per sequence: id, predicted class, and a probability per class. With --bed the rows keep
+    the regions' coordinates, BED6 first: chrom, start, end, id, score (1000 x the predicted class's probability),
+    strand, then predicted and the probabilities.
 
     Examples:
 
         python cli.py genomics classify seqs.fa --model m.safetensors --out preds.tsv
 
-        python cli.py genomics classify genome.fa --bed regions.bed --model m.safetensors
+        python cli.py genomics classify genome.fa --bed regions.bed --model m.safetensors --out regions.tsv
     """
-    from genomics import DNAClassifier
+    from genomics.inference import load_classifier
 
+    _check_threads(threads)
     if out is not None:
         _check_out(out, input, bed, model)
-    classifier = DNAClassifier.load(model, device=device)
+    classifier = load_classifier(model, device=device, n_threads=threads)
     records, total = _genomics_records(input, bed, split)
     if out is None:
-        windowed = _write_predictions(sys.stdout, classifier, records, total, quiet, batch_size, str(input))
+        windowed = _write_predictions(sys.stdout, classifier, records, total, quiet, batch_size, str(input),
+                                      bed is not None)
     else:
         from memorycore.files import atomic_path
 
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
-            windowed = _write_predictions(stream, classifier, records, total, quiet, batch_size, str(input))
+            windowed = _write_predictions(stream, classifier, records, total, quiet, batch_size, str(input),
+                                          bed is not None)
     if windowed:
         typer.echo(f"warning: {windowed} sequence(s) longer than the model's max_length {classifier.max_length_} were "
                    f"classified by averaging overlapping windows", err=True)
@@ -564,8 +588,9 @@ def genomics_evaluate(
     bed: Path | None = typer.Option(None, "--bed", help="Evaluate on these BED regions of the FASTA."),
     split: str = typer.Option("test", help="Split to read from a GenomicBenchmarks folder."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = _THREADS_OPTION,
 ) -> None:
-    """Print accuracy, macro F1, Matthews correlation and the confusion matrix on labelled data.
+    """Print accuracy, macro F1, Matthews correlation, AUROC, AUPRC and the confusion matrix on labelled data.
 
     Examples:
 
@@ -573,22 +598,117 @@ def genomics_evaluate(
 
         python cli.py genomics evaluate --model m.safetensors --data seqs.fa --labels labels.tsv
     """
-    from genomics import DNAClassifier, load_sequences
-    from genomics.inference import evaluate_classifier
+    from genomics import load_sequences
+    from genomics.inference import evaluate_classifier, load_classifier
 
-    classifier = DNAClassifier.load(model, device=device)
+    _check_threads(threads)
+    classifier = load_classifier(model, device=device, n_threads=threads)
     dataset = load_sequences(data, labels=labels, bed=bed, split=split, require_labels=True)
     typer.echo(evaluate_classifier(classifier, dataset).to_text())
 
 
-def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str) -> int:
-    """Write the TSV rows while advancing a progress bar; return how many records were classified by windows."""
+@genomics_app.command("scan")
+@friendly_errors
+def genomics_scan(
+    fasta: Path = typer.Argument(..., help="FASTA to scan (uncompressed: read by random access through its index)."),
+    model: Path = typer.Option(..., "--model", help="A model written by 'genomics fit' (neural or kmer)."),
+    window: Optional[int] = typer.Option(None, "--window", show_default=False,
+                                         help="Window width in bases; default the model's training length."),
+    step: Optional[int] = typer.Option(None, "--step", show_default=False,
+                                       help="Bases between window starts; default --window (windows that do not "
+                                            "overlap, as bedGraph tools want)."),
+    bed: Optional[Path] = typer.Option(None, "--bed", help="Scan only inside these BED regions."),
+    score_class: Optional[str] = typer.Option(None, "--class", show_default=False,
+                                              help="Class whose probability is the score; default the last class "
+                                                   "(e.g. positive, or 1)."),
+    output_format: str = typer.Option("bedgraph", "--format",
+                                      help="bedgraph (chrom, start, end, score) or bed (BED6: name = predicted "
+                                           "class, score = 1000 x probability)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write (default: stdout)."),
+    batch_size: int = typer.Option(512, help="Windows read and scored at once (memory is constant in the genome's "
+                                             "size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = _THREADS_OPTION,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Score windows along a genome: one bedGraph (or BED) line per window with its chromosome coordinates.
+
+    Windows start every --step bases (0-based, half-open); one more window ends at each sequence's end; windows made
+    only of N (assembly gaps) are skipped. Lines come in the FASTA's order (sort -k1,1
+    -k2,2n before bedGraphToBigWig).
+
+    Examples:
+
+        python cli.py genomics scan genome.fa --model m.safetensors --out scores.bedgraph
+
+        python cli.py genomics scan genome.fa --model m.safetensors --window 251 --step 50 --bed regions.bed --format bed
+    """
+    import time
+
+    from genomics.inference import load_classifier
+    from genomics.scan import scan, scan_segments
+
+    _check_threads(threads)
+    if output_format not in ("bedgraph", "bed"):
+        raise InputError(f"--format must be bedgraph or bed, got {output_format!r}")
+    for name, value in (("--window", window), ("--step", step), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if out is not None:
+        _check_out(out, fasta, bed, model)
+    classifier = load_classifier(model, device=device, n_threads=threads)
+    classes = [str(c) for c in classifier.classes_]
+    if score_class is not None and score_class not in classes:
+        raise InputError(f"--class {score_class} is not a class of the model; it knows {', '.join(classes)}")
+    column = classes.index(score_class) if score_class is not None else len(classes) - 1
+    window = window or classifier.max_length_
+    step = step or window
+    total = sum(segment.end - segment.start for segment in scan_segments(fasta, bed))  # checks the inputs first
+    start, lines, skipped = time.perf_counter(), 0, 0
+
+    def write(stream) -> None:
+        nonlocal lines, skipped
+        if output_format == "bedgraph":
+            stream.write(f'track type=bedGraph name="{model.stem}" description="P({classes[column]}) of {window} bp '
+                         f'windows every {step} bp"\n')
+        with _genomics_progress(quiet) as progress:
+            task = progress.add_task("scanning", total=total)
+            for batch in scan(classifier, fasta, window=window, step=step, bed=bed, batch_size=batch_size,
+                              on_progress=lambda done: progress.update(task, completed=done)):
+                skipped += batch.skipped
+                lines += len(batch.start)
+                score = batch.proba[:, column]
+                if output_format == "bedgraph":
+                    rows = (f"{c}\t{b}\t{e}\t{p:.4f}\n" for c, b, e, p in zip(batch.chrom, batch.start, batch.end, score))
+                else:
+                    names = classifier.classes_[batch.proba.argmax(axis=1)]
+                    rows = (f"{c}\t{b}\t{e}\t{_tsv_field(n)}\t{round(1000 * p)}\t{strand}\n" for c, b, e, n, p, strand
+                            in zip(batch.chrom, batch.start, batch.end, names, score, batch.strand))
+                stream.writelines(rows)
+
+    if out is None:
+        write(sys.stdout)
+    else:
+        from memorycore.files import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as stream:
+            write(stream)
+    typer.echo(f"{lines} windows of {window} bp every {step} bp scored in {time.perf_counter() - start:.1f} s"
+               + (f" ({skipped} all-N windows skipped)" if skipped else "") + (f"; written to {out}" if out else ""),
+               err=True)
+
+
+def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str,
+                       bed: bool = False) -> int:
+    """Write the TSV rows while advancing a progress bar; return how many records were classified by windows.
+    ``bed``: the records' ids are BedRegions, written as BED6 columns first."""
     from genomics.inference import classify_records
 
     windowed = 0
     with _genomics_progress(quiet) as progress:
         task = progress.add_task("classifying", total=total)
-        header = "\t".join(["id", "predicted"] + [f"prob_{_tsv_field(c)}" for c in classifier.classes_]) + "\n"
+        columns = ["id", "predicted"] + [f"prob_{_tsv_field(c)}" for c in classifier.classes_]
+        header = "\t".join(["#chrom", "start", "end", "id", "score", "strand"] + columns[1:] if bed else columns) + "\n"
         for ids, proba, n_windowed in classify_records(classifier, records(progress, task), batch_size=batch_size,
                                                        source=source):
             # The header waits for the first classified batch: input rejected up front leaves stdout empty.
@@ -597,7 +717,13 @@ def _write_predictions(stream, classifier, records, total: int, quiet: bool, bat
             windowed += n_windowed
             predicted = classifier.classes_[proba.argmax(axis=1)]
             for record_id, label, row in zip(ids, predicted, proba):
-                stream.write("\t".join([_tsv_field(record_id), _tsv_field(label)] + [f"{p:.6f}" for p in row]) + "\n")
+                cells = [_tsv_field(label)] + [f"{p:.6f}" for p in row]
+                if bed:  # the ids are BedRegions
+                    cells = [record_id.chrom, str(record_id.start), str(record_id.end), _tsv_field(record_id.id),
+                             str(round(1000 * row.max())), record_id.strand] + cells
+                else:
+                    cells = [_tsv_field(record_id)] + cells
+                stream.write("\t".join(cells) + "\n")
     return windowed
 
 
@@ -607,14 +733,15 @@ def _tsv_field(value) -> str:
 
 
 def _genomics_records(input: Path, bed: Path | None, split: str):
-    """A function making the (id, sequence) stream while advancing a progress task, and the task's total."""
-    from genomics.data import is_fasta, iter_bed, iter_bed_sequences, iter_fasta, load_sequences
+    """A function making the (id, sequence) stream while advancing a progress task, and the task's total (with a
+    BED: (BedRegion, sequence))."""
+    from genomics.data import is_fasta, iter_bed, iter_bed_regions, iter_fasta, load_sequences
 
     if bed is not None:
         total = sum(1 for _ in iter_bed(bed))
 
         def regions(progress, task):
-            for record in iter_bed_sequences(input, bed):
+            for record in iter_bed_regions(input, bed):
                 yield record
                 progress.advance(task)
         return regions, total

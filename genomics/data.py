@@ -619,7 +619,15 @@ def _build_index_atomically(fasta_path: Path, index: Path) -> None:
 
 def iter_bed_sequences(fasta: str | os.PathLike, bed: str | os.PathLike) -> Iterator[tuple[str, str]]:
     """Stream ``(region id, sequence)`` for every BED region of ``fasta``; ``-`` strand regions are
-    reverse-complemented.
+    reverse-complemented (:func:`iter_bed_regions` gives the regions themselves).
+    """
+    for region, sequence in iter_bed_regions(fasta, bed):
+        yield region.id, sequence
+
+
+def iter_bed_regions(fasta: str | os.PathLike, bed: str | os.PathLike) -> Iterator[tuple[BedRegion, str]]:
+    """Stream ``(region, sequence)`` for every BED region of ``fasta``, the region with its coordinates; ``-`` strand
+    regions are reverse-complemented.
 
     Raises
     ------
@@ -630,19 +638,25 @@ def iter_bed_sequences(fasta: str | os.PathLike, bed: str | os.PathLike) -> Iter
     with open_indexed_fasta(fasta) as handle:
         lengths = {name: len(record) for name, record in handle.records.items()}
         for region in iter_bed(bed):
-            if region.chrom not in lengths:
-                known = ", ".join(list(lengths)[:5]) + (" ..." if len(lengths) > 5 else "")
-                raise InputError(f"{bed}: line {region.line} names sequence {region.chrom!r}, which is not in "
-                                 f"{fasta} (it has {known})")
-            if region.end > lengths[region.chrom]:
-                raise InputError(f"{bed}: line {region.line}: region {region.chrom}:{region.start}-{region.end} ends "
-                                 f"past the end of {region.chrom!r} (length {lengths[region.chrom]})")
+            check_region(region, lengths, fasta, bed)
             if region.id in seen:
                 raise InputError(f"{bed}: line {region.line}: duplicate region id {region.id!r}; give regions "
                                  f"unique names (column 4)")
             seen.add(region.id)
             sequence = handle[region.chrom][region.start:region.end].seq
-            yield region.id, reverse_complement(sequence) if region.strand == "-" else sequence
+            yield region, reverse_complement(sequence) if region.strand == "-" else sequence
+
+
+def check_region(region: BedRegion, lengths: dict[str, int], fasta: str | os.PathLike,
+                 bed: str | os.PathLike) -> None:
+    """Raise InputError when ``region`` names a sequence that ``lengths`` (a FASTA's) lacks, or ends past its end."""
+    if region.chrom not in lengths:
+        known = ", ".join(list(lengths)[:5]) + (" ..." if len(lengths) > 5 else "")
+        raise InputError(f"{bed}: line {region.line} names sequence {region.chrom!r}, which is not in "
+                         f"{fasta} (it has {known})")
+    if region.end > lengths[region.chrom]:
+        raise InputError(f"{bed}: line {region.line}: region {region.chrom}:{region.start}-{region.end} ends "
+                         f"past the end of {region.chrom!r} (length {lengths[region.chrom]})")
 
 
 def load_bed(fasta: str | os.PathLike, bed: str | os.PathLike,

@@ -129,9 +129,11 @@ def test_classify_bed_regions_of_a_real_fasta(workspace, shared_datasets, tmp_pa
     result = invoke("classify", fasta, "--bed", folder / "gb_test_positives_in_hisat2_chr22.bed",
                     "--model", workspace / "model.safetensors", "--quiet")
     assert result.exit_code == 0, result.output
-    ids = [line.split("\t")[0] for line in result.stdout.splitlines()[1:]]
-    assert ids == ["FP018600", "FP018598", "test_positive_420", "test_positive_599",
-                   "nontata_test_hfrow4428_id_unknown"]
+    rows = [line.split("\t") for line in result.stdout.splitlines()[1:]]
+    assert [row[3] for row in rows] == ["FP018600", "FP018598", "test_positive_420", "test_positive_599",
+                                        "nontata_test_hfrow4428_id_unknown"]
+    bed = [line.split("\t") for line in (folder / "gb_test_positives_in_hisat2_chr22.bed").read_text().splitlines()]
+    assert [row[:3] + [row[5]] for row in rows] == [line[:3] + [line[5]] for line in bed[1:]]  # the coordinates
 
 
 def test_evaluate_prints_metrics_and_confusion_matrix(workspace):
