@@ -82,11 +82,10 @@ def cross_validation(model, data, n_windows: int = 1, step_size: int | None = No
         if fitted is None or refit:
             fitted = clone(model).fit(past, **fit_options)
         forecast = fitted.predict(past, h=steps, quantiles=quantiles)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the actuals' outliers were reported when the data was read
-            actual = wide.iloc[row + 1:row + 1 + steps][fitted.columns_]
-            if fitted.outlier_bounds_ is not None:
-                actual = handle_outliers(actual, fitted.outlier_bounds_, fitted.outliers_)
+        with warnings.catch_warnings():  # an actual that is an outlier is filled from the other actuals, silently:
+            warnings.simplefilter("ignore")  # the windows' inputs report the outliers they hold
+            actual = handle_outliers(wide.iloc[row + 1:row + 1 + steps][fitted.columns_], fitted.outlier_bounds_,
+                                     fitted.outliers_)
         frames.append(_window_frame(forecast, actual, wide.index[row]))
     return pd.concat(frames).sort_values(["unique_id", "cutoff", "ds"], kind="stable").reset_index(drop=True)
 

@@ -57,6 +57,8 @@ class RidgeBaseline:
 
 def _centred_windows(channel: np.ndarray, lookback: int, horizon: int) -> tuple[np.ndarray, np.ndarray]:
     windows = sliding_window_view(channel, lookback + horizon)
+    if np.isnan(channel).any():  # a ragged series: only the windows it fills
+        windows = windows[np.isfinite(windows).all(axis=1)]
     level = windows[:, :lookback].mean(axis=1, keepdims=True)
     # contiguous copies: matmul on strided views falls back to a slow path
     return np.ascontiguousarray(windows[:, :lookback] - level), np.ascontiguousarray(windows[:, lookback:] - level)
@@ -64,13 +66,16 @@ def _centred_windows(channel: np.ndarray, lookback: int, horizon: int) -> tuple[
 
 def evaluate_windows(predict, values: np.ndarray, lookback: int, horizon: int,
                      batch_size: int = 4096) -> tuple[float, float]:
-    """MSE and MAE of ``predict(windows) -> forecasts`` over every stride-1 window of ``values`` [time, channels]."""
+    """MSE and MAE of ``predict(windows) -> forecasts`` over every stride-1 window of ``values`` [time, channels]
+    (NaN errors, of series absent on some rows, left out)."""
     windows = sliding_window_view(values, lookback + horizon, axis=0).transpose(0, 2, 1)  # [n, L + H, channels]
     squared = absolute = 0.0
     count = 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
         error = predict(batch[:, :lookback]) - batch[:, lookback:]
+        if np.isnan(error).any():  # windows of ragged series where they do not exist
+            error = error[np.isfinite(error)]
         squared += float(np.square(error).sum())
         absolute += float(np.abs(error).sum())
         count += error.size

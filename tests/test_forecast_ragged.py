@@ -111,3 +111,10 @@ def test_backtests_of_ragged_series_score_the_series_present_after_each_cutoff(r
     assert (frame["ds"] > frame["cutoff"]).all() and frame[["y", "forecast"]].notna().all(axis=None)
     truth = ragged.set_index(["unique_id", "ds"])["y"]
     np.testing.assert_array_equal(frame["y"], truth.loc[list(zip(frame["unique_id"], frame["ds"]))].to_numpy())
+
+
+def test_the_ridge_baseline_scores_ragged_series_on_their_own_windows(fitted, ragged):
+    from forecast.baseline import ridge_benchmark
+
+    mse, mae, _ = ridge_benchmark(fitted.prepare(ragged), fitted.lookback, fitted.horizon)
+    assert np.isfinite(mse) and np.isfinite(mae) and 0 < mse < 1
