@@ -444,6 +444,7 @@ def forecast_plot(
     """
     from forecast.estimator import MemoryForecaster
     from forecast.plots import plot_forecast
+    from forecast.ragged import is_ragged, long_forecast_to_wide
 
     if history is not None and history < 1:
         raise InputError(f"--history must be >= 1 past step, got {history}")
@@ -453,7 +454,11 @@ def forecast_plot(
     steps = horizon or model.horizon
     # an 80% interval where the model has calibrated quantiles for these steps
     band = getattr(model, "residual_quantiles_", None) is not None and steps <= model.horizon
-    forecast = model.predict(past, h=horizon, quantiles=[0.1, 0.9] if band else None)
+    levels = [0.1, 0.9] if band else None
+    if is_ragged(past):  # long data whose series end on different dates: each forecast after its own end
+        forecast = long_forecast_to_wide(model.predict(data, h=horizon, quantiles=levels))
+    else:
+        forecast = model.predict(past, h=horizon, quantiles=levels)
     shown = past.iloc[-(history or 2 * model.lookback):]
     title = f"{steps}-step forecast from {shown.index[-1]}"
     if steps > model.horizon:

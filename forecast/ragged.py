@@ -88,3 +88,13 @@ def forecast_each_series(model, history: pd.DataFrame, steps: int,
                 long[f"y_q{float(level):g}"] = wide_to_long(bound)["y"].to_numpy()
         frames.append(long)
     return pd.concat(frames).sort_values(["unique_id", "ds"], kind="stable").reset_index(drop=True)
+
+
+def long_forecast_to_wide(forecast: pd.DataFrame) -> pd.DataFrame:
+    """:func:`forecast_each_series`' long frame as a wide one (the columns, then ``<column>_q<level>``), NaN where a
+    series has no forecast: the layout ``predict`` gives for wide data and ``forecast.plots`` draws."""
+    values = [name for name in forecast.columns if name == "y" or name.startswith("y_q")]
+    table = forecast.pivot(index="ds", columns="unique_id", values=values)
+    wide = pd.concat([table[name].add_suffix(name[1:]) for name in values], axis=1)
+    wide.columns.name = None
+    return wide

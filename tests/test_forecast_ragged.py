@@ -118,3 +118,20 @@ def test_the_ridge_baseline_scores_ragged_series_on_their_own_windows(fitted, ra
 
     mse, mae, _ = ridge_benchmark(fitted.prepare(ragged), fitted.lookback, fitted.horizon)
     assert np.isfinite(mse) and np.isfinite(mae) and 0 < mse < 1
+
+
+def test_a_ragged_model_is_predicted_and_plotted_from_the_command_line(fitted, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from forecast.ragged import long_forecast_to_wide
+
+    wide = long_forecast_to_wide(fitted.predict(quantiles=[0.1, 0.9]))
+    assert list(wide.columns) == ["a", "b", "c", "a_q0.1", "b_q0.1", "c_q0.1", "a_q0.9", "b_q0.9", "c_q0.9"]
+    assert wide["c"].notna().sum() == 12 and wide["c"].last_valid_index() < wide["a"].first_valid_index()
+    path = fitted.save(tmp_path / "ragged.safetensors")
+    runner = CliRunner()
+    plotted = runner.invoke(app, ["forecast", "plot", "--model", str(path), "--out", str(tmp_path / "r.png")])
+    assert plotted.exit_code == 0, plotted.stderr
+    predicted = runner.invoke(app, ["forecast", "predict", "--model", str(path)])
+    assert predicted.exit_code == 0 and predicted.stdout.startswith("unique_id,ds,y")
