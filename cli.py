@@ -141,6 +141,15 @@ _RESUME_OPTION = typer.Option(False, "--resume", help="Continue a killed run of 
                                                       "and removed once the model is saved).")
 
 
+def _load_forecaster(path: Path, threads: int | None):
+    """A model written by `forecast fit`, to run on --threads CPU threads (default: the thread rule)."""
+    from forecast.estimator import MemoryForecaster
+
+    _check_threads(threads)
+    model = MemoryForecaster.load(path)
+    return model if threads is None else model.set_params(n_threads=threads)
+
+
 def _metrics_table(rows: list[tuple[str, float, float]], title: str) -> str:
     lines = [title, f"{'model':<28}{'MSE':>10}{'MAE':>10}"]
     lines += [f"{name:<28}{mse:>10.4f}{mae:>10.4f}" for name, mse, mae in rows]
@@ -290,6 +299,7 @@ def forecast_predict(
     quantiles: Optional[str] = typer.Option(
         None, help="Comma-separated levels in [0.01, 0.99] (e.g. 0.1,0.9 for an 80% interval): adds a column "
                    "<channel>_q<level> per level, calibrated on the validation split's residuals."),
+    threads: Optional[int] = _THREADS_OPTION,
 ) -> None:
     """Forecast the steps after the end of the data, as CSV (timestamps, then one column per channel).
 
@@ -300,9 +310,7 @@ def forecast_predict(
         python cli.py forecast predict --model runs/forecast/model.safetensors --quantiles 0.1,0.9
     """
     from forecast.data import is_long_format
-    from forecast.estimator import MemoryForecaster
-
-    model = MemoryForecaster.load(model_path)
+    model = _load_forecaster(model_path, threads)
     if out is not None:
         _check_out(out, data, model_path)
     levels = None if quantiles is None else [level.strip() for level in quantiles.split(",")]
@@ -321,6 +329,7 @@ def forecast_evaluate(
     model_path: Path = _MODEL_OPTION,
     data: Path = typer.Option(..., help=_DATA_HELP),
     protocol: Optional[str] = typer.Option(None, help="Split to score; default the one the model was trained with."),
+    threads: Optional[int] = _THREADS_OPTION,
 ) -> None:
     """Print the test MSE/MAE of a model (every window of the protocol's test split) beside the ridge baseline.
 
@@ -328,9 +337,7 @@ def forecast_evaluate(
 
         python cli.py forecast evaluate --model runs/forecast/model.safetensors --data datasets/ETTh1/ETTh1.csv.gz
     """
-    from forecast.estimator import MemoryForecaster
-
-    model = MemoryForecaster.load(model_path)
+    model = _load_forecaster(model_path, threads)
     scores = model.evaluate(data, protocol=protocol, units=True)
     typer.echo(_test_report(model, data, scores, f"test split of {data.name} ({scores['windows']} windows, horizon "
                                                  f"{model.horizon}, scaled values)"))
@@ -435,6 +442,7 @@ def forecast_plot(
     horizon: Optional[int] = typer.Option(None, help="Steps to forecast; default the model's horizon."),
     history: Optional[int] = typer.Option(
         None, help="Past steps to draw; default 2 x lookback (without --data: the lookback the model keeps)."),
+    threads: Optional[int] = _THREADS_OPTION,
 ) -> None:
     """Draw the recent history and the forecast after it, one panel per channel.
 
@@ -442,13 +450,12 @@ def forecast_plot(
 
         python cli.py forecast plot --model runs/forecast/model.safetensors --out forecast.png
     """
-    from forecast.estimator import MemoryForecaster
     from forecast.plots import plot_forecast
     from forecast.ragged import is_ragged, long_forecast_to_wide
 
     if history is not None and history < 1:
         raise InputError(f"--history must be >= 1 past step, got {history}")
-    model = MemoryForecaster.load(model_path)
+    model = _load_forecaster(model_path, threads)
     _check_out(out, data, model_path)
     past = model.last_window_ if data is None else model.read_like_fit(data)
     steps = horizon or model.horizon

@@ -92,6 +92,10 @@ def test_bench_scripts_and_command_line_use_the_rule(caller_threads):
     assert apply_threads(None) == 1 and apply_threads(2) == 2
     result = CliRunner().invoke(app, ["forecast", "fit", "--threads", "0", "--out", "m.safetensors"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --threads must be >= 1")
+    for command in ("predict", "evaluate", "plot"):
+        result = CliRunner().invoke(app, ["forecast", command, "--model", "m.safetensors", "--data", "d.csv",
+                                          "--threads", "0"])
+        assert result.exit_code == 2 and result.stderr == "error: --threads must be >= 1, got 0\n", result.output
 
 
 def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
