@@ -479,8 +479,40 @@ def test_two_pass_kernels_are_deterministic_and_infer_as_they_train(two_pass):
 
 
 def test_two_passes_only_for_depth_1(monkeypatch):
+    q = memory_inputs(depth=1, time=16)[0]
     monkeypatch.setenv("MEMORYCORE_NM_PASSES", "2")
-    assert [nm_triton._passes(depth) for depth in (1, 2, 3)] == [2, 1, 1]
+    assert [nm_triton._passes(q, depth, 16) for depth in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setenv("MEMORYCORE_NM_PASSES", "auto")
+    assert nm_triton._passes(q, 1, 16) == 1  # the fused kernels, on CPU and wherever they fit
     monkeypatch.setenv("MEMORYCORE_NM_PASSES", "3")
-    with pytest.raises(ValueError, match="MEMORYCORE_NM_PASSES=3 must be 1"):
-        nm_triton._passes(1)
+    with pytest.raises(ValueError, match="MEMORYCORE_NM_PASSES=3 must be auto, 1"):
+        nm_triton._passes(q, 1, 16)
+
+
+def pretend_gpu(monkeypatch, shared_bytes):
+    """Dispatch as on a GPU with 227 KB of shared memory per program whose kernels ask for ``shared_bytes(name)``."""
+    monkeypatch.setattr(nm_triton, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(nm_triton, "_shared_memory_limit", lambda device: 232_448)
+    monkeypatch.setattr(nm_triton, "_shared_memory_needed",
+                        lambda q, tiles, kernels: max(shared_bytes(name) for name, _ in kernels))
+
+
+def test_a_depth_1_memory_the_fused_kernels_cannot_fit_runs_in_two_passes(monkeypatch, two_pass):
+    """As float32 at head dim 64, chunk 64 on an H100 (bench/kernel_resources.py): fused backward 240 KB, two-pass
+    kernels 192 KB at most; with MEMORYCORE_NM_PASSES=auto the dispatch takes the two passes, not the reference."""
+    monkeypatch.setenv("MEMORYCORE_NM_PASSES", "auto")
+    pretend_gpu(monkeypatch, lambda name: 245_760 if name == "_backward_depth1_kernel" else 196_608)
+    inputs = memory_inputs(depth=1, time=40)
+    assert nm_triton.unsupported_reason(inputs[0], inputs[6], 16) is None
+    expected_out, expected_grads = run_with_grads(neural_memory_reference, inputs, 16)
+    actual_out, actual_grads = run_with_grads(neural_memory_triton, inputs, 16)
+    assert two_pass, "the two-pass backward did not run"
+    assert_close(actual_out, expected_out, 1e-5, "output/state")
+    assert_gradients_match(actual_grads, expected_grads)
+
+
+def test_a_memory_whose_kernels_do_not_fit_the_gpu_says_so(monkeypatch):
+    pretend_gpu(monkeypatch, lambda name: 300_000)
+    inputs = memory_inputs(depth=2, time=16)
+    reason = nm_triton.unsupported_reason(inputs[0], inputs[6], 16)
+    assert "need 300000 bytes of shared memory; this GPU has 232448" in reason

@@ -496,7 +496,7 @@ def _backward_depth3_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Depth 1 in two passes: a serial kernel carries only the chunk-to-chunk state, kernels over (batch, head, chunk) do
-# the rest (issue 27, item 2; chosen by MEMORYCORE_NM_PASSES=2, see _passes)
+# the rest (issue 27, item 2; chosen by _passes)
 # ----------------------------------------------------------------------------------------------------------------------
 #
 # Exact: a chunk's outputs depend on the state only through its start state, so the forward first runs the state
@@ -969,19 +969,36 @@ BLOCK_HIDDEN = 64  # hidden-layer columns per tile of the depth-2 kernels (32 wa
 SPLIT_BY_DEFAULT = True
 
 
-# The two-pass kernels (depth 1 only so far) are exact and deterministic but have not run on a GPU, so the fused
-# kernels stay the default until they are timed there; MEMORYCORE_NM_PASSES=2 chooses them.
+# The fused kernels of depth 1, and its two-pass kernels: exact and deterministic, never run on a GPU
+FUSED_DEPTH1_KERNELS = (("_forward_depth1_kernel", 1), ("_backward_depth1_kernel", 1))
 TWO_PASS_DEPTH1_KERNELS = ("_chain_depth1_kernel", "_outputs_depth1_kernel", "_local_grads_depth1_kernel",
                            "_grad_chain_depth1_kernel", "_input_grads_depth1_kernel")
 
 
-def _passes(depth: int) -> int:
-    """1: the fused kernels (every chunk's work on the serial chain); 2: the two-pass kernels (the state chain alone
-    is serial). ``MEMORYCORE_NM_PASSES`` chooses; 2 exists for depth 1 only, other depths run the fused kernels."""
-    forced = os.environ.get("MEMORYCORE_NM_PASSES", "1")
-    if forced not in ("1", "2"):
-        raise ValueError(f"MEMORYCORE_NM_PASSES={forced} must be 1 (fused kernels) or 2 (two passes, depth 1)")
-    return 2 if forced == "2" and depth == 1 else 1
+def _passes(q: Tensor, depth: int, chunk_size: int) -> int:
+    """1: the fused kernels (all of a chunk's work on the serial chain); 2: the two-pass kernels (depth 1 only).
+
+    ``MEMORYCORE_NM_PASSES`` = ``auto`` (default) | ``1`` | ``2``. ``auto`` keeps the fused kernels, which are the
+    ones timed on a GPU, except on a GPU where they do not fit its shared memory and the two-pass ones do (depth 1,
+    float32, head dim 64, chunk 64 on an H100: the fused backward asks for 240 KB, the largest two-pass kernel for
+    192 KB), so that such inputs run a kernel rather than the reference.
+    """
+    forced = os.environ.get("MEMORYCORE_NM_PASSES", "auto")
+    if forced not in ("auto", "1", "2"):
+        raise ValueError(f"MEMORYCORE_NM_PASSES={forced} must be auto, 1 (fused kernels) or 2 (two passes, depth 1)")
+    if depth != 1:
+        return 1
+    if forced != "auto":
+        return int(forced)
+    if not _on_gpu(q):
+        return 1
+    tiles, limit = tile_sizes(q.shape[-1], q.shape[-1], chunk_size, 1, on_gpu=True), _shared_memory_limit(q.device)
+    fused = _shared_memory_needed(q, tiles, FUSED_DEPTH1_KERNELS)
+    return 2 if fused > limit >= _shared_memory_needed(q, tiles, [(name, 1) for name in TWO_PASS_DEPTH1_KERNELS]) else 1
+
+
+def _on_gpu(q: Tensor) -> bool:
+    return q.is_cuda
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -1028,9 +1045,10 @@ def unsupported_reason(q: Tensor, weights: Weights, chunk_size: int) -> str | No
                 f"chunk {MAX_CHUNK}")
     if q.shape[2] == 0:
         return "an empty sequence"
-    if q.is_cuda:
+    if _on_gpu(q):
         tiles = tile_sizes(head_dim, weights[0].shape[-1], chunk_size, depth, on_gpu=True)
-        needed, limit = _shared_memory_needed(q, depth, tiles), _shared_memory_limit(q.device)
+        kernels = _kernels_for(q, depth, tiles)
+        needed, limit = _shared_memory_needed(q, tiles, kernels), _shared_memory_limit(q.device)
         if needed > limit:
             return (f"the kernels for these tiles (head dim, hidden, chunk = {tiles}, {q.dtype}) need {needed} bytes "
                     f"of shared memory; this GPU has {limit}")
@@ -1048,21 +1066,22 @@ def _shared_memory_limit(device: torch.device) -> int:
     return getattr(properties, "shared_memory_per_block_optin", 232_448)
 
 
-def _shared_memory_needed(q: Tensor, depth: int, tiles: tuple[int, int, int]) -> int:
-    """The most shared memory any kernel of this configuration asks for, compiled for this GPU (cached)."""
+def _shared_memory_needed(q: Tensor, tiles: tuple[int, int, int], kernels) -> int:
+    """The most shared memory any of ``kernels`` ((name, parts) pairs) asks for at these tiles, compiled for this
+    GPU (cached)."""
     capability = torch.cuda.get_device_capability(q.device)
     head_dim, hidden, chunk = tiles
     return max(kernel_shared_memory(name, str(q.dtype).removeprefix("torch."), head_dim, hidden, chunk, parts,
-                                    capability[0] * 10 + capability[1])
-               for name, parts in _kernels_for(depth, hidden, q.shape[0] * q.shape[1], q.device))
+                                    capability[0] * 10 + capability[1]) for name, parts in kernels)
 
 
-def _kernels_for(depth: int, hidden: int, batch_heads: int, device: torch.device) -> list[tuple[str, int]]:
+def _kernels_for(q: Tensor, depth: int, tiles: tuple[int, int, int]) -> list[tuple[str, int]]:
     """(kernel name, parts) of every kernel one forward + backward launches."""
-    if _passes(depth) == 2:
+    head_dim, hidden, chunk = tiles
+    if _passes(q, depth, chunk) == 2:
         return [(name, 1) for name in TWO_PASS_DEPTH1_KERNELS]
     if depth == 2:
-        parts, _ = _split(batch_heads, hidden, device)
+        parts, _ = _split(q.shape[0] * q.shape[1], hidden, q.device)
         return [("_forward_depth2_kernel", parts), ("_backward_depth2_kernel", parts)]
     return [(f"_forward_depth{depth}_kernel", 1), (f"_backward_depth{depth}_kernel", 1)]
 
@@ -1185,7 +1204,7 @@ def _forward(
     """Run the forward kernel; return y, the final state and the state buffers [bh, slots, i, o]."""
     batch, heads, time, dim = q.shape
     bh, n_chunks = batch * heads, gates[0].shape[1]
-    two_pass = _passes(len(state) // 2) == 2
+    two_pass = _passes(q, len(state) // 2, chunk_size) == 2
     # inference ping-pongs between two slots; the two-pass kernels keep every boundary, as training does
     n_slots = n_chunks + 1 if keep_boundaries or two_pass else 2
     buffers = []
@@ -1226,7 +1245,7 @@ def _backward(
     # the state gradient flows backwards through these buffers, starting from the gradient of the final state
     d_state = [g.reshape(bh, *g.shape[-2:]).to(torch.float32).clone(memory_format=torch.contiguous_format)
                for g in d_final]
-    if _passes(len(buffers) // 2) == 2:
+    if _passes(q, len(buffers) // 2, chunk_size) == 2:
         return _backward_two_pass(q, k, v, dy, gates, buffers, d_state, chunk_size)
     if len(buffers) != 4:  # depth 1 or 3: one program per (batch, head)
         dq, dk, dv = (_empty(q.shape, q.dtype, q.device) for _ in range(3))
@@ -1339,7 +1358,7 @@ def neural_memory_triton(
         return neural_memory_reference(q, k, v, lr, log_eta, log_keep, weights, momentum, chunk_size)
     depth, (batch, heads, time, head_dim) = len(weights), q.shape
     widths = [head_dim] + [weights[0].shape[-1]] * (depth - 1) + [head_dim]
-    tile_dim, tile_hidden, tile_chunk = tile_sizes(head_dim, widths[1], chunk_size, depth, q.is_cuda)
+    tile_dim, tile_hidden, tile_chunk = tile_sizes(head_dim, widths[1], chunk_size, depth, _on_gpu(q))
     tile_widths = [tile_dim] + [tile_hidden] * (depth - 1) + [tile_dim]
     q, k, v = (_pad_chunks(F.pad(x.to(q.dtype), (0, tile_dim - head_dim)), chunk_size, tile_chunk).contiguous()
                for x in (q, k, v))
