@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from forecast import MemoryForecaster
+from forecast import ForecastNetConfig, MemoryForecaster, MemoryForecastNet
 from forecast.context import (Geometry, carried_state, check_context_length, context_forecasts, context_roll_out,
                               parse_context_length, state_at, training_data, whole_series)
 from forecast.data import prepare_protocol
@@ -78,6 +78,25 @@ def test_all_reads_from_the_first_row(fitted):
     first[2] += 50.0  # 900 steps before the window
     assert not np.allclose(context_forecasts(model.network_, first, phases, np.array([900])),
                            context_forecasts(model.network_, values, phases, np.array([900])))
+
+
+def test_a_pattern_2000_steps_back_reaches_the_forecast_only_with_all():
+    """What the window cannot see, the memory has read: with "all" an observation 2,000 steps before the window
+    moves the forecast; with an integer context (here 96 steps) it does not.
+
+    Forecasting such a pattern *well* is not reached yet: on a series of random levels that recur once 2,000 steps
+    later (the experiment in docs/forecasting.md, "Long context"), the trained "all" model scored test MSE 0.679
+    against 0.671 for lookback only, so that test is not here."""
+    values = np.random.default_rng(0).standard_normal((2600, 1))
+    start = 2400
+    moved = values.copy()
+    moved[start - 2000] += 5.0
+    for context, reaches in (("all", True), (96, False)):
+        params = MemoryForecaster(context_length=context, **{**TINY, "cycle_length": 0}).get_params()
+        torch.manual_seed(0)
+        network = MemoryForecastNet(ForecastNetConfig.from_params(params, n_channels=1, cycle_length=0))
+        before, after = (context_forecasts(network, v, None, np.array([start])) for v in (values, moved))
+        assert (not np.array_equal(before, after)) == reaches, context
 
 
 def test_pieces_equal_whole_for_the_streamed_context(fitted):
