@@ -139,6 +139,15 @@ def generation(model: MemoryLM, prompt: bytes, lengths: list[int], device: torch
     return results
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     target = parameters(estimator(args, "attention", args.dim))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    run = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": platform.processor()
-           or platform.machine(), "cpus": os.cpu_count(), "device": str(device), "threads": args.threads,
+    run = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": cpu_name(),
+           "cpus": os.cpu_count(), "device": str(device), "threads": args.threads,
            "load_at_start": load, "settings": settings, "results": {}}
     print(f"{args.data.name}: {cut} training / {len(text) - cut} validation characters; {device}, "
           f"{args.threads} thread(s), load average {load:.1f} on {os.cpu_count()} CPUs", flush=True)
