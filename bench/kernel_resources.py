@@ -37,8 +37,9 @@ nm = compilable("memorycore.kernels.neural_memory.triton")
 # kernel name -> the phases it runs in one launch (the GPU's form: every chunk, every phase)
 KERNELS = {
     1: {"_forward_depth1_kernel": None, "_backward_depth1_kernel": None,
-        **{name: None for name in nm.TWO_PASS_DEPTH1_KERNELS}},  # the two-pass kernels (MEMORYCORE_NM_PASSES=2)
-    2: {"_forward_depth2_kernel": 0b011, "_backward_depth2_kernel": 0b111},
+        **{name: None for name in nm.TWO_PASS_KERNELS[1]}},  # the two-pass kernels (MEMORYCORE_NM_PASSES)
+    2: {"_forward_depth2_kernel": 0b011, "_backward_depth2_kernel": 0b111,
+        **{name: None for name in nm.TWO_PASS_KERNELS[2]}},
     3: {"_forward_depth3_kernel": None, "_backward_depth3_kernel": None},
 }
 H100_SHARED_BYTES = 232_448  # shared memory one program may use on an H100 (227 KB, opt-in)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
                         if depth == 2 and (hidden % parts or hidden // parts < block):
                             continue  # a part narrower than one tile
                         for name, phases in KERNELS[depth].items():
+                            if parts > 1 and name in nm.TWO_PASS_KERNELS[2]:
+                                continue  # whole tiles, one program per (batch, head): no parts
                             constants = nm.kernel_constants(TORCH_DTYPES[dtype], args.head_dim, hidden, args.chunk,
                                                             parts, interpreted=False)
                             constants.update(BLOCK_HIDDEN=block, PHASES=phases, SYNC=parts > 1)

@@ -438,7 +438,7 @@ def test_the_neural_memory_layer_takes_the_kernels_for_the_applications_shapes(m
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Two passes (depth 1): the state chain alone is serial, everything else runs over (batch, head, chunk)
+# Two passes (depths 1 and 2): the state chain alone is serial, everything else runs over (batch, head, chunk)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +458,10 @@ def two_pass(monkeypatch):
     pytest.param(dict(depth=1, time=20, dim=24), 8, id="D24-C8-T20"),
     pytest.param(dict(depth=1, batch=1, heads=1, time=20, dim=128), 16, id="D128"),
     pytest.param(dict(depth=1, batch=1, time=140, dim=32), 128, id="C128-T140"),
+    pytest.param(dict(depth=2), 16, id="D2-mom-decay"),
+    pytest.param(dict(depth=2, momentum=False, decay=False, time=21, dim=24, hidden=48), 8, id="D2-plain-padded"),
+    pytest.param(dict(batch=1, time=40, dim=16, hidden=64), 16, id="D2-genomics"),
+    pytest.param(dict(batch=1, heads=1, time=24, dim=64, hidden=256), 16, id="D2-mqar"),
 ])
 def test_two_pass_kernels_match_the_reference(two_pass, case, chunk_size):
     inputs = memory_inputs(**case)
@@ -468,8 +472,9 @@ def test_two_pass_kernels_match_the_reference(two_pass, case, chunk_size):
     assert_gradients_match(actual_grads, expected_grads)
 
 
-def test_two_pass_kernels_are_deterministic_and_infer_as_they_train(two_pass):
-    inputs = memory_inputs(depth=1, time=40)
+@pytest.mark.parametrize("depth", [1, 2])
+def test_two_pass_kernels_are_deterministic_and_infer_as_they_train(two_pass, depth):
+    inputs = memory_inputs(depth=depth, time=40)
     first_out, first_grads = run_with_grads(neural_memory_triton, inputs, 16)
     second_out, second_grads = run_with_grads(neural_memory_triton, inputs, 16)
     assert all(torch.equal(a, b) for a, b in zip(first_out + first_grads, second_out + second_grads))
@@ -478,10 +483,10 @@ def test_two_pass_kernels_are_deterministic_and_infer_as_they_train(two_pass):
     assert all(torch.equal(a, b) for a, b in zip([y, *weights, *momentum], first_out))
 
 
-def test_two_passes_only_for_depth_1(monkeypatch):
+def test_two_passes_for_depths_1_and_2(monkeypatch):
     q = memory_inputs(depth=1, time=16)[0]
     monkeypatch.setenv("MEMORYCORE_NM_PASSES", "2")
-    assert [nm_triton._passes(q, depth, 16) for depth in (1, 2, 3)] == [2, 1, 1]
+    assert [nm_triton._passes(q, depth, 16) for depth in (1, 2, 3)] == [2, 2, 1]
     monkeypatch.setenv("MEMORYCORE_NM_PASSES", "auto")
     assert nm_triton._passes(q, 1, 16) == 1  # the fused kernels, on CPU and wherever they fit
     monkeypatch.setenv("MEMORYCORE_NM_PASSES", "3")

@@ -67,7 +67,7 @@ def signature(kernel, input_type: str) -> tuple[dict[str, str], list[str]]:
     """Triton's signature of a kernel (pointer and integer arguments; constexprs marked) and its parameter names."""
     names = list(inspect.signature(kernel.fn).parameters)
     constexprs = {p.name for p in kernel.params if p.is_constexpr}
-    whole_outputs = "depth1" in kernel.fn.__name__ or "depth3" in kernel.fn.__name__
+    whole_outputs = kernel.fn.__name__ not in ("_forward_depth2_kernel", "_backward_depth2_kernel")  # no fp32 sums
     types = {}
     for name in names:
         if name in constexprs:

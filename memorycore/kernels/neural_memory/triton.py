@@ -659,6 +659,231 @@ def _input_grads_depth1_kernel(
     tl.store(dends_ptr + end + 2, d_eta_end)
 
 
+# Depth 2 in two passes, the same structure with whole [D, H] and [H, D] tiles (one program per (batch, head) on the
+# serial chains, no split over the hidden units). The chain kernels carry the key path (M(k), its error and delta_1:
+# 3 dots) and the update (4 dots forward; backward: the update's vector-Jacobian product and the key path's second
+# order terms, 11 dots) against 17 and 33 in the fused kernels.
+
+
+@triton.jit
+def _key_path_depth2(k, v, w1, w2, MM: tl.constexpr):
+    """The key path of one chunk: a1 = silu(k W1) (with silu' and silu''), err = 2 (a1 W2 - v), g1 = err W2^T and
+    delta1 = g1 silu'(k W1)."""
+    a1, da1, dda1 = _silu_parts(_mm(k, w1, MM))
+    err = 2.0 * (_mm(a1, w2, MM) - v)
+    g1 = _mm(err, tl.trans(w2), MM)
+    return a1, da1, dda1, err, g1, g1 * da1
+
+
+@triton.jit
+def _key_path_depth2_backward(k, a1, da1, dda1, err, g1, w1, w2, d_a1, d_err, d_delta1, MM: tl.constexpr):
+    """Gradients of _key_path_depth2 from those of a1, err and delta1: (d W1, d W2, d k, d pred)."""
+    d_g1 = d_delta1 * da1
+    d_z1 = d_delta1 * g1 * dda1
+    d_pred = 2.0 * (d_err + _mm(d_g1, w2, MM))
+    dw2 = _mm(tl.trans(d_g1), err, MM) + _mm(tl.trans(a1), d_pred, MM)
+    d_z1 += (d_a1 + _mm(d_pred, tl.trans(w2), MM)) * da1
+    return _mm(tl.trans(k), d_z1, MM), dw2, _mm(d_z1, tl.trans(w1), MM), d_pred
+
+
+@triton.jit
+def _retrieval_depth2_backward(q, k, a1, err, delta1, w1, w2, s1, s2, dy, keep, carry, coef, MM: tl.constexpr):
+    """Gradients through one chunk's retrieval y = layer 2 (silu (layer 1 (q))): (dq, d k, d a1, d err, d delta1,
+    d W1, d S1, d W2, d S2, d keep, d carry, d coef)."""
+    hq, dhq, _ = _silu_parts(_retrieve_layer(q, k, delta1, w1, s1, keep, carry, coef, MM))
+    d_hq, d_a1, d_err, dw2, ds2, d_keep, d_carry, d_coef = _retrieve_layer_backward(dy, hq, a1, err, w2, s2, keep,
+                                                                                    carry, coef, MM)
+    dq, dk, d_delta1, dw1, ds1, d_keep_1, d_carry_1, d_coef_1 = _retrieve_layer_backward(d_hq * dhq, q, k, delta1, w1,
+                                                                                         s1, keep, carry, coef, MM)
+    return (dq, dk, d_a1, d_err, d_delta1, dw1, ds1, dw2, ds2, d_keep + d_keep_1, d_carry + d_carry_1,
+            d_coef + d_coef_1)
+
+
+@triton.jit
+def _state_depth2(w1_ptr, w2_ptr, s1_ptr, s2_ptr, slot, mat_1, mat_2, D: tl.constexpr, HIDDEN: tl.constexpr):
+    """The four state matrices at a slot (a [bh, n + 1] index) of the boundary buffers."""
+    return (tl.load(w1_ptr + slot * D * HIDDEN + mat_1), tl.load(w2_ptr + slot * HIDDEN * D + mat_2),
+            tl.load(s1_ptr + slot * D * HIDDEN + mat_1), tl.load(s2_ptr + slot * HIDDEN * D + mat_2))
+
+
+@triton.jit
+def _chunk_of_program_depth2(q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks,
+                             D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr):
+    """The start of the depth-2 kernels over (batch * heads, chunks), as _chunk_of_program: offsets, q, k, v, the
+    start state and the key path."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    seq = pid * T * D
+    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
+    mat_2 = hid[:, None] * D + cols[None, :]
+    q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
+    slot = pid * (n_chunks + 1) + chunk
+    w1, w2, s1, s2 = _state_depth2(w1_ptr, w2_ptr, s1_ptr, s2_ptr, slot, mat_1, mat_2, D, HIDDEN)
+    a1, da1, dda1, err, g1, delta1 = _key_path_depth2(k, v, w1, w2, MM)
+    return (chunk, rows, cols, seq, mat_1, mat_2, (pid * n_chunks + chunk) * CHUNK, slot, q, k, v, w1, w2, s1, s2,
+            a1, da1, dda1, err, g1, delta1)
+
+
+@triton.jit
+def _chain_step_depth2(k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+                       pid, chunk, T, n_chunks, mat_1, mat_2,
+                       D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr):
+    """What a chain kernel reads for one chunk: k, the update's gates, the chunk's start state and its key path."""
+    rows = tl.arange(0, CHUNK)
+    cols = tl.arange(0, D)
+    k = _load_rows(k_ptr + pid * T * D, chunk, T, rows, cols, D).to(MM)
+    v = _load_rows(v_ptr + pid * T * D, chunk, T, rows, cols, D).to(tl.float32)
+    row_offset = (pid * n_chunks + chunk) * CHUNK
+    end = ends_ptr + row_offset // CHUNK * 3
+    slot = pid * (n_chunks + 1) + chunk
+    w1, w2, s1, s2 = _state_depth2(w1_ptr, w2_ptr, s1_ptr, s2_ptr, slot, mat_1, mat_2, D, HIDDEN)
+    a1, da1, dda1, err, g1, delta1 = _key_path_depth2(k, v, w1, w2, MM)
+    return (k, tl.load(coef_last_ptr + row_offset + rows), tl.load(mcoef_ptr + row_offset + rows), tl.load(end),
+            tl.load(end + 1), tl.load(end + 2), slot, w1, w2, s1, s2, a1, da1, dda1, err, g1, delta1)
+
+
+@triton.jit
+def _chain_depth2_kernel(
+    k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """The state chain: every chunk-boundary state, from slot 0 (the initial state) on."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
+    mat_2 = hid[:, None] * D + cols[None, :]
+    for chunk in range(n_chunks):
+        (k, coef_last, mcoef, keep_end, carry_end, eta_end, slot, w1, w2, s1, s2, a1, da1, dda1, err, g1,
+         delta1) = _chain_step_depth2(k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+                                      pid, chunk, T, n_chunks, mat_1, mat_2, D, HIDDEN, CHUNK, MM)
+        new_w, new_s = _update_layer(k, delta1, w1, s1, coef_last, mcoef, keep_end, carry_end, eta_end, MM)
+        tl.store(w1_ptr + (slot + 1) * D * HIDDEN + mat_1, new_w)
+        tl.store(s1_ptr + (slot + 1) * D * HIDDEN + mat_1, new_s)
+        new_w, new_s = _update_layer(a1, err, w2, s2, coef_last, mcoef, keep_end, carry_end, eta_end, MM)
+        tl.store(w2_ptr + (slot + 1) * HIDDEN * D + mat_2, new_w)
+        tl.store(s2_ptr + (slot + 1) * HIDDEN * D + mat_2, new_s)
+        tl.debug_barrier()  # the next chunk reads the state this one wrote
+
+
+@triton.jit
+def _outputs_depth2_kernel(
+    q_ptr, k_ptr, v_ptr, y_ptr, keep_ptr, carry_ptr, coef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's retrieval from its start state (grid: batch * heads, chunks)."""
+    (chunk, rows, cols, seq, _, _, row_offset, _, q, k, v, w1, w2, s1, s2, a1, _, _, err, _,
+     delta1) = _chunk_of_program_depth2(q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks, D, HIDDEN,
+                                        CHUNK, MM)
+    keep = tl.load(keep_ptr + row_offset + rows)
+    carry = tl.load(carry_ptr + row_offset + rows)
+    coef = tl.load(coef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+    hq, _, _ = _silu_parts(_retrieve_layer(q, k, delta1, w1, s1, keep, carry, coef, MM))
+    _store_rows(y_ptr + seq, _retrieve_layer(hq, a1, err, w2, s2, keep, carry, coef, MM), chunk, T, rows, cols, D)
+
+
+@triton.jit
+def _local_grads_depth2_kernel(
+    q_ptr, k_ptr, v_ptr, dy_ptr, dq_ptr, keep_ptr, carry_ptr, coef_ptr, dkeep_ptr, dcarry_ptr, dcoef_ptr,
+    w1_ptr, w2_ptr, s1_ptr, s2_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's gradients through its own outputs (dq, the retrieval's gates) and G_c, into slot c of the
+    state-gradient buffers (grid: batch * heads, chunks)."""
+    (chunk, rows, cols, seq, mat_1, mat_2, row_offset, slot, q, k, v, w1, w2, s1, s2, a1, da1, dda1, err, g1,
+     delta1) = _chunk_of_program_depth2(q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks, D, HIDDEN,
+                                        CHUNK, MM)
+    dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+    keep = tl.load(keep_ptr + row_offset + rows)
+    carry = tl.load(carry_ptr + row_offset + rows)
+    coef = tl.load(coef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :])
+    dq, _, d_a1, d_err, d_delta1, dw1, ds1, dw2, ds2, d_keep, d_carry, d_coef = _retrieval_depth2_backward(
+        q, k, a1, err, delta1, w1, w2, s1, s2, dy, keep, carry, coef, MM)
+    dw1_key, dw2_key, _, _ = _key_path_depth2_backward(k, a1, da1, dda1, err, g1, w1, w2, d_a1, d_err, d_delta1, MM)
+    _store_rows(dq_ptr + seq, dq, chunk, T, rows, cols, D)
+    tl.store(dkeep_ptr + row_offset + rows, d_keep)
+    tl.store(dcarry_ptr + row_offset + rows, d_carry)
+    tl.store(dcoef_ptr + row_offset * CHUNK + rows[:, None] * CHUNK + rows[None, :], d_coef)
+    tl.store(dw1_ptr + slot * D * HIDDEN + mat_1, dw1 + dw1_key)
+    tl.store(ds1_ptr + slot * D * HIDDEN + mat_1, ds1)
+    tl.store(dw2_ptr + slot * HIDDEN * D + mat_2, dw2 + dw2_key)
+    tl.store(ds2_ptr + slot * HIDDEN * D + mat_2, ds2)
+
+
+@triton.jit
+def _grad_chain_depth2_kernel(
+    k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+    dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """The state-gradient chain dS_c = G_c + J_c^T dS_{c+1}, from the last chunk down, in place."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
+    mat_2 = hid[:, None] * D + cols[None, :]
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        (k, coef_last, mcoef, keep_end, carry_end, eta_end, slot, w1, w2, s1, s2, a1, da1, dda1, err, g1,
+         delta1) = _chain_step_depth2(k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
+                                      pid, chunk, T, n_chunks, mat_1, mat_2, D, HIDDEN, CHUNK, MM)
+        dw1, dw2, ds1, ds2 = _state_depth2(dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr, slot, mat_1, mat_2, D, HIDDEN)  # G_c
+        zero_rows = tl.zeros((CHUNK,), dtype=tl.float32)
+        d_a1, d_err, dw2, ds2, _, _, _, _, _ = _add_update_layer_grads(
+            a1, err, w2, s2, dw2_ptr + (slot + 1) * HIDDEN * D + mat_2, ds2_ptr + (slot + 1) * HIDDEN * D + mat_2,
+            coef_last, mcoef, keep_end, carry_end, eta_end, tl.zeros((CHUNK, HIDDEN), dtype=tl.float32),
+            tl.zeros((CHUNK, D), dtype=tl.float32), dw2, ds2, zero_rows, zero_rows, 0.0, 0.0, 0.0, MM)
+        _, d_delta1, dw1, ds1, _, _, _, _, _ = _add_update_layer_grads(
+            k, delta1, w1, s1, dw1_ptr + (slot + 1) * D * HIDDEN + mat_1, ds1_ptr + (slot + 1) * D * HIDDEN + mat_1,
+            coef_last, mcoef, keep_end, carry_end, eta_end, tl.zeros((CHUNK, D), dtype=tl.float32),
+            tl.zeros((CHUNK, HIDDEN), dtype=tl.float32), dw1, ds1, zero_rows, zero_rows, 0.0, 0.0, 0.0, MM)
+        dw1_key, dw2_key, _, _ = _key_path_depth2_backward(k, a1, da1, dda1, err, g1, w1, w2, d_a1, d_err, d_delta1,
+                                                           MM)
+        tl.store(dw1_ptr + slot * D * HIDDEN + mat_1, dw1 + dw1_key)
+        tl.store(ds1_ptr + slot * D * HIDDEN + mat_1, ds1)
+        tl.store(dw2_ptr + slot * HIDDEN * D + mat_2, dw2 + dw2_key)
+        tl.store(ds2_ptr + slot * HIDDEN * D + mat_2, ds2)
+        tl.debug_barrier()  # the next (earlier) chunk reads the gradient this one wrote
+
+
+@triton.jit
+def _input_grads_depth2_kernel(
+    q_ptr, k_ptr, v_ptr, dy_ptr, dk_ptr, dv_ptr, keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr,
+    dcoef_last_ptr, dends_ptr, dmcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, dw1_ptr, dw2_ptr, ds1_ptr, ds2_ptr,
+    T, n_chunks,
+    D: tl.constexpr, HIDDEN: tl.constexpr, CHUNK: tl.constexpr, MM: tl.constexpr,
+):
+    """One chunk's gradients of k, v and the update's gates, from dy and its end state's gradient dS_{c+1}
+    (grid: batch * heads, chunks)."""
+    (chunk, rows, cols, seq, mat_1, mat_2, row_offset, slot, q, k, v, w1, w2, s1, s2, a1, da1, dda1, err, g1,
+     delta1) = _chunk_of_program_depth2(q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr, T, n_chunks, D, HIDDEN,
+                                        CHUNK, MM)
+    dy = _load_rows(dy_ptr + seq, chunk, T, rows, cols, D).to(tl.float32)
+    keep, carry, coef, coef_last, mcoef, keep_end, carry_end, eta_end = _load_gates(
+        keep_ptr, carry_ptr, coef_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, row_offset, rows, CHUNK)
+    _, dk, d_a1, d_err, d_delta1, _, _, _, _, _, _, _ = _retrieval_depth2_backward(
+        q, k, a1, err, delta1, w1, w2, s1, s2, dy, keep, carry, coef, MM)
+    zero_rows = tl.zeros((CHUNK,), dtype=tl.float32)
+    d_a1, d_err, _, _, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+        a1, err, w2, s2, dw2_ptr + (slot + 1) * HIDDEN * D + mat_2, ds2_ptr + (slot + 1) * HIDDEN * D + mat_2,
+        coef_last, mcoef, keep_end, carry_end, eta_end, d_a1, d_err, w2, s2, zero_rows, zero_rows, 0.0, 0.0, 0.0, MM)
+    dk, d_delta1, _, _, d_coef_last, d_mcoef, d_keep_end, d_carry_end, d_eta_end = _add_update_layer_grads(
+        k, delta1, w1, s1, dw1_ptr + (slot + 1) * D * HIDDEN + mat_1, ds1_ptr + (slot + 1) * D * HIDDEN + mat_1,
+        coef_last, mcoef, keep_end, carry_end, eta_end, dk, d_delta1, w1, s1, d_coef_last, d_mcoef, d_keep_end,
+        d_carry_end, d_eta_end, MM)
+    _, _, dk_key, d_pred = _key_path_depth2_backward(k, a1, da1, dda1, err, g1, w1, w2, d_a1, d_err, d_delta1, MM)
+    _store_rows(dk_ptr + seq, dk + dk_key, chunk, T, rows, cols, D)
+    _store_rows(dv_ptr + seq, -d_pred, chunk, T, rows, cols, D)
+    tl.store(dcoef_last_ptr + row_offset + rows, d_coef_last)
+    tl.store(dmcoef_ptr + row_offset + rows, d_mcoef)
+    tl.store(dends_ptr + row_offset // CHUNK * 3, d_keep_end)
+    tl.store(dends_ptr + row_offset // CHUNK * 3 + 1, d_carry_end)
+    tl.store(dends_ptr + row_offset // CHUNK * 3 + 2, d_eta_end)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Depth 2 (MLP memory d -> hidden -> d), each (batch, head) split over PARTS programs along the hidden units
 # ----------------------------------------------------------------------------------------------------------------------
@@ -969,14 +1194,15 @@ BLOCK_HIDDEN = 64  # hidden-layer columns per tile of the depth-2 kernels (32 wa
 SPLIT_BY_DEFAULT = True
 
 
-# The fused kernels of depth 1, and its two-pass kernels: exact and deterministic, never run on a GPU
+# The fused kernels of depth 1, and the two-pass kernels of depths 1 and 2: exact and deterministic, never run on a GPU
 FUSED_DEPTH1_KERNELS = (("_forward_depth1_kernel", 1), ("_backward_depth1_kernel", 1))
-TWO_PASS_DEPTH1_KERNELS = ("_chain_depth1_kernel", "_outputs_depth1_kernel", "_local_grads_depth1_kernel",
-                           "_grad_chain_depth1_kernel", "_input_grads_depth1_kernel")
+TWO_PASS_KERNELS = {depth: tuple(f"_{step}_depth{depth}_kernel" for step in
+                                 ("chain", "outputs", "local_grads", "grad_chain", "input_grads"))
+                    for depth in (1, 2)}
 
 
 def _passes(q: Tensor, depth: int, chunk_size: int) -> int:
-    """1: the fused kernels (all of a chunk's work on the serial chain); 2: the two-pass kernels (depth 1 only).
+    """1: the fused kernels (all of a chunk's work on the serial chain); 2: the two-pass kernels (depths 1 and 2).
 
     ``MEMORYCORE_NM_PASSES`` = ``auto`` (default) | ``1`` | ``2``. ``auto`` keeps the fused kernels, which are the
     ones timed on a GPU, except on a GPU where they do not fit its shared memory and the two-pass ones do (depth 1,
@@ -985,16 +1211,17 @@ def _passes(q: Tensor, depth: int, chunk_size: int) -> int:
     """
     forced = os.environ.get("MEMORYCORE_NM_PASSES", "auto")
     if forced not in ("auto", "1", "2"):
-        raise ValueError(f"MEMORYCORE_NM_PASSES={forced} must be auto, 1 (fused kernels) or 2 (two passes, depth 1)")
-    if depth != 1:
+        raise ValueError(f"MEMORYCORE_NM_PASSES={forced} must be auto, 1 (fused kernels) or 2 (two passes, depth 1 "
+                         "or 2)")
+    if depth not in TWO_PASS_KERNELS:
         return 1
     if forced != "auto":
         return int(forced)
-    if not _on_gpu(q):
+    if not _on_gpu(q) or depth != 1:
         return 1
     tiles, limit = tile_sizes(q.shape[-1], q.shape[-1], chunk_size, 1, on_gpu=True), _shared_memory_limit(q.device)
     fused = _shared_memory_needed(q, tiles, FUSED_DEPTH1_KERNELS)
-    return 2 if fused > limit >= _shared_memory_needed(q, tiles, [(name, 1) for name in TWO_PASS_DEPTH1_KERNELS]) else 1
+    return 2 if fused > limit >= _shared_memory_needed(q, tiles, [(name, 1) for name in TWO_PASS_KERNELS[1]]) else 1
 
 
 def _on_gpu(q: Tensor) -> bool:
@@ -1079,7 +1306,7 @@ def _kernels_for(q: Tensor, depth: int, tiles: tuple[int, int, int]) -> list[tup
     """(kernel name, parts) of every kernel one forward + backward launches."""
     head_dim, hidden, chunk = tiles
     if _passes(q, depth, chunk) == 2:
-        return [(name, 1) for name in TWO_PASS_DEPTH1_KERNELS]
+        return [(name, 1) for name in TWO_PASS_KERNELS[depth]]
     if depth == 2:
         parts, _ = _split(q.shape[0] * q.shape[1], hidden, q.device)
         return [("_forward_depth2_kernel", parts), ("_backward_depth2_kernel", parts)]
@@ -1138,11 +1365,12 @@ def kernel_constants(dtype: torch.dtype, head_dim: int, hidden: int, chunk: int,
                 BLOCK_HIDDEN=min(hidden // parts, BLOCK_HIDDEN))
 
 
-def _launch_options(q: Tensor, state: tuple[Tensor, ...], chunk_size: int, parts: int = 1) -> dict:
+def _launch_options(q: Tensor, state: tuple[Tensor, ...], chunk_size: int, parts: int = 1,
+                    two_pass: bool = False) -> dict:
     """Constants and launch settings of the kernels for q and the (padded) state; only depth 2 uses the split."""
     hidden = state[0].shape[-1]
     options = kernel_constants(q.dtype, q.shape[-1], hidden, chunk_size, parts)
-    if len(state) != 4:
+    if len(state) != 4 or two_pass:
         del options["PARTS"], options["BLOCK_HIDDEN"]
     if len(state) == 2:
         del options["HIDDEN"]
@@ -1215,9 +1443,10 @@ def _forward(
     if two_pass:
         y = _empty(q.shape, q.dtype, q.device)
         keep, carry, coef, coef_last, ends, mcoef = gates
-        options = _launch_options(q, state, chunk_size)
-        _chain_depth1_kernel[(bh,)](k, v, coef_last, ends, mcoef, *buffers, time, n_chunks, **options)
-        _outputs_depth1_kernel[(bh, n_chunks)](q, k, v, y, keep, carry, coef, *buffers, time, n_chunks, **options)
+        options = _launch_options(q, state, chunk_size, two_pass=True)
+        chain, outputs = (globals()[name] for name in TWO_PASS_KERNELS[len(state) // 2][:2])
+        chain[(bh,)](k, v, coef_last, ends, mcoef, *buffers, time, n_chunks, **options)
+        outputs[(bh, n_chunks)](q, k, v, y, keep, carry, coef, *buffers, time, n_chunks, **options)
     elif len(state) != 4:  # depth 1 or 3: one program per (batch, head)
         y = _empty(q.shape, q.dtype, q.device)
         kernel = _forward_depth1_kernel if len(state) == 2 else _forward_depth3_kernel
@@ -1274,7 +1503,7 @@ def _backward(
 
 def _backward_two_pass(q: Tensor, k: Tensor, v: Tensor, dy: Tensor, gates: tuple[Tensor, ...],
                        buffers: tuple[Tensor, ...], d_final: list[Tensor], chunk_size: int) -> tuple[Tensor, ...]:
-    """The two-pass backward (depth 1): local terms over every chunk, the state-gradient chain, the input gradients."""
+    """The two-pass backward: local terms over every chunk, the state-gradient chain, the input gradients."""
     batch, heads, time, _ = q.shape
     bh, n_chunks = batch * heads, gates[0].shape[1]
     keep, carry, coef, coef_last, ends, mcoef = gates
@@ -1286,12 +1515,15 @@ def _backward_two_pass(q: Tensor, k: Tensor, v: Tensor, dy: Tensor, gates: tuple
         d_buffer = _empty(buffer.shape, torch.float32, q.device)
         d_buffer[:, n_chunks] = d
         d_buffers.append(d_buffer)
-    options = _launch_options(q, buffers, chunk_size)
-    _local_grads_depth1_kernel[(bh, n_chunks)](q, k, v, dy, dq, keep, carry, coef, d_keep, d_carry, d_coef,
-                                               *buffers, *d_buffers, time, n_chunks, **options)
-    _grad_chain_depth1_kernel[(bh,)](k, coef_last, ends, mcoef, *d_buffers, time, n_chunks, **options)
-    _input_grads_depth1_kernel[(bh, n_chunks)](q, k, v, dy, dk, dv, *gates, d_coef_last, d_ends, d_mcoef,
-                                               *buffers, *d_buffers, time, n_chunks, **options)
+    options = _launch_options(q, buffers, chunk_size, two_pass=True)
+    _, _, local_grads, grad_chain, input_grads = (globals()[name] for name in TWO_PASS_KERNELS[len(buffers) // 2])
+    local_grads[(bh, n_chunks)](q, k, v, dy, dq, keep, carry, coef, d_keep, d_carry, d_coef, *buffers, *d_buffers,
+                                time, n_chunks, **options)
+    # depth 1's state-gradient chain needs neither v nor the state (its update is linear in the state)
+    chain_state = (k, coef_last, ends, mcoef) if len(buffers) == 2 else (k, v, coef_last, ends, mcoef, *buffers)
+    grad_chain[(bh,)](*chain_state, *d_buffers, time, n_chunks, **options)
+    input_grads[(bh, n_chunks)](q, k, v, dy, dk, dv, *gates, d_coef_last, d_ends, d_mcoef, *buffers, *d_buffers,
+                                time, n_chunks, **options)
     d_initial = tuple(d[:, 0].reshape(batch, heads, *d.shape[-2:]) for d in d_buffers)
     return (dq, dk, dv, *d_gates, *d_initial)
 
