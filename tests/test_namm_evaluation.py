@@ -119,3 +119,10 @@ def test_a_scorer_evolved_for_a_budget_ranks_entries_at_a_budget(tmp_path):
     assert make_press(f"namm:{tmp_path / 'namm.safetensors'}", budget=0.1).budget == 0.1  # or the one asked for
     BAMScorer(4).save(tmp_path / "own.safetensors")
     assert make_press(f"namm:{tmp_path / 'own.safetensors'}", budget=0.1).budget is None  # it decides itself
+
+
+def test_compare_presses_measures_mac_whose_cache_empties_at_each_segment():
+    results = compare_presses(small_lm("mac"), make_task("needle", seq_len=64, vocab_size=64),
+                              {"full": None, "h2o": H2OPress(0.25, interval=16)}, interval=16, examples=2)
+    assert results[0].kept == 1.0 and results[0].cache_entries > 0
+    assert 0.2 <= results[1].kept <= 0.3

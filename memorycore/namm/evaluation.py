@@ -1,4 +1,4 @@
-"""Presses side by side on a task: held-out score, the share of the cache each ends with, tokens/s.
+"""Presses side by side on a task: held-out score, the share of the cache each keeps, tokens/s.
 
 What ``lm namm evaluate`` prints and bench/namm.py measures. Tasks by name (:func:`make_task`) for a token model of
 ``vocab_size`` ids; :func:`compare_presses` runs every press on the same examples, fed in pieces of the press
@@ -69,8 +69,8 @@ def check_pressable(model: nn.Module, what: str = "the model") -> None:
 
 @dataclass
 class PressResult:
-    """One press on one task: mean score, the cache it ends with (entries, and their share of the full cache's) and
-    tokens per second reading the examples (and decoding after one of them, when asked)."""
+    """One press on one task: mean score, the largest cache it held between pieces (entries per example, and their
+    share of the full cache's) and tokens per second reading the examples (and decoding after one of them)."""
 
     name: str
     score: float
@@ -85,8 +85,9 @@ def compare_presses(model: nn.Module, task: NAMMTask, presses: dict[str, Press |
                     decode_tokens: int = 0) -> list[PressResult]:
     """Score ``model`` on the same ``examples`` of ``task`` under each press (None: the full cache).
 
-    Every press reads the examples in pieces of ``interval`` tokens (the full cache too). ``kept`` is the cache the
-    press ends with over the full cache's, summed over layers, heads and examples. With ``decode_tokens``, each press
+    Every press reads the examples in pieces of ``interval`` tokens (the full cache too). ``cache_entries`` is the
+    largest cache held between pieces (summed over layers, heads and the batch; the cache at the end for attention,
+    MAC emptying its own at every segment's end), per example; ``kept`` is its share of the full cache's. With ``decode_tokens``, each press
     also decodes that many tokens greedily after the first example's sequence, one at a time (tokens/s of decoding).
     """
     if not (dataclasses.is_dataclass(task) and hasattr(task, "logits")):
@@ -128,15 +129,18 @@ def cache_entries(state: Any) -> int:
 
 
 class _Reader:
-    """A task's ``logits``: feeds the model in pieces of ``interval``, counting tokens and the cache it ends with."""
+    """A task's ``logits``: feeds the model in pieces of ``interval``, counting tokens and the largest cache held
+    between pieces (the cache at the end for attention; MAC empties its cache at every segment's end)."""
 
     def __init__(self, interval: int) -> None:
         self.interval, self.tokens, self.entries = interval, 0, 0
 
     def __call__(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        logits, state = feed_tokens(model, inputs.to(_device(model)), self.interval)
+        sizes = []
+        logits, _ = feed_tokens(model, inputs.to(_device(model)), self.interval,
+                                lambda state: sizes.append(cache_entries(state)))
         self.tokens += inputs.numel()
-        self.entries += cache_entries(state)
+        self.entries += max(sizes)
         return logits
 
 

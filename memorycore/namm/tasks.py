@@ -39,13 +39,16 @@ def model_logits(model: nn.Module, inputs: Tensor) -> Tensor:
     return feed_tokens(model, inputs, press.interval)[0]
 
 
-def feed_tokens(model: nn.Module, inputs: Tensor, piece: int) -> tuple[Tensor, Any]:
+def feed_tokens(model: nn.Module, inputs: Tensor, piece: int,
+                on_state: Callable[[Any], None] | None = None) -> tuple[Tensor, Any]:
     """``(logits [b, t, vocab], state)`` of one of our token models (``model(tokens, state) -> (logits, state)``)
-    fed ``inputs [b, t]`` in pieces of ``piece`` tokens with its state carried."""
+    fed ``inputs [b, t]`` in pieces of ``piece`` tokens with its state carried (``on_state`` sees it after each)."""
     state, pieces = None, []
     for chunk in inputs.split(piece, dim=1):
         logits, state = model(chunk, state)
         pieces.append(logits)
+        if on_state is not None:
+            on_state(state)
     return torch.cat(pieces, dim=1), state
 
 
