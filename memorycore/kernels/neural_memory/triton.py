@@ -34,6 +34,9 @@ Design
 * Splitting. How the parts wait for each other, and how many there are, is in the comment above the depth-2 kernels
   and in :func:`_split`; the CPU tests run it with one launch per chunk and phase, and in one launch with the
   interpreter's programs run side by side as threads (tests/test_neural_memory_triton.py).
+* Two passes (depths 1 and 2, :func:`_passes`): a serial kernel carries only the state chain (forward) or the
+  state-gradient chain (backward); kernels over (batch, head, chunk) compute the outputs and every gradient. Exact,
+  deterministic, never run on a GPU: the fused kernels above stay the default (comment above the two-pass kernels).
 
 Coverage (see :func:`unsupported_reason` and :func:`tile_sizes`): depth 1, 2 or 3 (depth 3: one program per
 (batch, head) holding whole [D, H], [H, H], [H, D] tiles); head dims up to 128 and chunks up to 256, any hidden width;
@@ -507,7 +510,7 @@ def _backward_depth3_kernel(
 # One buffer [bh, n + 1, D, D] per state matrix holds G_c at slot c, then the serial kernel overwrites it, from the
 # last chunk down, with dS_c; the last kernel reads dS_{c+1} at slot c + 1 for the gradients of k, v and the update's
 # gates. On the serial chain per chunk: 3 dots of [CHUNK, D] x [D, D] in the forward (k W, and k^T times the two
-# error columns) and 3 in the backward (k dW, k dS, k^T d_pred), against 4 and 13 in the fused kernels. Every output
+# error columns) and 3 in the backward (k dW, k dS, k^T d_pred), against 7 and 18 in the fused kernels. Every output
 # is written once by one program: no atomics, bit-identical reruns.
 
 
@@ -661,8 +664,9 @@ def _input_grads_depth1_kernel(
 
 # Depth 2 in two passes, the same structure with whole [D, H] and [H, D] tiles (one program per (batch, head) on the
 # serial chains, no split over the hidden units). The chain kernels carry the key path (M(k), its error and delta_1:
-# 3 dots) and the update (4 dots forward; backward: the update's vector-Jacobian product and the key path's second
-# order terms, 11 dots) against 17 and 33 in the fused kernels.
+# 3 dots) and the update (forward: 4 more dots; backward: the update's vector-Jacobian product and the key path's
+# second-order terms, 14 more), against 16 and 33 in the fused kernels. At head dim 64, hidden 256 the whole tiles
+# spill more than the fused kernels and the local-terms kernel outgrows an H100's shared memory (PERFORMANCE.md).
 
 
 @triton.jit
