@@ -8,7 +8,7 @@ at every budget: the share of answer tokens predicted, the cache it ends with (s
 reading the examples and decoding after them. Transfer: the scorers applied unchanged to a deeper attention model and
 to a MAC model trained the same way. Writes a table, JSON, and a plot of the evolutions' fitness curves.
 
-    python bench/namm.py --quick                            # CPU, small sizes
+    python bench/namm.py --quick                            # CPU, small sizes (docs/namm.md has its table)
     python bench/namm.py --seq-len 1024 --interval 128 --steps 3000 --generations 50 --population 32
     python bench/namm.py --model lm.safetensors --no-transfer
 """
@@ -71,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="a CPU run of minutes: dim 64, 128 tokens, interval 32, 600 steps, 6 generations of 8, "
-                             "scorer hidden 8, one budgeted scorer (0.25)")
+                        help="a CPU run: dim 64, 128 tokens, interval 32, 600 steps, 6 generations of 8, scorer "
+                             "hidden 8, one budgeted scorer (0.25); 37 min on 2 busy cores, nearly all training "
+                             "(--no-transfer: one model, about 7 min)")
     parser.add_argument("--out", type=writable_path, default=Path("bench/results/namm.json"))
     parser.add_argument("--plot", type=writable_path, default=Path("bench/results/namm.png"))
     parser.add_argument("--save-dir", type=Path, default=Path("bench/results/namm"),
