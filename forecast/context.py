@@ -57,6 +57,14 @@ def check_context_length(context_length, lookback: int) -> None:
                      f"from its first row) or an integer >= lookback ({lookback}), got {context_length!r}")
 
 
+def refuse_context(context_length) -> None:
+    """InputError for the forecasts from lookback windows alone (GluonTS items, scaled windows) when the model has a
+    context: its memory needs the series before each window."""
+    if context_length is not None:
+        raise InputError(f"this model reads a context (context_length={context_length!r}) before each window: "
+                         "forecast with predict(data) or evaluate(data), which pass it the series, not windows alone")
+
+
 def parse_context_length(text: str | None):
     """The command line's ``--context-length``: None, "all" or an integer (checked later against the lookback)."""
     if text is None or text == "" or text.lower() == "none":

@@ -21,7 +21,7 @@ from forecast.backtest import cross_validation
 from forecast.checkpoint import load_forecaster, save_forecaster
 from forecast.closed_form import closed_form_start
 from forecast.context import (Geometry, carried_state, check_context_length, context_errors, context_roll_out,
-                              training_data, whole_series)
+                              refuse_context, training_data, whole_series)
 from forecast.data import (MissingColumnsError, ProtocolData, WindowDataset, cycle_phases, dataset_name,
                            default_cycle_length, future_index, is_long_format, prepare_protocol, read_series,
                            resolve_protocol, split_borders, step_nanoseconds, wide_to_long)
@@ -445,6 +445,7 @@ class MemoryForecaster(BaseEstimator):
         has a cycle.
         """
         check_is_fitted(self, "network_")
+        refuse_context(self.context_length)
         return forecast_windows(self.network_, windows, steps or self.horizon, device=resolve_device(self.device),
                                 phases=check_phases(phases, len(windows), self.cycle_length_), batch_size=batch_size)
 
@@ -455,6 +456,7 @@ class MemoryForecaster(BaseEstimator):
         ``channel_index[i]`` and starts at cycle phase ``phases[i]``. What the GluonTS adapter calls; a method
         because it checks the fitted state (channel mode, cycle) first."""
         check_is_fitted(self, "network_")
+        refuse_context(self.context_length)
         if self.channels != "independent":
             raise InputError("single-channel forecasts need a model trained with channels='independent'")
         phases = check_phases(phases, len(series), self.cycle_length_)

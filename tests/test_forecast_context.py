@@ -169,3 +169,11 @@ def test_lookback_only_is_unchanged():
     data = series(600)
     model = MemoryForecaster(**TINY).fit(data)
     assert model.context_length is None and model.context_state_ is None and len(model.last_window_) == 24
+
+
+def test_forecasts_from_windows_alone_are_refused_with_a_context(fitted):
+    model, _ = fitted
+    with pytest.raises(InputError, match="reads a context"):
+        model.forecast_scaled(np.zeros((1, model.lookback, 2)), phases=np.zeros(1, dtype=int))
+    with pytest.raises(InputError, match="reads a context"):
+        model.forecast_series_scaled(np.zeros((1, model.lookback)), np.zeros(1, dtype=int), phases=np.zeros(1))
