@@ -21,7 +21,7 @@ from memorycore.attention import KVCache, SlidingWindowAttention
 from memorycore.errors import InputError
 from memorycore.namm.evolution import NAMMTask
 from memorycore.namm.press import Press
-from memorycore.namm.tasks import AnswerTask, LossTask, feed_tokens
+from memorycore.namm.tasks import AnswerTask, LossTask, feed_tokens, model_device
 
 TASKS = ("passkey", "needle", "mk-niah", "mqar", "lm-loss")
 MK_NIAH_NEEDLES = 4
@@ -137,7 +137,7 @@ class _Reader:
 
     def __call__(self, model: nn.Module, inputs: Tensor) -> Tensor:
         sizes = []
-        logits, _ = feed_tokens(model, inputs.to(_device(model)), self.interval,
+        logits, _ = feed_tokens(model, inputs.to(model_device(model)), self.interval,
                                 lambda state: sizes.append(cache_entries(state)))
         self.tokens += inputs.numel()
         self.entries += max(sizes)
@@ -158,17 +158,13 @@ def _full_entries(model: nn.Module, task: NAMMTask, batches: list, interval: int
     return reader.entries / sum(len(_inputs(batch)) for batch in batches)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _inputs(batch) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def _decode_speed(model: nn.Module, batch, interval: int, tokens: int) -> float:
     """Greedy decoding after the first sequence of ``batch``, tokens per second."""
-    prompt = _inputs(batch)[:1].to(_device(model))
+    prompt = _inputs(batch)[:1].to(model_device(model))
     logits, state = feed_tokens(model, prompt, interval)
     began = time.perf_counter()
     for _ in range(tokens):

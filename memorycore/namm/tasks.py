@@ -33,10 +33,17 @@ def model_logits(model: nn.Module, inputs: Tensor) -> Tensor:
     """
     if _is_hugging_face(model):
         return HFSession(model).forward(inputs.to(model.device))
+    inputs = inputs.to(model_device(model))  # tasks draw their examples on the CPU
     press = getattr(model, "_memorycore_press", None)
     if press is None:
         return _logits(model(inputs))
     return feed_tokens(model, inputs, press.interval)[0]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    parameter = next(model.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
 def feed_tokens(model: nn.Module, inputs: Tensor, piece: int,
