@@ -128,7 +128,8 @@ def _torch_threads(threads: int) -> None:
 
 _THREADS_OPTION = typer.Option(
     None, "--threads", show_default=False,
-    help="CPU threads for torch; default memorycore's rule: 1, the fastest for these model sizes (README, CPU threads).")
+    help="CPU threads for torch; default memorycore's rule: 1, the fastest for these model sizes (README: "
+         "CPU threads).")
 
 
 def _check_threads(threads: int | None) -> None:
@@ -653,7 +654,7 @@ def genomics_scan(
 
         python cli.py genomics scan genome.fa --model m.safetensors --out scores.bedgraph
 
-        python cli.py genomics scan genome.fa --model m.safetensors --window 251 --step 50 --bed regions.bed --format bed
+        python cli.py genomics scan genome.fa --model m.safetensors --window 251 --step 50 --bed regions.bed
     """
     import time
 
@@ -691,7 +692,8 @@ def genomics_scan(
                 lines += len(batch.start)
                 score = batch.proba[:, column]
                 if output_format == "bedgraph":
-                    rows = (f"{c}\t{b}\t{e}\t{p:.4f}\n" for c, b, e, p in zip(batch.chrom, batch.start, batch.end, score))
+                    rows = (f"{c}\t{b}\t{e}\t{p:.4f}\n"
+                            for c, b, e, p in zip(batch.chrom, batch.start, batch.end, score))
                 else:
                     names = classifier.classes_[batch.proba.argmax(axis=1)]
                     rows = (f"{c}\t{b}\t{e}\t{_tsv_field(n)}\t{round(1000 * p)}\t{strand}\n" for c, b, e, n, p, strand

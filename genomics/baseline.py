@@ -99,8 +99,10 @@ class KmerClassifier(ClassifierMixin, BaseEstimator):
     [1]
     """
 
-    _parameter_constraints = {"k_min": [Interval(numbers.Integral, 1, 12)], "k_max": [Interval(numbers.Integral, 1, 12)],
-                              "C": [POSITIVE], "max_iter": [POSITIVE_INT]}
+    _parameter_constraints = {
+        "k_min": [Interval(numbers.Integral, 1, 12)], "k_max": [Interval(numbers.Integral, 1, 12)],
+        "C": [POSITIVE], "max_iter": [POSITIVE_INT],
+    }
 
     def __init__(self, *, k_min: int = 2, k_max: int = 7, C: float = 0.1, max_iter: int = 1000,
                  random_state: int | None = 0) -> None:

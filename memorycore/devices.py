@@ -39,9 +39,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-# Why 1 (the table: README, "CPU threads"): our networks' tensors are small (the default DNA classifier's and forecaster's
-# steps take 2 s and 0.13 s on one thread), and torch's threads spin-wait for each other between such ops: on the
-# project's 2-core machine shared with other jobs, 2 threads made a step 5-20x slower, never faster.
+# Why 1 (the table: README, "CPU threads"): our networks' tensors are small (the default DNA classifier's and
+# forecaster's steps take 2 s and 0.13 s on one thread), and torch's threads spin-wait for each other between such
+# ops: on the project's 2-core machine shared with other jobs, 2 threads made a step 5-20x slower, never faster.
 DEFAULT_THREADS = 1
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import SHARED_DATASETS
-from genomics import KmerClassifier, load_bed, reverse_complement
+from genomics import KmerClassifier, load_bed
 from genomics.inference import Evaluation, evaluate_classifier, load_classifier, ranking_scores
 from genomics.data import SequenceData
 from genomics.scan import scan, window_starts

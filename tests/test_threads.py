@@ -109,9 +109,11 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
     fit_model(model, loss, data, data, epochs=3, batch_size=16, device="cpu", description="demo", patience=None)
     lines = capsys.readouterr().err.splitlines()  # pytest's captured stderr is not a terminal
     assert len(lines) == 3
-    pattern = r"demo: epoch {}/3 train \d+\.\d{{4}} val \d+\.\d{{4}} \(best \d+\.\d{{4}}\), \d+ s elapsed, at most \d+ s left"
+    value = r"\d+\.\d{4}"
     for epoch, line in enumerate(lines, start=1):
-        assert re.fullmatch(pattern.format(epoch), line), line
+        pattern = (rf"demo: epoch {epoch}/3 train {value} val {value} \(best {value}\), "
+                   r"\d+ s elapsed, at most \d+ s left")
+        assert re.fullmatch(pattern, line), line
     assert lines[-1].endswith("at most 0 s left")
 
     fit_model(model, loss, data, None, epochs=2, batch_size=16, device="cpu", description="plain")
