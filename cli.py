@@ -686,8 +686,14 @@ def genomics_scan(
                          f'windows every {step} bp"\n')
         with _genomics_progress(quiet) as progress:
             task = progress.add_task("scanning", total=total)
+            log = _scan_log(total, start, enabled=not quiet and not sys.stderr.isatty())
+
+            def advance(done: int) -> None:
+                progress.update(task, completed=done)
+                log(done)
+
             for batch in scan(classifier, fasta, window=window, step=step, bed=bed, batch_size=batch_size,
-                              on_progress=lambda done: progress.update(task, completed=done)):
+                              on_progress=advance):
                 skipped += batch.skipped
                 lines += len(batch.start)
                 score = batch.proba[:, column]
@@ -710,6 +716,26 @@ def genomics_scan(
     typer.echo(f"{lines} windows of {window} bp every {step} bp scored in {time.perf_counter() - start:.1f} s"
                + (f" ({skipped} all-N windows skipped)" if skipped else "") + (f"; written to {out}" if out else ""),
                err=True)
+
+
+def _scan_log(total: int, start: float, *, enabled: bool):
+    """Where stderr is not a terminal (the bar would show nothing): a line at every tenth of the bases scanned."""
+    import time
+
+    from memorycore.training import format_duration
+
+    reported = 0
+
+    def log(done: int) -> None:
+        nonlocal reported
+        tenth = 10 * done // max(total, 1)
+        if enabled and tenth > reported:
+            reported = tenth
+            elapsed = time.perf_counter() - start
+            typer.echo(f"scanning: {done:,} of {total:,} bp ({done / total:.0%}), {format_duration(elapsed)} elapsed, "
+                       f"about {format_duration(elapsed * (total - done) / done)} left", err=True)
+
+    return log
 
 
 def _write_predictions(stream, classifier, records, total: int, quiet: bool, batch_size: int, source: str,

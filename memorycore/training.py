@@ -422,10 +422,10 @@ class _EpochLines(_SilentProgress):
         done = self.completed - self.done_before
         left = elapsed / done * (self.total - self.completed) if done else 0.0
         print(f"{self.description}: epoch {epoch}/{epochs} train {loss:.4f}{validation}, "
-              f"{_duration(elapsed)} elapsed, at most {_duration(left)} left", file=sys.stderr, flush=True)
+              f"{format_duration(elapsed)} elapsed, at most {format_duration(left)} left", file=sys.stderr, flush=True)
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
     seconds = int(round(seconds))
     if seconds < 60:

@@ -176,6 +176,14 @@ def test_fit_kmer_scan_classify_and_evaluate_through_the_command_line(kmer_model
     assert all(int(row[2]) - int(row[1]) == 100 and 0 <= float(row[3]) <= 1 for row in rows)
     assert f"{len(rows)} windows of 100 bp every 60 bp" in result.stderr
 
+    # off a terminal (CliRunner's stderr is not one) the bar gives way to a line at every tenth of the bases
+    lambda_phage = SHARED_DATASETS / "reference_fasta" / "lambda_virus.fa"
+    result = invoke("scan", lambda_phage, "--model", tmp_path / "k.safetensors", "--window", 500, "--batch-size", 10)
+    assert result.exit_code == 0, result.output
+    progress = [line for line in result.stderr.splitlines() if line.startswith("scanning: ")]
+    assert 5 <= len(progress) <= 10 and progress[-1].startswith("scanning: 48,502 of 48,502 bp (100%)"), result.stderr
+    assert len(result.stdout.splitlines()) == 1 + 98  # the track line, then 97 windows and one ending at the end
+
     result = invoke("scan", reference / "chr22.fa", "--model", tmp_path / "k.safetensors", "--bed", reference / BED,
                     "--format", "bed", "--class", "0", "--quiet")
     assert result.exit_code == 0, result.output
