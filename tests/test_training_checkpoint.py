@@ -78,3 +78,50 @@ def test_resume_without_a_checkpoint_starts_afresh_and_another_run_is_refused(tm
                   verbose=False, checkpoint=path, resume=True)
     with pytest.raises(InputError, match="checkpoint_every"):
         fit_model(model, lambda m, b: m(b[0]).sum(), train_data, checkpoint=path, checkpoint_every=0)
+
+
+def killed_at_epoch(monkeypatch, epoch):
+    """Make the fit loop die (as from Ctrl-C) when it starts its ``epoch``-th epoch; returns the undo."""
+    import memorycore.training as training
+
+    calls, original = [0], training._train_epoch
+
+    def train_epoch(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == epoch:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_epoch", train_epoch)
+    return lambda: monkeypatch.setattr(training, "_train_epoch", original)
+
+
+def test_forecaster_and_dna_classifier_resume_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    from forecast import MemoryForecaster
+    from genomics import DNAClassifier
+
+    t = np.arange(300)
+    series = pd.DataFrame({"a": np.sin(t / 4), "b": np.cos(t / 7)},
+                          index=pd.date_range("2024-01-01", periods=300, freq="h", name="date"))
+    rng = np.random.default_rng(0)
+    sequences = ["".join(rng.choice(list("ACGT"), 40)) for _ in range(60)]
+    cases = [
+        (lambda: MemoryForecaster(lookback=24, horizon=8, d_model=8, heads=2, patch_len=8, stride=4, epochs=3,
+                                  dropout=0.3, max_steps_per_epoch=4, verbose=False, device="cpu"), (series,)),
+        (lambda: DNAClassifier(dim=8, heads=2, chunk_size=8, stem_kernel=4, kmer_sizes=(2,), epochs=3, batch_size=16,
+                               verbose=False, device="cpu"), (sequences, [i % 2 for i in range(60)])),
+    ]
+    for index, (make, data) in enumerate(cases):
+        expected = make().fit(*data)
+        path = tmp_path / f"run{index}.safetensors"
+        undo = killed_at_epoch(monkeypatch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            make().fit(*data, checkpoint=path)
+        undo()
+        resumed = make().fit(*data, checkpoint=path, resume=True)
+        for a, b in zip(expected.network_.state_dict().values(), resumed.network_.state_dict().values()):
+            assert torch.equal(a, b)
+        assert resumed.history_.val_loss == expected.history_.val_loss
