@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -104,9 +103,3 @@ def load_training_state(path: str | os.PathLike, *, model: nn.Module, optimizer:
     for i, generator in enumerate(generators):
         generator.set_state(tensors[f"rng.generator.{i}"])
     return progress, best_state, tensors["rng.loader"]
-
-
-def remove_checkpoint(path: str | os.PathLike | None) -> None:
-    """Delete a training checkpoint that is no longer needed (nothing happens when there is none)."""
-    if path is not None:
-        Path(path).unlink(missing_ok=True)
