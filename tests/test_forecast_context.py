@@ -1,5 +1,5 @@
 """Long context (forecast/context.py): no leakage, pieces == whole, save/load of the carried state, the training
-reading pattern, bad context_length values, and a pattern only a memory of the series can forecast."""
+reading pattern, bad context_length values, and an observation 2,000 steps back reaching the forecast."""
 
 import numpy as np
 import pandas as pd
