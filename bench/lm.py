@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._arguments import positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.errors import TrainingError  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
 from memorycore.lm import MemoryLM  # noqa: E402
 from memorycore.lm.estimator import LM_VARIANTS  # noqa: E402
@@ -168,7 +169,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{variant}: dim {dim}, {parameters(model):,} parameters", flush=True)
         model.fit(text)
         scores = model.evaluate(text[cut:])
-        generated = generation(model, b"\n", args.generate, device)
+        try:
+            generated = generation(model, b"\n", args.generate, device)
+        except TrainingError as error:  # a state that diverges while decoding is a result, not a crash of the run
+            print(f"{variant}: generation failed: {error}", flush=True)
+            generated = {}
         run["results"][variant] = {"dim": dim, "parameters": model.n_parameters_, "val_loss": scores["loss"],
                                    "bits_per_byte": scores["bits_per_byte"], "train_seconds": model.history_.seconds,
                                    "steps": args.steps, "val_curve": model.history_.val_loss,
@@ -180,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def row(variant: str, result: dict, lengths: list[int]) -> str:
-    generated = " | ".join(f"{result['generation'][n]['tokens_per_s']:.0f} / "
-                           f"{result['generation'][n]['memory_mib']:.2f}" for n in lengths)
+    speeds = result["generation"]
+    generated = " | ".join(f"{speeds[n]['tokens_per_s']:.0f} / {speeds[n]['memory_mib']:.2f}" if n in speeds
+                           else "failed (NaN)" for n in lengths)
     return (f"| {variant} | {result['dim']} | {result['parameters'] / 1e6:.2f}M | {result['val_loss']:.4f} | "
             f"{result['train_seconds'] / 60:.1f} | {generated} |")
 

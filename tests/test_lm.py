@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from memorycore import CheckpointError, InputError
+from memorycore import CheckpointError, InputError, TrainingError
 from memorycore.lm import MemoryLM
 from memorycore.lm.data import read_text
 from memorycore.lm.estimator import LM_VARIANTS
@@ -77,6 +77,14 @@ def test_generate_carries_the_state_and_greedy_equals_recomputing_the_prefix():
             logits, _ = network(tokens)
         assert int(logits[0, -1].argmax()) == expected
         tokens = torch.cat([tokens, torch.tensor([[expected]])], 1)
+
+
+def test_generation_that_diverges_says_so():
+    network = TitansLM(30, MemoryLM(variant="attention", **TINY).network_config())
+    with torch.no_grad():
+        network.embedding.weight[7] = math.nan
+    with pytest.raises(TrainingError, match="NaN or inf before generated token 1"):
+        list(network.generate(torch.tensor([[7]]), 3))
 
 
 def test_sampling_respects_top_k_top_p_and_the_seed():

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from memorycore.errors import InputError
+from memorycore.errors import InputError, TrainingError
 from memorycore.titans import TitansConfig, TitansModel, TitansState
 
 
@@ -58,6 +58,9 @@ class TitansLM(nn.Module):
         for piece in prompt.split(prompt.shape[1] if press is None else press.interval, dim=1):
             logits, state = self(piece, state)
         for index in range(max_new_tokens):
+            if not torch.isfinite(logits[:, -1]).all():
+                raise TrainingError(f"the logits became NaN or inf before generated token {index + 1}: the model's "
+                                    "state diverged (e.g. a memory read far past the length it was trained on)")
             token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             yield int(token)
             if index + 1 < max_new_tokens:
