@@ -123,3 +123,24 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(capsys):
 
     fit_model(model, loss, data, None, epochs=2, batch_size=16, device="cpu", verbose=False)
     assert capsys.readouterr().err == ""
+
+
+def test_language_model_fits_and_generates_by_the_rule(monkeypatch, caller_threads):
+    import memorycore.lm.estimator as lm_estimator
+    from memorycore.lm import MemoryLM
+
+    text = "to be or not to be " * 40
+    for n_threads, expected in ((None, 1), (2, 2)):
+        seen = []
+        monkeypatch.setattr(lm_estimator, "fit_model", _recording_fit_model(seen))
+        with pytest.raises(_Stop):
+            MemoryLM(dim=16, depth=1, heads=2, max_steps=2, n_threads=n_threads, verbose=False).fit(text)
+        assert seen == [expected] and torch.get_num_threads() == caller_threads
+    monkeypatch.undo()
+    model = MemoryLM(dim=16, depth=1, heads=2, max_steps=2, eval_interval=2, n_threads=2, verbose=False).fit(text)
+    pieces = model.generate("to", 3, seed=0, stream=True)
+    assert torch.get_num_threads() == caller_threads  # nothing drawn yet
+    next(iter(pieces))
+    assert torch.get_num_threads() == 2  # while the stream is drawn
+    pieces.close()
+    assert torch.get_num_threads() == caller_threads

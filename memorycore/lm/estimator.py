@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from memorycore.checkpoint import load_checkpoint, save_checkpoint
 from memorycore.config import config_from_params
-from memorycore.devices import resolve_device
+from memorycore.devices import resolve_device, torch_threads, uses_threads
 from memorycore.errors import CheckpointError, InputError
 from memorycore.lm.data import RandomWindows, TextData, read_text, tiled_windows
 from memorycore.lm.model import TitansLM
@@ -80,6 +80,9 @@ class MemoryLM(BaseEstimator):
         The end of the text held out for validation (nanoGPT's 90/10); 0 trains on everything.
     random_state : int or None, default 0
     device : str, default "auto"
+    n_threads : int or None, default None
+        Torch CPU threads while fitting and predicting; None applies memorycore's rule
+        (:func:`memorycore.devices.resolve_threads`).
     verbose : bool, default True
 
     Attributes
@@ -104,7 +107,7 @@ class MemoryLM(BaseEstimator):
                  block_size: int = 64, batch_size: int = 16, max_steps: int = 1000, eval_interval: int = 250,
                  eval_windows: int = 256, lr: float = 2e-3, weight_decay: float = 0.1, patience: int | None = None,
                  validation_fraction: float = 0.1, random_state: int | None = 0, device: str = "auto",
-                 verbose: bool = True) -> None:
+                 n_threads: int | None = None, verbose: bool = True) -> None:
         self.variant = variant
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -129,6 +132,7 @@ class MemoryLM(BaseEstimator):
         self.validation_fraction = validation_fraction
         self.random_state = random_state
         self.device = device
+        self.n_threads = n_threads
         self.verbose = verbose
 
     _parameter_constraints = {
@@ -141,6 +145,7 @@ class MemoryLM(BaseEstimator):
         "vocab_size": [Interval(numbers.Integral, 257)],
         "persistent_tokens": [Interval(numbers.Integral, 0)],
         "validation_fraction": [FRACTION],
+        "n_threads": [POSITIVE_INT, None],
     }
 
     def _check_params(self) -> None:
@@ -154,6 +159,7 @@ class MemoryLM(BaseEstimator):
                                   variant="lmm" if ramnet else self.variant, memory="ramnet" if ramnet else "neural")
 
     # ------------------------------------------------------------------------------------------------ training
+    @uses_threads
     def fit(self, data: TextData, y=None, *, checkpoint: str | os.PathLike | None = None,
             resume: bool = False) -> "MemoryLM":
         """Train on ``data``: text, a path or a list of paths (:func:`memorycore.lm.data.read_text`).
@@ -233,19 +239,22 @@ class MemoryLM(BaseEstimator):
         generator = torch.Generator().manual_seed(resolve_seed(seed))
         tokens = torch.as_tensor(self.tokenizer_.encode(prompt), device=device)[None]
         text = TextStream(self.tokenizer_)
-        try:
-            for token in self.network_.to(device).generate(tokens, max_new_tokens, temperature=temperature,
-                                                           top_k=top_k, top_p=top_p, generator=generator):
-                piece = text.push(token)
-                if piece:
-                    yield piece
-            tail = text.flush()
-            if tail:
-                yield tail
-        finally:
-            self.network_.to("cpu")
+        # the thread rule holds while the pieces are drawn, also when a caller iterates them later (stream=True)
+        with torch_threads(self.n_threads):
+            try:
+                for token in self.network_.to(device).generate(tokens, max_new_tokens, temperature=temperature,
+                                                               top_k=top_k, top_p=top_p, generator=generator):
+                    piece = text.push(token)
+                    if piece:
+                        yield piece
+                tail = text.flush()
+                if tail:
+                    yield tail
+            finally:
+                self.network_.to("cpu")
 
     # ------------------------------------------------------------------------------------------------ scoring
+    @uses_threads
     def evaluate(self, data: TextData) -> dict[str, float]:
         """Next-token loss of ``data`` (text or paths) in windows of ``block_size`` tokens, as in training.
 
@@ -262,6 +271,7 @@ class MemoryLM(BaseEstimator):
         return {"loss": loss, "bits_per_byte": nll / math.log(2) / n_bytes, "perplexity": math.exp(loss),
                 "tokens": tokens}
 
+    @uses_threads
     def score(self, text: TextData) -> float:
         """Log-likelihood (nats) of every token of ``text`` after the first, in windows of ``block_size``."""
         check_is_fitted(self, "network_")
