@@ -69,11 +69,10 @@ def test_no_leakage_changing_values_after_the_origin_changes_no_forecast(fitted)
     assert not np.allclose(context_forecasts(model.network_, earlier, phases, starts[:1]), before[:1])
 
 
+@pytest.mark.parametrize("fitted", ["all"], indirect=True)  # an integer context reads only its last steps
 def test_all_reads_from_the_first_row(fitted):
     model, data = fitted
     values, phases = scaled(model, data), model.phases_at(data.index)
-    if model.context_length != "all":
-        pytest.skip("an integer context reads only its last steps")
     first = values.copy()
     first[2] += 50.0  # 900 steps before the window
     assert not np.allclose(context_forecasts(model.network_, first, phases, np.array([900])),

@@ -13,6 +13,7 @@ Shapes: b batch, g kv heads, t new tokens, c cached entries.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,7 +39,7 @@ class LayerStats:
     applications: int = 1
 
 
-class Press:
+class Press(ABC):
     """Base class: observe attention at every call, evict every ``interval`` tokens.
 
     Subclasses implement :meth:`keep` (and :meth:`observe` when they accumulate statistics).
@@ -60,9 +61,9 @@ class Press:
         """The cache with this press's per-entry statistics updated by ``attention [b, g, t, c]``."""
         return cache
 
+    @abstractmethod
     def keep(self, cache: KVCache, query_end: int, full_length: int) -> Tensor:
         """Which entries ``[b, g, c]`` to keep; ``full_length`` is what the layer would hold without a press."""
-        raise NotImplementedError
 
     def compress(self, name: str, cache: KVCache, attention: Tensor, window: int | None = None) -> KVCache:
         """Observe ``attention`` and, when the new tokens reach a multiple of ``interval``, evict.
@@ -158,9 +159,9 @@ class BudgetPress(Press):
         super().__init__(interval=interval)
         self.budget = resolve_budget(budget, compression_ratio)
 
+    @abstractmethod
     def score(self, cache: KVCache, query_end: int) -> Tensor:
         """A score per entry ``[b, g, c]``; higher is kept first."""
-        raise NotImplementedError
 
     def keep(self, cache: KVCache, query_end: int, full_length: int) -> Tensor:
         score = self.score(cache, query_end).masked_fill(newest(cache), math.inf)  # within the budget
@@ -197,12 +198,16 @@ class H2OPress(BudgetPress):
         total = cache.extras.get(H2O_ATTENTION)
         return cache.with_extras(**{H2O_ATTENTION: received if total is None else total + received})
 
+    def score(self, cache: KVCache, query_end: int) -> Tensor:
+        """The attention each entry has received so far."""
+        return cache.extras[H2O_ATTENTION].float()
+
     def keep(self, cache: KVCache, query_end: int, full_length: int) -> Tensor:
         kept = self.kept(full_length)
         # the `recent` newest entries of each head (the newest at least) outrank every heavy hitter
         recent = max(1, math.floor(self.recent * kept))
         age_rank = rank_per_head(cache.positions.float(), cache.valid)
-        score = cache.extras[H2O_ATTENTION].float().masked_fill(age_rank < recent, math.inf)
+        score = self.score(cache, query_end).masked_fill(age_rank < recent, math.inf)
         return top_per_head(score, cache.valid, kept)
 
 
