@@ -48,3 +48,24 @@ def apply_threads(threads: int | None) -> int:
 
     torch.set_num_threads(resolve_threads(threads))
     return torch.get_num_threads()
+
+
+def comma_list(kind: type, allowed: tuple | None = None, what: str = "value") -> Callable[[str], list]:
+    """An argparse type for ``a,b,c``: positive numbers of ``kind`` (int, float) or, with ``allowed``, names from it."""
+    def parse(text: str) -> list:
+        items = text.split(",")
+        if allowed is not None:
+            unknown = [item for item in items if item not in allowed]
+            if unknown:
+                raise argparse.ArgumentTypeError(f"unknown {what}(s) {', '.join(unknown)}; pick from {', '.join(allowed)}")
+            return items
+        try:
+            values = [kind(item) for item in items]
+        except ValueError:
+            values = []
+        if not values or not all(value > 0 for value in values):
+            raise argparse.ArgumentTypeError(f"takes positive numbers separated by commas, got {text!r}")
+        return values
+
+    parse.__name__ = "list"
+    return parse

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._arguments import positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, comma_list, positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.errors import TrainingError  # noqa: E402
 from memorycore.files import write_text_atomic  # noqa: E402
@@ -43,7 +43,8 @@ ORDER = ("attention", "mag", "mac", "mal", "lmm", "ramnet", "swa")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a text file (default: Tiny Shakespeare)")
-    parser.add_argument("--variants", default=",".join(ORDER), help="comma-separated, from " + ", ".join(ORDER))
+    parser.add_argument("--variants", type=comma_list(str, ORDER, "variant"), default=list(ORDER),
+                        help="comma-separated, from " + ", ".join(ORDER))
     parser.add_argument("--dim", type=positive(int), default=128, help="width of the attention baseline")
     parser.add_argument("--depth", type=positive(int), default=4)
     parser.add_argument("--heads", type=positive(int), default=4)
@@ -56,22 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-interval", type=positive(int), default=250)
     parser.add_argument("--lr", type=positive(float), default=2e-3)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--generate", default="1000,8000,64000", help="generation lengths (tokens)")
-    parser.add_argument("--threads", type=positive(int), default=1, help="torch CPU threads")
+    parser.add_argument("--generate", type=comma_list(int), default=[1000, 8000, 64000],
+                        help="generation lengths (tokens)")
+    add_threads(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="a short CPU run: 150 steps, generate 256/1024/4096")
     parser.add_argument("--out", type=writable_path, default=Path("bench/results/lm.json"))
     args = parser.parse_args(argv)
-    args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if v not in LM_VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; pick from {', '.join(ORDER)}")
-    try:
-        args.generate = [int(n) for n in args.generate.split(",")]
-        assert all(n > 0 for n in args.generate)
-    except (ValueError, AssertionError):
-        parser.error(f"--generate takes positive whole numbers separated by commas, got {args.generate!r}")
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file")
     if args.quick:
@@ -151,7 +144,7 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args.threads = apply_threads(args.threads)
     device = resolve_device(args.device)
     text = args.data.read_bytes()
     cut = int(len(text) * 0.9)

@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._arguments import add_threads, apply_threads, positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, comma_list, positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.files import pyplot, save_figure, write_text_atomic  # noqa: E402
 from memorycore.lm.model import TitansLM  # noqa: E402
@@ -38,7 +38,8 @@ TASKS = {"s-niah": {"num_needles": 1}, "mk-niah": {"num_needles": 4}, "passkey":
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", type=comma_list(str, VARIANTS, "variant"), default=list(VARIANTS),
+                        help="comma-separated, from " + ", ".join(VARIANTS))
     parser.add_argument("--memory", choices=["neural", "ramnet"], default="neural", help="the long-term memory")
     parser.add_argument("--task", choices=list(TASKS), default="s-niah")
     parser.add_argument("--dim", type=positive(int), default=64, help="width of the largest variant")
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--segment", type=positive(int), default=32, help="MAC's segment length")
     parser.add_argument("--memory-chunk", type=positive(int), default=16)
     parser.add_argument("--train-length", type=positive(int), default=128)
-    parser.add_argument("--multiples", default="1,2,4,8", help="test lengths as multiples of --train-length")
+    parser.add_argument("--multiples", type=comma_list(int), default=[1, 2, 4, 8],
+                        help="test lengths as multiples of --train-length")
     parser.add_argument("--vocab-size", type=positive(int), default=64)
     parser.add_argument("--value-len", type=positive(int), default=2, help="tokens of each needle's value")
     parser.add_argument("--steps", type=positive(int), default=1500)
@@ -62,15 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=writable_path, default=Path("bench/results/niah.json"))
     parser.add_argument("--plot", type=writable_path, default=Path("bench/results/niah.png"))
     args = parser.parse_args(argv)
-    args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; pick from {', '.join(VARIANTS)}")
-    try:
-        args.multiples = [int(m) for m in args.multiples.split(",")]
-        assert all(m > 0 for m in args.multiples)
-    except (ValueError, AssertionError):
-        parser.error(f"--multiples takes positive whole numbers separated by commas, got {args.multiples!r}")
     if args.quick:
         args.steps, args.train_length, args.test_examples = min(args.steps, 150), 64, min(args.test_examples, 50)
     return args
