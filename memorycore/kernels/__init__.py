@@ -14,6 +14,7 @@ This package imports nothing from the rest of the project.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -22,6 +23,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache  # asked once per kernel call: a token-by-token decoder calls it hundreds of times a second
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
@@ -62,4 +64,4 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 "MEMORYCORE_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
             )
         return True
-    return triton_available() and all(t.is_cuda for t in tensors)
+    return all(t.is_cuda for t in tensors) and triton_available()
