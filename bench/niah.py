@@ -46,8 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth", type=positive(int), default=2)
     parser.add_argument("--heads", type=positive(int), default=4)
     parser.add_argument("--window", type=positive(int), default=16, help="sliding window (mag, mal, swa)")
-    parser.add_argument("--segment", type=positive(int), default=32, help="MAC's segment length")
+    parser.add_argument("--segment", type=positive(int), default=16,
+                        help="MAC's segment length (default the window's: MAC's attention spans what MAG's does)")
     parser.add_argument("--memory-chunk", type=positive(int), default=16)
+    parser.add_argument("--value-norm", action="store_true", help="the neural memory writes RMS-normalised values")
+    parser.add_argument("--memory-max-lr", type=positive(float),
+                        help="the neural memory's max_lr (default: TitansConfig's)")
     parser.add_argument("--train-length", type=positive(int), default=128)
     parser.add_argument("--multiples", type=comma_list(int), default=[1, 2, 4, 8],
                         help="test lengths as multiples of --train-length")
@@ -71,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config(args: argparse.Namespace, variant: str, dim: int) -> TitansConfig:
     return TitansConfig(dim=dim, depth=args.depth, variant=variant, heads=args.heads, window=args.window,
-                        segment_len=args.segment, memory=args.memory, memory_chunk=args.memory_chunk)
+                        segment_len=args.segment, memory=args.memory, memory_chunk=args.memory_chunk,
+                        memory_value_norm=args.value_norm, memory_max_lr=args.memory_max_lr)
 
 
 def parameters(module: torch.nn.Module) -> int:

@@ -16,6 +16,11 @@ from memorycore.errors import InputError
 from memorycore.validation import check_positive, head_width
 
 
+def default_max_lr(chunk_size: int) -> float:
+    """NeuralMemory's default bound on one gradient's total step: ``min(0.1, 1 / chunk_size)``."""
+    return min(0.1, 1.0 / chunk_size)
+
+
 class NeuralMemoryState(NamedTuple):
     """Recurrent state of :class:`NeuralMemory`; carry it between calls to stream a sequence.
 
@@ -82,6 +87,11 @@ class NeuralMemory(nn.Module):
     max_momentum : float, optional
         Opt-in upper bound of the momentum eta (``eta = max_momentum * sigmoid(.)``): how long a gradient keeps
         acting. Default None: ``eta = sigmoid(.)``, unbounded below 1.
+    value_norm : bool, default False
+        RMS-normalise each head's values (no learned scale) before they are written. ``max_lr`` bounds the step but
+        not what is written: with values that grow with their projection (MAC writes attention outputs) a deep
+        memory's weights can run away within one sequence (docs/titans.md). The read is RMS-normalised anyway, so
+        unit values cost the memory only their relative sizes.
 
     Examples
     --------
@@ -109,6 +119,7 @@ class NeuralMemory(nn.Module):
         conv_kernel: int = 4,
         max_lr: float | None = None,
         max_momentum: float | None = None,
+        value_norm: bool = False,
     ) -> None:
         super().__init__()
         check_positive(dim=dim, heads=heads, depth=depth, expansion=expansion, chunk_size=chunk_size)
@@ -116,12 +127,12 @@ class NeuralMemory(nn.Module):
         if conv_kernel < 0:
             raise InputError(f"conv_kernel must be >= 0 (0 disables the convolution), got {conv_kernel}")
         if max_lr is None:
-            max_lr = min(0.1, 1.0 / chunk_size)
+            max_lr = default_max_lr(chunk_size)
         if not 0 < max_lr < math.inf:
             raise InputError(f"max_lr must be a finite number > 0, got {max_lr}")
         if max_momentum is not None and not 0 < max_momentum < 1:
             raise InputError(f"max_momentum must be in (0, 1) or None, got {max_momentum}")
-        self.max_momentum = max_momentum
+        self.max_momentum, self.value_norm = max_momentum, value_norm
         self.dim, self.heads, self.head_dim, self.depth = dim, heads, head_dim, depth
         self.chunk_size, self.conv_kernel, self.max_lr = chunk_size, conv_kernel, max_lr
         self.use_momentum, self.use_weight_decay = momentum, weight_decay
@@ -182,6 +193,8 @@ class NeuralMemory(nn.Module):
         qkv, conv_tail = self.qkv_conv(self.to_qkv(x), state.conv)
         q, k, v = F.silu(qkv).view(batch, time, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if self.value_norm:
+            v = F.rms_norm(v, (self.head_dim,))
         lr, log_eta, log_keep = self.gates(x)
 
         y, weights, momentum = neural_memory(
@@ -254,4 +267,5 @@ class NeuralMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, depth={self.depth}, "
-                f"chunk_size={self.chunk_size}, momentum={self.use_momentum}, weight_decay={self.use_weight_decay}")
+                f"chunk_size={self.chunk_size}, momentum={self.use_momentum}, weight_decay={self.use_weight_decay}"
+                + (", value_norm=True" if self.value_norm else ""))

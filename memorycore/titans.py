@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from memorycore.attention import AttentionState, KVCache, SlidingWindowAttention
 from memorycore.blocks import MemoryBlock
 from memorycore.errors import InputError
-from memorycore.neural_memory import NeuralMemory
+from memorycore.neural_memory import NeuralMemory, default_max_lr
 from memorycore.ramnet import RAMNet
 from memorycore.validation import check_positive
 
@@ -49,6 +49,11 @@ class TitansConfig:
         The long-term memory: "neural" (NeuralMemory) or "ramnet" (RAMNet).
     memory_heads, memory_depth, memory_chunk : int
         NeuralMemory's heads (default ``heads``), MLP depth and chunk size.
+    memory_value_norm : bool
+        NeuralMemory writes RMS-normalised values (its ``value_norm``).
+    memory_max_lr : float or None
+        NeuralMemory's bound on the step one token's gradient takes (its ``max_lr``). None: NeuralMemory's
+        default, a quarter of it in MAC (docs/titans.md: at the full bound MAC's memory weights ran away).
     mlp_expansion : int
         Hidden width of each block's gated MLP, as a multiple of ``dim``.
     dropout : float
@@ -69,6 +74,8 @@ class TitansConfig:
     memory_heads: int | None = None
     memory_depth: int = 2
     memory_chunk: int = 16
+    memory_value_norm: bool = False
+    memory_max_lr: float | None = None
     mlp_expansion: int = 4
     dropout: float = 0.0
     rope: bool = True
@@ -93,13 +100,18 @@ class TitansConfig:
         return asdict(self)
 
 
-def build_memory(config: TitansConfig) -> nn.Module:
-    """The long-term memory layer ``config.memory`` names, wrapped to stream token by token exactly."""
+def build_memory(config: TitansConfig, *, step_scale: float = 1.0) -> nn.Module:
+    """The long-term memory layer ``config.memory`` names, wrapped to stream token by token exactly.
+
+    ``step_scale`` scales the neural memory's default step bound where the config leaves ``memory_max_lr`` None.
+    """
     heads = config.memory_heads or config.heads
     if config.memory == "ramnet":
         return StreamingMemory(RAMNet(config.dim, heads=heads))
+    max_lr = config.memory_max_lr or step_scale * default_max_lr(config.memory_chunk)
     return StreamingMemory(NeuralMemory(config.dim, heads=heads, depth=config.memory_depth,
-                                        chunk_size=config.memory_chunk))
+                                        chunk_size=config.memory_chunk, value_norm=config.memory_value_norm,
+                                        max_lr=max_lr))
 
 
 class StreamState(NamedTuple):
@@ -176,7 +188,9 @@ class MemoryAsContext(nn.Module):
     def __init__(self, config: TitansConfig) -> None:
         super().__init__()
         self.segment_len = config.segment_len
-        self.memory = build_memory(config)
+        # MAC writes attention outputs, alike within a segment: a chunk's gradients add up in one direction, and at
+        # the memory's usual bound its deep weights ran away (docs/titans.md)
+        self.memory = build_memory(config, step_scale=0.25)
         self.attention = SlidingWindowAttention(config.dim, heads=config.heads, kv_heads=config.kv_heads,
                                                 window=None, rope=config.rope,
                                                 persistent_tokens=config.persistent_tokens)

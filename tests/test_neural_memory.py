@@ -299,3 +299,26 @@ def test_read_is_the_forward_pass_of_a_memory_that_does_not_learn():
     torch.testing.assert_close(read, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(conv, after.conv)
     assert all(torch.equal(a, b) for a, b in zip(state.weights, after.weights))
+
+
+def test_value_norm_bounds_what_is_written_however_large_the_values():
+    """Values that grow with their projection (MAC writes attention outputs) push a deep memory's weights up with
+    them; with value_norm every value has unit RMS per head, so the weights stay where the projection's scale
+    cannot reach them."""
+    torch.manual_seed(0)
+    plain = NeuralMemory(32, heads=2, chunk_size=16)
+    normed = NeuralMemory(32, heads=2, chunk_size=16, value_norm=True)
+    normed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 64, 32)
+
+    def largest_weight(layer, value_scale):
+        with torch.no_grad():
+            value_rows = layer.to_qkv.weight[2 * 32:]
+            value_rows.mul_(value_scale)
+            _, state = layer(x)
+            value_rows.div_(value_scale)
+        return max(w.abs().max().item() for w in state.weights)
+
+    assert largest_weight(plain, 100.0) > 20 * largest_weight(plain, 1.0)
+    assert largest_weight(normed, 100.0) < 1.5 * largest_weight(normed, 1.0)
+    assert "value_norm=True" in repr(normed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memorycore import InputError
+from memorycore import InputError, NeuralMemory
 from memorycore.lm.model import TitansLM
 from memorycore.tasks import answer_accuracy, needle_batch
 from memorycore.titans import MemoryAsContext, TitansConfig, TitansModel
@@ -78,6 +78,41 @@ def test_mac_equals_the_papers_equations_over_two_segments():
 
     y, _ = mac(x)
     torch.testing.assert_close(y, torch.cat(expected, 1), rtol=0, atol=1e-12)
+
+
+
+def largest_mac_memory_weight(**options) -> float:
+    """MAC's memory after 512 near-identical tokens (keys aligned within every chunk) with its gates at their
+    extremes (the largest step, momentum 0.95, no forgetting) and tripled initial weights; inf when not finite."""
+    torch.manual_seed(0)
+    mac = MemoryAsContext(TitansConfig(dim=32, depth=1, variant="mac", heads=2, segment_len=16, memory_chunk=16,
+                                       **options))
+    memory = mac.memory.memory
+    with torch.no_grad():
+        gates = memory.to_gates.bias.view(3, 2)
+        gates[0].fill_(10.0), gates[1].fill_(3.0), gates[2].fill_(-10.0)
+        for weight in memory.initial_weights:
+            weight.mul_(3.0)
+        x = torch.randn(1, 1, 32) + 0.1 * torch.randn(1, 512, 32)
+        y, state = mac(x)
+    largest = max(w.abs().max().item() for w in state.write.committed.weights)
+    return largest if torch.isfinite(y).all() and largest == largest else float("inf")
+
+
+def test_mac_memory_stays_bounded_where_the_usual_step_bound_runs_away():
+    """MAC writes its attention outputs, which turn alike within a segment: a chunk's gradients then add up in one
+    direction, and at NeuralMemory's usual bound (1 / chunk per token) a deep memory's weights ran away (to 1e12
+    within one 64-token sequence of a needle task). MAC's default is a quarter of that bound."""
+    assert largest_mac_memory_weight() < 10
+    assert largest_mac_memory_weight(memory_max_lr=1 / 16) > 1e6
+
+    def neural_memory(variant, **options):
+        model = TitansModel(32, 1, variant=variant, heads=2, segment_len=16, memory_chunk=16, **options)
+        return next(module for module in model.modules() if isinstance(module, NeuralMemory))
+
+    assert neural_memory("mac").max_lr == 1 / 64 and neural_memory("mag").max_lr == 1 / 16
+    chosen = neural_memory("mac", memory_max_lr=0.2, memory_value_norm=True)
+    assert chosen.max_lr == 0.2 and chosen.value_norm
 
 
 def written_attention(attention, segment, retrieved, offset):
