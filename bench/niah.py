@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MAC's segment length (default the window's: MAC's attention spans what MAG's does)")
     parser.add_argument("--memory-chunk", type=positive(int), default=16)
     parser.add_argument("--value-norm", action="store_true", help="the neural memory writes RMS-normalised values")
+    parser.add_argument("--memory-forgetting", type=positive(float), default=None,
+                        help="the neural memory's initial forgetting per token (default: TitansConfig's)")
     parser.add_argument("--memory-max-lr", type=positive(float),
                         help="the neural memory's max_lr (default: TitansConfig's)")
     parser.add_argument("--train-length", type=positive(int), default=128)
@@ -76,7 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(args: argparse.Namespace, variant: str, dim: int) -> TitansConfig:
     return TitansConfig(dim=dim, depth=args.depth, variant=variant, heads=args.heads, window=args.window,
                         segment_len=args.segment, memory=args.memory, memory_chunk=args.memory_chunk,
-                        memory_value_norm=args.value_norm, memory_max_lr=args.memory_max_lr)
+                        memory_value_norm=args.value_norm, memory_max_lr=args.memory_max_lr,
+                        **({} if args.memory_forgetting is None else {"memory_forgetting": args.memory_forgetting}))
 
 
 def parameters(module: torch.nn.Module) -> int:

@@ -51,6 +51,8 @@ class TitansConfig:
         NeuralMemory's heads (default ``heads``), MLP depth and chunk size.
     memory_value_norm : bool
         NeuralMemory writes RMS-normalised values (its ``value_norm``).
+    memory_forgetting : float
+        NeuralMemory's initial forgetting gate, per token (its ``initial_forgetting``).
     memory_max_lr : float or None
         NeuralMemory's bound on the step one token's gradient takes (its ``max_lr``). None: NeuralMemory's
         default, a quarter of it in MAC (docs/titans.md: at the full bound MAC's memory weights ran away).
@@ -76,6 +78,7 @@ class TitansConfig:
     memory_chunk: int = 16
     memory_value_norm: bool = False
     memory_max_lr: float | None = None
+    memory_forgetting: float = 0.01
     mlp_expansion: int = 4
     dropout: float = 0.0
     rope: bool = True
@@ -111,7 +114,7 @@ def build_memory(config: TitansConfig, *, step_scale: float = 1.0) -> nn.Module:
     max_lr = config.memory_max_lr or step_scale * default_max_lr(config.memory_chunk)
     return StreamingMemory(NeuralMemory(config.dim, heads=heads, depth=config.memory_depth,
                                         chunk_size=config.memory_chunk, value_norm=config.memory_value_norm,
-                                        max_lr=max_lr))
+                                        max_lr=max_lr, initial_forgetting=config.memory_forgetting))
 
 
 class StreamState(NamedTuple):

@@ -205,6 +205,8 @@ def test_low_precision_inputs_keep_an_fp32_state():
         (dict(dim=16, conv_kernel=-1), "conv_kernel"),
         (dict(dim=16, max_lr=0.0), "max_lr"),
         (dict(dim=16, max_momentum=1.0), "max_momentum"),
+        (dict(dim=16, initial_forgetting=1.0), "initial_forgetting"),
+        (dict(dim=16, initial_forgetting=0.0), "initial_forgetting"),
     ],
 )
 def test_bad_arguments_say_what_to_fix(kwargs, message):
@@ -322,3 +324,10 @@ def test_value_norm_bounds_what_is_written_however_large_the_values():
     assert largest_weight(plain, 100.0) > 20 * largest_weight(plain, 1.0)
     assert largest_weight(normed, 100.0) < 1.5 * largest_weight(normed, 1.0)
     assert "value_norm=True" in repr(normed)
+
+
+@pytest.mark.parametrize("forgetting", [0.01, 0.001])
+def test_initial_forgetting_is_the_gate_every_token_starts_with(forgetting):
+    layer = NeuralMemory(16, heads=2, chunk_size=8, initial_forgetting=forgetting)
+    _, _, log_keep = layer.gates(torch.randn(2, 5, 16))
+    torch.testing.assert_close(log_keep.exp(), torch.full_like(log_keep, 1 - forgetting))
