@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._arguments import positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
+from memorycore.errors import TrainingError  # noqa: E402
 from memorycore.files import pyplot, save_figure, write_text_atomic  # noqa: E402
 from memorycore.lm import MemoryLM  # noqa: E402
 from memorycore.lm.model import TitansLM  # noqa: E402
@@ -241,8 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     write()
     if args.transfer:
         for variant, depth in (("attention", lm.depth + 1), ("mac", lm.depth)):
-            other = train(args, variant, depth, device)
             name = f"{variant} depth {depth}"
+            try:
+                other = train(args, variant, depth, device)
+            except TrainingError as error:  # a model that diverges is a result, not the end of the run
+                print(f"{name}: training failed, no transfer measured: {error}", flush=True)
+                results[name] = {"training_failed": str(error)}
+                write()
+                continue
             other.save(args.save_dir / f"{variant}_{depth}.safetensors")
             results[name] = measure(args, other.network_.eval(), scorers, task)
             print(table(f"{name} (transfer: scorers unchanged)", results[name]), flush=True)
