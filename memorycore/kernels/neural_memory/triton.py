@@ -704,6 +704,14 @@ def _retrieval_depth2_backward(q, k, a1, err, delta1, w1, w2, s1, s2, dy, keep, 
 
 
 @triton.jit
+def _offsets_depth2(D: tl.constexpr, HIDDEN: tl.constexpr):
+    """Element offsets of a depth-2 memory's two matrices: W1 [D, HIDDEN] and W2 [HIDDEN, D], row-major."""
+    cols = tl.arange(0, D)
+    hid = tl.arange(0, HIDDEN)
+    return cols[:, None] * HIDDEN + hid[None, :], hid[:, None] * D + cols[None, :]
+
+
+@triton.jit
 def _state_depth2(w1_ptr, w2_ptr, s1_ptr, s2_ptr, slot, mat_1, mat_2, D: tl.constexpr, HIDDEN: tl.constexpr):
     """The four state matrices at a slot (a [bh, n + 1] index) of the boundary buffers."""
     return (tl.load(w1_ptr + slot * D * HIDDEN + mat_1), tl.load(w2_ptr + slot * HIDDEN * D + mat_2),
@@ -719,10 +727,8 @@ def _chunk_of_program_depth2(q_ptr, k_ptr, v_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr
     chunk = tl.program_id(1)
     rows = tl.arange(0, CHUNK)
     cols = tl.arange(0, D)
-    hid = tl.arange(0, HIDDEN)
     seq = pid * T * D
-    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
-    mat_2 = hid[:, None] * D + cols[None, :]
+    mat_1, mat_2 = _offsets_depth2(D, HIDDEN)
     q, k, v = _load_qkv(q_ptr, k_ptr, v_ptr, seq, chunk, T, rows, cols, D, MM)
     slot = pid * (n_chunks + 1) + chunk
     w1, w2, s1, s2 = _state_depth2(w1_ptr, w2_ptr, s1_ptr, s2_ptr, slot, mat_1, mat_2, D, HIDDEN)
@@ -756,10 +762,7 @@ def _chain_depth2_kernel(
 ):
     """The state chain: every chunk-boundary state, from slot 0 (the initial state) on."""
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, D)
-    hid = tl.arange(0, HIDDEN)
-    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
-    mat_2 = hid[:, None] * D + cols[None, :]
+    mat_1, mat_2 = _offsets_depth2(D, HIDDEN)
     for chunk in range(n_chunks):
         (k, coef_last, mcoef, keep_end, carry_end, eta_end, slot, w1, w2, s1, s2, a1, da1, dda1, err, g1,
          delta1) = _chain_step_depth2(k_ptr, v_ptr, coef_last_ptr, ends_ptr, mcoef_ptr, w1_ptr, w2_ptr, s1_ptr, s2_ptr,
@@ -825,10 +828,7 @@ def _grad_chain_depth2_kernel(
 ):
     """The state-gradient chain dS_c = G_c + J_c^T dS_{c+1}, from the last chunk down, in place."""
     pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, D)
-    hid = tl.arange(0, HIDDEN)
-    mat_1 = cols[:, None] * HIDDEN + hid[None, :]
-    mat_2 = hid[:, None] * D + cols[None, :]
+    mat_1, mat_2 = _offsets_depth2(D, HIDDEN)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
         (k, coef_last, mcoef, keep_end, carry_end, eta_end, slot, w1, w2, s1, s2, a1, da1, dda1, err, g1,
