@@ -24,6 +24,14 @@ def positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+def open_fraction(text: str) -> float:
+    """An argparse type for a number strictly between 0 and 1 (a rate such as the memory's forgetting)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def writable_path(text: str) -> Path:
     """An argparse type for an output file: refused at parse time if it could not be written (a folder, under a
     file, read-only), so that a long run does not fail at its end."""

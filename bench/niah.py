@@ -24,7 +24,7 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._arguments import add_threads, apply_threads, comma_list, positive, writable_path  # noqa: E402
+from bench._arguments import add_threads, apply_threads, comma_list, open_fraction, positive, writable_path  # noqa: E402
 from memorycore.devices import resolve_device  # noqa: E402
 from memorycore.files import pyplot, save_figure, write_text_atomic  # noqa: E402
 from memorycore.lm.model import TitansLM  # noqa: E402
@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="MAC's segment length (default the window's: MAC's attention spans what MAG's does)")
     parser.add_argument("--memory-chunk", type=positive(int), default=16)
     parser.add_argument("--value-norm", action="store_true", help="the neural memory writes RMS-normalised values")
-    parser.add_argument("--memory-forgetting", type=positive(float), default=None,
-                        help="the neural memory's initial forgetting per token (default: TitansConfig's)")
+    parser.add_argument("--memory-forgetting", type=open_fraction, default=TitansConfig.memory_forgetting,
+                        help="the neural memory's initial forgetting per token")
     parser.add_argument("--memory-max-lr", type=positive(float),
                         help="the neural memory's max_lr (default: TitansConfig's)")
     parser.add_argument("--train-length", type=positive(int), default=128)
@@ -79,7 +79,7 @@ def config(args: argparse.Namespace, variant: str, dim: int) -> TitansConfig:
     return TitansConfig(dim=dim, depth=args.depth, variant=variant, heads=args.heads, window=args.window,
                         segment_len=args.segment, memory=args.memory, memory_chunk=args.memory_chunk,
                         memory_value_norm=args.value_norm, memory_max_lr=args.memory_max_lr,
-                        **({} if args.memory_forgetting is None else {"memory_forgetting": args.memory_forgetting}))
+                        memory_forgetting=args.memory_forgetting)
 
 
 def parameters(module: torch.nn.Module) -> int:

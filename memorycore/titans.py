@@ -111,7 +111,9 @@ def build_memory(config: TitansConfig, *, step_scale: float = 1.0) -> nn.Module:
     heads = config.memory_heads or config.heads
     if config.memory == "ramnet":
         return StreamingMemory(RAMNet(config.dim, heads=heads))
-    max_lr = config.memory_max_lr or step_scale * default_max_lr(config.memory_chunk)
+    max_lr = config.memory_max_lr
+    if max_lr is None:  # not `or`: an explicit 0 must reach NeuralMemory's error, not turn into the default
+        max_lr = step_scale * default_max_lr(config.memory_chunk)
     return StreamingMemory(NeuralMemory(config.dim, heads=heads, depth=config.memory_depth,
                                         chunk_size=config.memory_chunk, value_norm=config.memory_value_norm,
                                         max_lr=max_lr, initial_forgetting=config.memory_forgetting))

@@ -34,7 +34,7 @@ def test_niah_bench_scores_every_length_at_equal_size(tmp_path):
 
 def test_bad_settings_stop_at_parse_time(tmp_path):
     for args, message in [(["--variants", "gru"], "unknown variant(s) gru"), (["--multiples", "1,0"], "--multiples"),
-                          (["--steps", "0"], "--steps")]:
+                          (["--steps", "0"], "--steps"), (["--memory-forgetting", "1"], "between 0 and 1")]:
         result = run(*args, "--out", str(tmp_path / "x.json"))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert not (tmp_path / "x.json").exists()

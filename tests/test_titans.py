@@ -168,6 +168,7 @@ def test_a_tiny_needle_task_learns_well_above_chance():
     ({"window": 0}, "window"), ({"segment_len": 0}, "segment_len"), ({"variant": "gru"}, "unknown variant"),
     ({"memory": "lstm"}, "unknown memory"), ({"heads": 5}, "divisible"),
     ({"segment_len": 6, "memory_chunk": 4}, "multiple of memory_chunk"), ({"dropout": 1.5}, "dropout"),
+    ({"variant": "mac", "memory_max_lr": 0.0}, "max_lr"), ({"memory_forgetting": 1.5}, "initial_forgetting"),
 ])
 def test_bad_arguments_say_what_to_fix(options, match):
     with pytest.raises(InputError, match=match):
